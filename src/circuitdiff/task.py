@@ -1,0 +1,459 @@
+"""Entity-tracking task: prompts, counterfactual sets and their token positions.
+
+A prompt lists ``n_boxes`` (object, box label) pairs and asks for the object in one box::
+
+    The apple is in Box F, the book is in Box C, the map is in Box D. Box C contains the  -> " book"
+
+Every token position a method needs (last, query label, previous query label, correct object,
+each box's label and object) is computed from the tokenizer's own offsets for *this* prompt —
+never from padded lengths or hard-coded offsets — so the same code is right for any tokenizer.
+Objects and labels are kept only if they are a single token (with the leading space) for the
+tokenizer at hand.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import string
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+
+DEFAULT_OBJECTS: tuple[str, ...] = (
+    "apple", "book", "map", "cup", "key", "pen", "hat", "ball", "bag", "box", "coat", "card",
+    "bell", "coin", "lamp", "ring", "shoe", "sock", "toy", "watch", "bread", "milk", "egg",
+    "fish", "cake", "phone", "clock", "chair", "table", "plate", "bowl", "spoon", "fork",
+    "knife", "bottle", "brush", "comb", "glass", "rope", "stone", "shell", "leaf", "flower",
+    "seed", "rock", "wire", "tape", "paper", "letter", "note", "photo", "picture", "ticket",
+    "wallet", "camera", "radio", "guitar", "drum", "violin", "piano", "ribbon", "button",
+    "candle", "mirror", "pillow", "blanket", "towel", "soap", "shirt", "dress", "jacket",
+    "glove", "scarf", "belt", "boot", "wheel", "engine", "cable", "battery", "bulb", "file",
+    "disk", "drug", "plane", "train", "car", "boat", "bike", "document", "pot", "tea",
+    "coffee", "wine", "beer", "sugar", "salt", "rice", "meat", "cheese", "orange", "banana",
+    "lemon", "grape", "onion", "potato", "tomato", "fan", "gift", "toothbrush", "magnet",
+)
+DEFAULT_LABELS: tuple[str, ...] = tuple(string.ascii_uppercase)
+
+DEFAULT_TEMPLATE = "the {object} is in Box {label}"
+DEFAULT_QUERY = "Box {label} contains the"
+
+#: names of the per-prompt scalar positions every prompt carries
+POSITION_NAMES: tuple[str, ...] = ("last", "query_label", "prev_query_label", "correct_object")
+
+
+class TaskError(ValueError):
+    """Raised for a task specification that cannot produce valid prompts."""
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """What prompts look like: number of boxes, vocabularies and wording."""
+
+    n_boxes: int = 7
+    objects: tuple[str, ...] = DEFAULT_OBJECTS
+    labels: tuple[str, ...] = DEFAULT_LABELS
+    segment_template: str = DEFAULT_TEMPLATE
+    query_template: str = DEFAULT_QUERY
+
+    def __post_init__(self) -> None:
+        if self.n_boxes < 1:
+            raise TaskError(f"n_boxes must be >= 1, got {self.n_boxes}")
+        for name in ("{object}", "{label}"):
+            if name not in self.segment_template:
+                raise TaskError(f"segment_template {self.segment_template!r} lacks {name}")
+        if "{label}" not in self.query_template:
+            raise TaskError(f"query_template {self.query_template!r} lacks {{label}}")
+        if len(set(self.labels)) < self.n_boxes:
+            raise TaskError(
+                f"n_boxes={self.n_boxes} is larger than the label alphabet "
+                f"({len(set(self.labels))} distinct labels); use fewer boxes or more labels")
+        if len(set(self.objects)) < self.n_boxes:
+            raise TaskError(
+                f"n_boxes={self.n_boxes} needs at least that many distinct objects, "
+                f"got {len(set(self.objects))}")
+
+
+@dataclass
+class Prompt:
+    """One entity-tracking prompt, as words; token positions come from :func:`locate`."""
+
+    objects: list[str]
+    labels: list[str]
+    query_index: int | None  # box being asked about; None when the query label is in no box
+    query_label: str
+    segment_template: str = DEFAULT_TEMPLATE
+    query_template: str = DEFAULT_QUERY
+
+    @property
+    def n_boxes(self) -> int:
+        return len(self.objects)
+
+    @property
+    def answer(self) -> str | None:
+        """The correct object word (without leading space), or None if the query matches no box."""
+        return None if self.query_index is None else self.objects[self.query_index]
+
+    def segments(self) -> list[str]:
+        segs = [self.segment_template.format(object=o, label=l)
+                for o, l in zip(self.objects, self.labels)]
+        segs[0] = segs[0][:1].upper() + segs[0][1:]
+        return segs
+
+    @property
+    def text(self) -> str:
+        return ", ".join(self.segments()) + ". " + self.query_template.format(label=self.query_label)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Prompt":
+        return cls(**d)
+
+
+@dataclass
+class Located:
+    """A prompt with its token ids and per-prompt token positions for one tokenizer."""
+
+    prompt: Prompt
+    input_ids: list[int]
+    positions: dict[str, int]          # POSITION_NAMES -> index (prev/correct = -1 if absent)
+    box_label_positions: list[int]
+    box_object_positions: list[int]
+    object_ids: list[int]              # token id of each box's object
+    answer_id: int | None
+
+
+def _spans(prompt: Prompt) -> tuple[list[tuple[int, int]], list[tuple[int, int]], tuple[int, int]]:
+    """Character spans of each box's object word, each box's label word, and the query label."""
+    obj_spans, lab_spans = [], []
+    cursor = 0
+    segs = prompt.segments()
+    for seg, obj, lab in zip(segs, prompt.objects, prompt.labels):
+        tmpl = prompt.segment_template
+        # locate the placeholders inside this segment by formatting with markers
+        oi = tmpl.index("{object}")
+        li = tmpl.index("{label}")
+        if oi < li:
+            o_start = cursor + oi
+            l_start = cursor + li - len("{object}") + len(obj)
+        else:
+            l_start = cursor + li
+            o_start = cursor + oi - len("{label}") + len(lab)
+        obj_spans.append((o_start, o_start + len(obj)))
+        lab_spans.append((l_start, l_start + len(lab)))
+        cursor += len(seg) + 2  # ", "
+    q_start = cursor - 2 + 2 + prompt.query_template.index("{label}")  # ". " replaces ", "
+    return obj_spans, lab_spans, (q_start, q_start + len(prompt.query_label))
+
+
+def _token_at(offsets: Sequence[tuple[int, int]], span: tuple[int, int], what: str,
+              text: str) -> int:
+    """Index of the single token covering ``span``; error if the word spans several tokens."""
+    s, e = span
+    hits = [i for i, (a, b) in enumerate(offsets) if b > s and a < e and b > a]
+    if len(hits) != 1:
+        raise TaskError(f"{what} {text[s:e]!r} is not a single token in {text!r} "
+                        f"(covered by {len(hits)} tokens)")
+    a, b = offsets[hits[0]]
+    if b > e or a < s - 1 or (a == s - 1 and text[a] != " "):
+        raise TaskError(f"{what} {text[s:e]!r} shares its token with neighbouring text in {text!r}")
+    return hits[0]
+
+
+def _encode(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    if not getattr(tokenizer, "is_fast", False):
+        raise TaskError("circuitdiff needs a fast (Rust-backed) tokenizer to compute token "
+                        "positions from offsets; load it with use_fast=True")
+    enc = tokenizer(text, return_offsets_mapping=True)
+    return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+
+
+def locate(prompt: Prompt, tokenizer) -> Located:
+    """Tokenise ``prompt`` and find every named position from the tokenizer's offsets."""
+    text = prompt.text
+    ids, offsets = _encode(tokenizer, text)
+    obj_spans, lab_spans, q_span = _spans(prompt)
+    for (s, e), word in zip(obj_spans + lab_spans + [q_span],
+                            prompt.objects + prompt.labels + [prompt.query_label]):
+        assert text[s:e] == word, (text[s:e], word)
+    obj_pos = [_token_at(offsets, sp, "object", text) for sp in obj_spans]
+    lab_pos = [_token_at(offsets, sp, "box label", text) for sp in lab_spans]
+    q_pos = _token_at(offsets, q_span, "query label", text)
+    # the last real token is the one that ends at the end of the text (skip trailing specials)
+    last = max(i for i, (a, b) in enumerate(offsets) if b > a)
+    qi = prompt.query_index
+    positions = {
+        "last": last,
+        "query_label": q_pos,
+        "prev_query_label": lab_pos[qi] if qi is not None else -1,
+        "correct_object": obj_pos[qi] if qi is not None else -1,
+    }
+    object_ids = [ids[p] for p in obj_pos]
+    return Located(prompt, ids, positions, lab_pos, obj_pos, object_ids,
+                   object_ids[qi] if qi is not None else None)
+
+
+def single_token_words(tokenizer, words: Iterable[str], kind: str = "object") -> list[str]:
+    """Words that are one token (with their leading space) in the task's own context."""
+    keep = []
+    for w in dict.fromkeys(words):
+        if not w or any(c.isspace() for c in w):
+            continue
+        probe = f"The {w} is in Box {w}. Box {w} contains the {w}"
+        try:
+            ids, offs = _encode(tokenizer, probe)
+            spans = [(4, 4 + len(w))]
+            i = probe.index(" contains the ") + len(" contains the ")
+            spans.append((i, i + len(w)))
+            j = probe.index("Box ") + 4
+            spans.append((j, j + len(w)))
+            toks = {ids[_token_at(offs, sp, kind, probe)] for sp in spans}
+        except TaskError:
+            continue
+        if len(toks) == 1:
+            keep.append(w)
+    return keep
+
+
+class EntityTrackingTask:
+    """Tokenizer-aware generator of entity-tracking prompts and their counterfactuals.
+
+    Objects and labels that are not single tokens for ``tokenizer`` are dropped up front; too few
+    left for ``n_boxes`` is an error that names how many survived.
+    """
+
+    def __init__(self, tokenizer, config: TaskConfig | None = None, seed: int = 0):
+        self.tokenizer = tokenizer
+        self.config = config or TaskConfig()
+        self.seed = seed
+        cfg = self.config
+        self.objects = single_token_words(tokenizer, cfg.objects, "object")
+        self.labels = single_token_words(tokenizer, cfg.labels, "label")
+        if len(self.objects) < max(2 * cfg.n_boxes, cfg.n_boxes + 1):
+            raise TaskError(
+                f"only {len(self.objects)} of {len(cfg.objects)} objects are single tokens for "
+                f"this tokenizer; {2 * cfg.n_boxes} are needed for n_boxes={cfg.n_boxes} "
+                f"(counterfactuals need disjoint objects). Pass more objects or fewer boxes.")
+        if len(self.labels) < cfg.n_boxes + 1:
+            raise TaskError(
+                f"only {len(self.labels)} of {len(cfg.labels)} labels are single tokens for this "
+                f"tokenizer; n_boxes={cfg.n_boxes} needs {cfg.n_boxes + 1}. Use fewer boxes.")
+        self._rng = random.Random(seed)
+        self._length: int | None = None
+
+    # -- generation ---------------------------------------------------------------------------
+    def _prompt(self, rng: random.Random, objects: list[str] | None = None,
+                labels: list[str] | None = None, query_index: int | None = None) -> Prompt:
+        n = self.config.n_boxes
+        objects = objects or rng.sample(self.objects, n)
+        labels = labels or rng.sample(self.labels, n)
+        qi = rng.randrange(n) if query_index is None else query_index
+        return Prompt(objects, labels, qi, labels[qi], self.config.segment_template,
+                      self.config.query_template)
+
+    def sample(self, n: int, seed: int | None = None) -> list[Prompt]:
+        """``n`` random prompts (uniform query box). The mean-ablation set is exactly this."""
+        rng = random.Random(self.seed if seed is None else seed)
+        return [self._prompt(rng) for _ in range(n)]
+
+    def corrupt(self, prompts: Sequence[Prompt], seed: int | None = None) -> list[Prompt]:
+        """Path-patching counterfactuals: fresh context, query label replaced by an unused letter.
+
+        The counterfactual has no previous occurrence of its query label; because every prompt
+        of the task has the same token layout, its named positions are the clean prompt's.
+        """
+        rng = random.Random((self.seed if seed is None else seed) + 1)
+        out = []
+        for _ in prompts:
+            p = self._prompt(rng)
+            unused = [l for l in self.labels if l not in p.labels]
+            p.query_label = rng.choice(unused)
+            p.query_index = None
+            out.append(p)
+        return out
+
+    def dcm_counterfactuals(self, prompts: Sequence[Prompt],
+                            seed: int | None = None) -> "DesiderataSet":
+        """Counterfactuals whose three DCM targets are three different tokens.
+
+        For base query box i the counterfactual asks about box j != i, its objects are disjoint
+        from the base's, and its query label is the base's label of box k (k != i, j). Then
+          * object value -> the counterfactual's own answer (its object in box j),
+          * position     -> the base object at the counterfactual's query position j,
+          * box label    -> the base object in the box carrying the counterfactual's query label (k).
+        """
+        n = self.config.n_boxes
+        if n < 3:
+            raise TaskError("DCM desiderata need n_boxes >= 3 so that the three targets differ")
+        rng = random.Random((self.seed if seed is None else seed) + 2)
+        cfs, value, position, box_label = [], [], [], []
+        for p in prompts:
+            i = p.query_index
+            if i is None:
+                raise TaskError("DCM base prompts must have a query that names a box")
+            j = rng.choice([x for x in range(n) if x != i])
+            k = rng.choice([x for x in range(n) if x not in (i, j)])
+            objs = rng.sample([o for o in self.objects if o not in p.objects], n)
+            others = [l for l in self.labels if l != p.labels[k]]
+            labels = rng.sample(others, n)
+            labels[j] = p.labels[k]
+            cf = Prompt(objs, labels, j, labels[j], p.segment_template, p.query_template)
+            cfs.append(cf)
+            value.append(objs[j])
+            position.append(p.objects[j])
+            box_label.append(p.objects[k])
+        return DesiderataSet(list(prompts), cfs,
+                             {"object_value": value, "position": position, "box_label": box_label})
+
+
+@dataclass
+class DesiderataSet:
+    """Base prompts, their counterfactuals and, per desideratum, the target object word."""
+
+    base: list[Prompt]
+    counterfactual: list[Prompt]
+    targets: dict[str, list[str]] = field(default_factory=dict)
+
+    def target_ids(self, tokenizer, kind: str) -> list[int]:
+        """Token id of each target object, read from where it appears in its own prompt."""
+        if kind not in self.targets:
+            raise TaskError(f"unknown desideratum {kind!r}; choose from {sorted(self.targets)}")
+        out = []
+        for b, c, word in zip(self.base, self.counterfactual, self.targets[kind]):
+            src = b if word in b.objects else c
+            loc = locate(src, tokenizer)
+            out.append(loc.object_ids[src.objects.index(word)])
+        return out
+
+
+# -- batches ---------------------------------------------------------------------------------
+@dataclass
+class Batch:
+    """Padded token tensors plus per-sample positions (already shifted for padding)."""
+
+    input_ids: torch.Tensor        # [B, T]
+    attention_mask: torch.Tensor   # [B, T]
+    position_ids: torch.Tensor     # [B, T]
+    positions: dict[str, torch.Tensor]  # name -> [B] (or [B, n_boxes] for box_* entries)
+    answer_ids: torch.Tensor       # [B] (-1 where the prompt has no answer)
+    object_ids: torch.Tensor       # [B, n_boxes]
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask,
+                "position_ids": self.position_ids}
+
+    def to(self, device) -> "Batch":
+        mv = lambda t: t.to(device)  # noqa: E731
+        return Batch(mv(self.input_ids), mv(self.attention_mask), mv(self.position_ids),
+                     {k: mv(v) for k, v in self.positions.items()}, mv(self.answer_ids),
+                     mv(self.object_ids))
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+def make_batch(located: Sequence[Located], pad_id: int, padding_side: str = "left") -> Batch:
+    """Pad located prompts into one batch; positions are moved with the padding."""
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    T = max(len(l.input_ids) for l in located)
+    B = len(located)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, T), dtype=torch.long)
+    shift = torch.zeros(B, dtype=torch.long)
+    for b, l in enumerate(located):
+        n = len(l.input_ids)
+        off = T - n if padding_side == "left" else 0
+        ids[b, off:off + n] = torch.tensor(l.input_ids)
+        mask[b, off:off + n] = 1
+        shift[b] = off
+    pos_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    positions = {}
+    for name in POSITION_NAMES:
+        raw = torch.tensor([l.positions[name] for l in located])
+        positions[name] = torch.where(raw >= 0, raw + shift, raw)
+    positions["box_label"] = torch.tensor([l.box_label_positions for l in located]) + shift[:, None]
+    positions["box_object"] = torch.tensor([l.box_object_positions for l in located]) + shift[:, None]
+    answers = torch.tensor([-1 if l.answer_id is None else l.answer_id for l in located])
+    objects = torch.tensor([l.object_ids for l in located])
+    return Batch(ids, mask, pos_ids, positions, answers, objects)
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id used for padding: the tokenizer's pad, else eos, else 0 (masked out anyway)."""
+    for attr in ("pad_token_id", "eos_token_id"):
+        v = getattr(tokenizer, attr, None)
+        if isinstance(v, int):
+            return v
+    return 0
+
+
+def encode(prompts: Sequence[Prompt], tokenizer, padding_side: str = "left") -> Batch:
+    """Locate every prompt and pad them into a :class:`Batch`."""
+    return make_batch([locate(p, tokenizer) for p in prompts], pad_token_id(tokenizer), padding_side)
+
+
+def encode_pair(clean: Sequence[Prompt], counterfactual: Sequence[Prompt], tokenizer,
+                padding_side: str = "left") -> tuple[Batch, Batch]:
+    """Encode a clean set and its counterfactuals, checking they align token by token.
+
+    The counterfactual batch takes the clean batch's named positions where it lacks the token
+    (e.g. no previous occurrence of its query label): all prompts of one task share a layout.
+    """
+    if len(clean) != len(counterfactual):
+        raise TaskError(f"counterfactual set has {len(counterfactual)} prompts but the clean set "
+                        f"has {len(clean)}; they must pair one to one")
+    lc = [locate(p, tokenizer) for p in clean]
+    lx = [locate(p, tokenizer) for p in counterfactual]
+    for i, (a, b) in enumerate(zip(lc, lx)):
+        if len(a.input_ids) != len(b.input_ids):
+            raise TaskError(f"prompt {i}: clean and counterfactual tokenise to different lengths "
+                            f"({len(a.input_ids)} vs {len(b.input_ids)}); they must share a layout")
+    pad = pad_token_id(tokenizer)
+    bc = make_batch(lc, pad, padding_side)
+    bx = make_batch(lx, pad, padding_side)
+    for name, t in bx.positions.items():
+        if t.dim() == 1:
+            bx.positions[name] = torch.where(t >= 0, t, bc.positions[name])
+    return bc, bx
+
+
+# -- persistence -----------------------------------------------------------------------------
+def save_jsonl(path: str | Path, prompts: Sequence[Prompt],
+               extra: dict[str, Sequence] | None = None) -> None:
+    """Write prompts (plus optional per-prompt columns) as JSON lines, atomically."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w") as f:
+        for i, p in enumerate(prompts):
+            row = p.to_dict()
+            for k, col in (extra or {}).items():
+                row[k] = col[i]
+            f.write(json.dumps(row) + "\n")
+    tmp.replace(path)
+
+
+def load_jsonl(path: str | Path) -> tuple[list[Prompt], dict[str, list]]:
+    """Read prompts written by :func:`save_jsonl`; returns prompts and the extra columns."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"dataset {path} does not exist")
+    prompts, extra = [], {}
+    keys = set(Prompt.__dataclass_fields__)
+    with path.open() as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                prompts.append(Prompt.from_dict({k: v for k, v in row.items() if k in keys}))
+            except (json.JSONDecodeError, TypeError) as e:
+                raise TaskError(f"{path}:{n}: not a circuitdiff prompt ({e})") from None
+            for k, v in row.items():
+                if k not in keys:
+                    extra.setdefault(k, []).append(v)
+    return prompts, extra

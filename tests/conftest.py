@@ -1,0 +1,66 @@
+"""Shared fixtures: tiny in-process models and tokenizers (offline, CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from circuitdiff.arch import resolve
+from circuitdiff.model import LoadedModel
+from circuitdiff.task import DEFAULT_LABELS, DEFAULT_OBJECTS
+
+
+def word_level_tokenizer():
+    """A tiny word-level fast tokenizer with GPT-2-style leading-space tokens."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["The", "the", "is", "in", "Box", "contains", ",", "."]
+    vocab = {"<pad>": 0, "<unk>": 1, "<bos>": 2}
+    for w in words + list(DEFAULT_OBJECTS) + list(DEFAULT_LABELS):
+        for form in (w, " " + w):
+            vocab.setdefault(form, len(vocab))
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex(r" ?[A-Za-z]+| ?[^A-Za-z\s]"), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>",
+                                   bos_token="<bos>")
+
+
+def tiny_llama(vocab_size: int, seed: int = 0, layers: int = 3, heads: int = 4, kv_heads: int = 2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=layers, num_attention_heads=heads,
+                      num_key_value_heads=kv_heads, head_dim=16, max_position_embeddings=256,
+                      pad_token_id=0)
+    cfg._attn_implementation = "eager"
+    model = LlamaForCausalLM(cfg).eval()
+    return model
+
+
+def add_lora(model, seed: int = 1):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                     init_lora_weights=False, lora_dropout=0.0)
+    peft_model = get_peft_model(model, cfg).eval()
+    return peft_model
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return word_level_tokenizer()
+
+
+@pytest.fixture()
+def tiny(tokenizer):
+    m = tiny_llama(len(tokenizer))
+    return LoadedModel(m, tokenizer, resolve(m), "tiny-llama")
+
+
+@pytest.fixture()
+def tiny_lora(tokenizer):
+    m = add_lora(tiny_llama(len(tokenizer)))
+    return LoadedModel(m, tokenizer, resolve(m), "tiny-llama", adapter="random-lora")
