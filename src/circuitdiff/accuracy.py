@@ -70,7 +70,8 @@ def evaluate_accuracy(loaded: LoadedModel, prompts: Sequence[Prompt], batch_size
         ans = batch.answer_ids.to(dev)
         pred = logits.argmax(-1)
         objs = batch.object_ids.to(dev)
-        ctx_pred = objs.gather(1, logits.gather(1, objs).argmax(-1, keepdim=True))[:, 0]
+        obj_logits = logits.gather(1, objs.clamp(min=0)).masked_fill(objs < 0, float("-inf"))
+        ctx_pred = objs.gather(1, obj_logits.argmax(-1, keepdim=True))[:, 0]
         correct += (pred == ans).tolist()
         in_ctx += (ctx_pred == ans).tolist()
         preds += pred.tolist()

@@ -214,7 +214,8 @@ def single_token_words(tokenizer, words: Iterable[str], kind: str = "object") ->
             toks = {ids[_token_at(offs, sp, kind, probe)] for sp in spans}
         except TaskError:
             continue
-        if len(toks) == 1:
+        # one token, the same in every context, and really the word (not an unknown-word id)
+        if len(toks) == 1 and tokenizer.decode(list(toks)).strip() == w:
             keep.append(w)
     return keep
 
@@ -340,7 +341,7 @@ class Batch:
     position_ids: torch.Tensor     # [B, T]
     positions: dict[str, torch.Tensor]  # name -> [B] (or [B, n_boxes] for box_* entries)
     answer_ids: torch.Tensor       # [B] (-1 where the prompt has no answer)
-    object_ids: torch.Tensor       # [B, n_boxes]
+    object_ids: torch.Tensor       # [B, n_boxes] (-1 pads prompts with fewer boxes)
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask,
@@ -376,10 +377,14 @@ def make_batch(located: Sequence[Located], pad_id: int, padding_side: str = "lef
     for name in POSITION_NAMES:
         raw = torch.tensor([l.positions[name] for l in located])
         positions[name] = torch.where(raw >= 0, raw + shift, raw)
-    positions["box_label"] = torch.tensor([l.box_label_positions for l in located]) + shift[:, None]
-    positions["box_object"] = torch.tensor([l.box_object_positions for l in located]) + shift[:, None]
+    n_box = max(len(l.object_ids) for l in located)
+    padded = lambda rows: torch.tensor([r + [-1] * (n_box - len(r)) for r in rows])  # noqa: E731
+    for name, rows in (("box_label", [l.box_label_positions for l in located]),
+                       ("box_object", [l.box_object_positions for l in located])):
+        raw = padded(rows)
+        positions[name] = torch.where(raw >= 0, raw + shift[:, None], raw)
     answers = torch.tensor([-1 if l.answer_id is None else l.answer_id for l in located])
-    objects = torch.tensor([l.object_ids for l in located])
+    objects = padded([l.object_ids for l in located])
     return Batch(ids, mask, pos_ids, positions, answers, objects)
 
 

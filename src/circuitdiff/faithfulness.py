@@ -1,0 +1,142 @@
+"""Faithfulness: how much of a model's accuracy its circuit alone recovers.
+
+For one circuit and one model: full-model accuracy, circuit accuracy (everything else
+mean-ablated, :mod:`circuitdiff.ablation`), accuracy of random circuits with the same per-group
+sizes (heads drawn *without replacement* from all heads, seeded — the original code drew with
+replacement and unseeded), and faithfulness = circuit / full ("undefined", ``None``, when the full
+model scores 0). The circuit and all random draws run as variants of one batched evaluation.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import random
+import statistics
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+from .ablation import HeadMeans, circuit_keep, variant_accuracies
+from .accuracy import evaluate_accuracy
+from .circuit import Circuit, CircuitGroup
+from .model import LoadedModel
+from .runs import RunFolder
+from .task import Prompt
+
+
+def faithfulness(full: float, circuit: float) -> float | None:
+    """``circuit / full``, or ``None`` (undefined) when the full model never answers correctly."""
+    return None if full <= 0 else circuit / full
+
+
+def random_circuits(circuit: Circuit, n_draws: int = 10, seed: int = 0) -> list[Circuit]:
+    """``n_draws`` circuits with ``circuit``'s group sizes and positions, heads drawn at random.
+
+    Each draw samples ``sum(group sizes)`` distinct heads from the whole ``n_layers x n_heads``
+    grid without replacement (no head repeats within or across groups) and deals them to the
+    groups in order. Draw ``i`` uses ``random.Random(seed * 1_000_003 + i)``: reproducible and
+    independent of how many draws are asked for.
+    """
+    sizes = [len(g.heads) for g in circuit.groups.values()]
+    grid = [(l, h) for l in range(circuit.n_layers) for h in range(circuit.n_heads)]
+    if sum(sizes) > len(grid):
+        raise ValueError(f"the circuit's groups hold {sum(sizes)} heads in all but the model has only "
+                         f"{len(grid)}: random circuits of that size cannot be drawn without "
+                         f"replacement")
+    if n_draws < 0:
+        raise ValueError(f"n_draws must be >= 0, got {n_draws}")
+    out = []
+    for i in range(n_draws):
+        heads = random.Random(seed * 1_000_003 + i).sample(grid, sum(sizes))
+        groups, k = {}, 0
+        for (name, g), n in zip(circuit.groups.items(), sizes):
+            groups[name] = CircuitGroup(heads[k:k + n], g.position)
+            k += n
+        out.append(Circuit(groups, circuit.n_layers, circuit.n_heads, circuit.model,
+                           {"random_draw": i, "seed": seed}))
+    return out
+
+
+@dataclass
+class FaithfulnessRow:
+    """One row of the paper's table (one circuit on one model)."""
+
+    model: str
+    circuit: str
+    full: float
+    circuit_accuracy: float
+    random_mean: float | None
+    random_sd: float | None
+    faithfulness: float | None
+    n: int
+    random: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FaithfulnessRow":
+        return cls(**d)
+
+
+def evaluate_faithfulness(loaded: LoadedModel, prompts: Sequence[Prompt], means: HeadMeans,
+                          circuit: Circuit, circuit_name: str = "circuit", n_random: int = 10,
+                          random_seed: int = 0, keep_other_positions: bool = False,
+                          batch_size: int = 32, max_rows: int = 256, full: float | None = None,
+                          progress: bool = False) -> FaithfulnessRow:
+    """Full, circuit and random-circuit accuracy of ``circuit`` on ``loaded``.
+
+    ``full`` may pass an already measured full-model accuracy on the same prompts.
+    """
+    circuit.validate(loaded.arch)
+    if full is None:
+        full = evaluate_accuracy(loaded, prompts, batch_size, progress).accuracy
+    randoms = random_circuits(circuit, n_random, random_seed)
+    accs = variant_accuracies(loaded, prompts, means,
+                              [circuit_keep(c) for c in [circuit] + randoms],
+                              keep_other_positions, batch_size, max_rows, progress)
+    rnd = accs[1:]
+    return FaithfulnessRow(
+        loaded.name, circuit_name, full, accs[0],
+        statistics.fmean(rnd) if rnd else None,
+        statistics.stdev(rnd) if len(rnd) > 1 else (0.0 if rnd else None),
+        faithfulness(full, accs[0]), len(prompts), rnd)
+
+
+# -- the table -----------------------------------------------------------------------------
+def _fmt(x: float | None, nd: int = 2) -> str:
+    return "undefined" if x is None else f"{x:.{nd}f}"
+
+
+def format_table(rows: Sequence[FaithfulnessRow]) -> str:
+    """The paper-shaped table: model | full | circuit | random (mean±sd) | faithfulness."""
+    head = ["model", "circuit", "full", "circuit acc", "random (mean±sd)", "faithfulness"]
+    body = [[r.model, r.circuit, _fmt(r.full), _fmt(r.circuit_accuracy),
+             "-" if r.random_mean is None else f"{r.random_mean:.2f}±{r.random_sd:.2f}",
+             _fmt(r.faithfulness)] for r in rows]
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    line = lambda cells: " | ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(head), "-+-".join("-" * w for w in widths)] + [line(b) for b in body])
+
+
+def table_csv(rows: Sequence[FaithfulnessRow]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["model", "circuit", "full", "circuit_accuracy", "random_mean", "random_sd",
+                "faithfulness", "n"])
+    for r in rows:
+        w.writerow([r.model, r.circuit, r.full, r.circuit_accuracy,
+                    "" if r.random_mean is None else r.random_mean,
+                    "" if r.random_sd is None else r.random_sd,
+                    "undefined" if r.faithfulness is None else r.faithfulness, r.n])
+    return buf.getvalue()
+
+
+def save_table(folder: RunFolder, rows: Sequence[FaithfulnessRow], name: str = "faithfulness"):
+    """Write ``name.json`` and ``name.csv`` into the run folder; returns both paths."""
+    pj = folder.save_json(f"{name}.json", [r.to_dict() for r in rows])
+    pc = folder.file(f"{name}.csv")
+    tmp = pc.with_name(pc.name + ".tmp")
+    tmp.write_text(table_csv(rows))
+    tmp.replace(pc)
+    return pj, pc
