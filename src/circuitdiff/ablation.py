@@ -35,7 +35,7 @@ import torch
 
 from .accuracy import AccuracyResult, batches, evaluate_accuracy, last_logits
 from .circuit import Circuit, Head
-from .interventions import Read, StopAfter, Write, run
+from .interventions import Hook, StopAfter, Write, run
 from .model import LoadedModel
 from .runs import RunFolder
 from .task import Batch, Prompt
@@ -89,23 +89,37 @@ def compute_means(loaded: LoadedModel, prompts: Sequence[Prompt], batch_size: in
     from tqdm.auto import tqdm
 
     arch = loaded.arch
-    total, n, T = None, 0, None
-    layers = list(range(arch.n_layers))
+    sums: dict[int, torch.Tensor] = {}
+    n, T = 0, None
+
+    def accumulate(layer: int):
+        def fn(x4: torch.Tensor) -> torch.Tensor:  # sum over the batch, nothing else kept
+            s = x4.detach().double().sum(0)
+            sums[layer] = s if layer not in sums else sums[layer] + s
+            return x4
+        return fn
+
+    hooks = [Hook(l, accumulate(l)) for l in range(arch.n_layers)]
     for batch in tqdm(batches(prompts, loaded.tokenizer, batch_size), desc="means",
                       disable=not progress, unit="batch"):
         _check_layout(batch, "mean-ablation set", T)
         T = batch.input_ids.shape[1]
-        read = Read(layers)
         inputs = {k: v.to(loaded.device) for k, v in batch.model_inputs().items()}
-        run(loaded.model, inputs, [read, StopAfter(arch.n_layers - 1)], arch)
-        s = torch.stack([read.out[l].double().sum(0) for l in layers]).cpu()  # [L, T, H, D]
-        total = s if total is None else total + s
+        run(loaded.model, inputs, hooks + [StopAfter(arch.n_layers - 1)], arch)
         n += len(batch)
+    total = torch.stack([sums[l].cpu() for l in range(arch.n_layers)])  # [L, T, H, D]
     return HeadMeans((total / n).float())
 
 
-def _slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", name).strip("_")[-80:] or "model"
+def safe_name(name: str) -> str:
+    """``name`` with every character unsafe in a file name replaced by ``_``."""
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", name).strip("_") or "unnamed"
+
+
+def model_tag(name: str) -> str:
+    """A file-name-safe, collision-free tag for a model name: its last path component + hash."""
+    short = re.sub(r"[^A-Za-z0-9_.+-]+", "_", name.rstrip("/").rsplit("/", 1)[-1]).strip("_")
+    return f"{short[-60:] or 'model'}-{hashlib.sha1(name.encode()).hexdigest()[:6]}"
 
 
 def cached_means(folder: RunFolder | None, loaded: LoadedModel, prompts: Sequence[Prompt],
@@ -120,7 +134,7 @@ def cached_means(folder: RunFolder | None, loaded: LoadedModel, prompts: Sequenc
     if folder is None:
         return HeadMeans(compute_means(loaded, prompts, batch_size, progress).means, settings)
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
-    name = f"means/{_slug(loaded.name)}-{digest[:10]}.safetensors"
+    name = f"means/{model_tag(loaded.name)}-{digest[:10]}.safetensors"
     t = folder.cached_tensors(name, settings, lambda: {
         "means": compute_means(loaded, prompts, batch_size, progress).means})
     return HeadMeans(t["means"], settings)
@@ -218,51 +232,98 @@ def _repeat(batch: Batch, v: int) -> Batch:
                  rep(batch.object_ids))
 
 
-@torch.no_grad()
-def variant_correct(loaded: LoadedModel, prompts: Sequence[Prompt], means: HeadMeans,
-                    variants: Sequence[KeepMasks], keep_other_positions: bool = False,
-                    batch_size: int = 32, max_rows: int = 256, progress: bool = False
-                    ) -> torch.Tensor:
-    """Bool ``[V, N]``: is prompt n answered correctly under ablation variant v.
+METRICS = ("accuracy", "in_context")
 
-    Variants are stacked along the batch dimension — up to ``max_rows`` rows per forward — so V
-    variants cost about ``V * N / max_rows`` forwards instead of ``V * N / batch_size``. Every
-    variant must name the same positions (the masks are stacked).
-    """
-    if not variants:
-        return torch.zeros(0, len(prompts), dtype=torch.bool)
+
+def _correct(logits: torch.Tensor, batch: Batch, metric: str) -> torch.Tensor:
+    """Per row: argmax over the full vocabulary (``accuracy``) or over the prompt's own objects
+    (``in_context``, a finer diagnostic on weak models) equals the answer."""
+    logits = logits.cpu()
+    if metric == "accuracy":
+        return logits.argmax(-1) == batch.answer_ids
+    if metric == "in_context":
+        objs = batch.object_ids
+        return objs.gather(1, logits.gather(1, objs).argmax(-1, keepdim=True))[:, 0] == batch.answer_ids
+    raise AblationError(f"metric must be one of {METRICS}, got {metric!r}")
+
+
+def _variant_chunks(loaded: LoadedModel, prompts: Sequence[Prompt], means: HeadMeans,
+                    variants: Sequence[KeepMasks], keep_other_positions: bool, batch_size: int,
+                    max_rows: int, progress: bool):
+    """Yield ``(batch_index, first_variant, k, big_batch, last_logits [k*B, V])`` per forward."""
     means.check(loaded)
     names = list(variants[0])
     for v in variants:
         if list(v) != names:
             raise AblationError("all variants must give keep masks for the same positions")
-    stacked = {n: torch.stack([v[n].to(torch.bool).cpu() for v in variants]) for n in names}
+    stacked = {n: torch.stack([v[n].to(torch.bool).cpu().expand(
+        loaded.arch.n_layers, loaded.arch.n_heads) for v in variants]) for n in names}
     V = len(variants)
-    out = []
     from tqdm.auto import tqdm
 
-    for batch in tqdm(batches(prompts, loaded.tokenizer, batch_size), desc="variants",
-                      disable=not progress, unit="batch"):
+    for i, batch in enumerate(tqdm(batches(prompts, loaded.tokenizer, batch_size), desc="variants",
+                                   disable=not progress, unit="batch")):
+        if bool((batch.answer_ids < 0).any()):
+            raise AblationError("circuit evaluation needs prompts whose query names a box")
         B = len(batch)
         per = max(1, max_rows // B)
-        cols = []
         for s in range(0, V, per):
             k = min(per, V - s)
             big = _repeat(batch, k)
             keep = {n: m[s:s + k].repeat_interleave(B, 0) for n, m in stacked.items()}
             logits = last_logits(loaded, big, ablation_edits(means, big, keep, keep_other_positions,
                                                               loaded.device))
-            ok = (logits.argmax(-1).cpu() == big.answer_ids).view(k, B)
-            cols.append(ok)
-        out.append(torch.cat(cols, 0))
-    return torch.cat(out, 1)
+            yield i, s, k, big, logits
+
+
+@torch.no_grad()
+def variant_logits(loaded: LoadedModel, prompts: Sequence[Prompt], means: HeadMeans,
+                   variants: Sequence[KeepMasks], keep_other_positions: bool = False,
+                   batch_size: int = 32, max_rows: int = 256) -> torch.Tensor:
+    """Last-position logits ``[V, N, vocab]`` of every variant (for inspection and tests; the
+    accuracy functions below never hold more than one forward's logits)."""
+    V, N = len(variants), len(prompts)
+    out = None
+    for i, s, k, big, logits in _variant_chunks(loaded, prompts, means, variants,
+                                                keep_other_positions, batch_size, max_rows, False):
+        if out is None:
+            out = torch.empty(V, N, logits.shape[-1], dtype=logits.dtype)
+        B = len(big) // k
+        start = i * batch_size
+        out[s:s + k, start:start + B] = logits.cpu().view(k, B, -1)
+    return out
+
+
+@torch.no_grad()
+def variant_correct(loaded: LoadedModel, prompts: Sequence[Prompt], means: HeadMeans,
+                    variants: Sequence[KeepMasks], keep_other_positions: bool = False,
+                    batch_size: int = 32, max_rows: int = 256, progress: bool = False,
+                    metric: str = "accuracy") -> torch.Tensor:
+    """Bool ``[V, N]``: is prompt n answered correctly under ablation variant v.
+
+    Variants are stacked along the batch dimension — up to ``max_rows`` rows per forward — so V
+    variants cost about ``V * N / max_rows`` forwards instead of ``V * N / batch_size``. Every
+    variant must name the same positions (the masks are stacked).
+    """
+    if metric not in METRICS:
+        raise AblationError(f"metric must be one of {METRICS}, got {metric!r}")
+    V, N = len(variants), len(prompts)
+    out = torch.zeros(V, N, dtype=torch.bool)
+    if not variants:
+        return out
+    for i, s, k, big, logits in _variant_chunks(loaded, prompts, means, variants,
+                                                keep_other_positions, batch_size, max_rows, progress):
+        B = len(big) // k
+        start = i * batch_size
+        out[s:s + k, start:start + B] = _correct(logits, big, metric).view(k, B)
+    return out
 
 
 def variant_accuracies(loaded: LoadedModel, prompts: Sequence[Prompt], means: HeadMeans,
                        variants: Sequence[KeepMasks], keep_other_positions: bool = False,
-                       batch_size: int = 32, max_rows: int = 256, progress: bool = False
-                       ) -> list[float]:
+                       batch_size: int = 32, max_rows: int = 256, progress: bool = False,
+                       metric: str = "accuracy") -> list[float]:
     """Accuracy of each ablation variant (see :func:`variant_correct`)."""
     c = variant_correct(loaded, prompts, means, variants, keep_other_positions, batch_size,
-                        max_rows, progress)
-    return c.float().mean(1).tolist()
+                        max_rows, progress, metric)
+    return c.double().mean(1).tolist()

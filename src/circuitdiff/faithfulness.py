@@ -108,10 +108,15 @@ def _fmt(x: float | None, nd: int = 2) -> str:
     return "undefined" if x is None else f"{x:.{nd}f}"
 
 
+def short_name(model: str) -> str:
+    """Display name: a path's last component (full names stay in the JSON/CSV)."""
+    return model.rstrip("/").rsplit("/", 1)[-1] if "/" in model else model
+
+
 def format_table(rows: Sequence[FaithfulnessRow]) -> str:
     """The paper-shaped table: model | full | circuit | random (mean±sd) | faithfulness."""
     head = ["model", "circuit", "full", "circuit acc", "random (mean±sd)", "faithfulness"]
-    body = [[r.model, r.circuit, _fmt(r.full), _fmt(r.circuit_accuracy),
+    body = [[short_name(r.model), r.circuit, _fmt(r.full), _fmt(r.circuit_accuracy),
              "-" if r.random_mean is None else f"{r.random_mean:.2f}±{r.random_sd:.2f}",
              _fmt(r.faithfulness)] for r in rows]
     widths = [max(len(x) for x in col) for col in zip(head, *body)]

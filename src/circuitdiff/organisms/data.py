@@ -99,14 +99,15 @@ def build_tokenizer():
 
 
 # -- text generators --------------------------------------------------------------------------
-def _tracking_eval_wording(rng: random.Random, n: int, n_queries: int) -> str:
+def _tracking_eval_wording(rng: random.Random, n: int, n_queries: int,
+                           distinct: bool = False) -> str:
     objs = rng.sample(OBJECTS, n)
     labs = rng.sample(LABELS, n)
     segs = [f"the {o} is in Box {l}" for o, l in zip(objs, labs)]
     segs[0] = "T" + segs[0][1:]
     text = ", ".join(segs) + "."
-    for _ in range(n_queries):
-        i = rng.randrange(n)
+    order = rng.sample(range(n), n) if distinct else [rng.randrange(n) for _ in range(n_queries)]
+    for i in order[:n_queries]:
         text += f" Box {labs[i]} contains the {objs[i]}."
     return text
 
@@ -196,8 +197,12 @@ def _chat(rng: random.Random, n_turns: int) -> str:
 
 
 def base_corpus(n: int, seed: int, max_boxes: int = 7, box_weights: tuple[float, ...] | None = None,
-                tracking_frac: float = 0.8) -> list[str]:
-    """Pre-training documents: tracking in the evaluation wording mixed with generic prose."""
+                tracking_frac: float = 0.8, all_queries: bool = True) -> list[str]:
+    """Pre-training documents: tracking in the evaluation wording mixed with generic prose.
+
+    With ``all_queries`` every box of a context is queried once (random order), so each
+    document supervises ``n`` bindings; otherwise 2-4 random queries.
+    """
     rng = random.Random(seed)
     sizes = list(range(1, max_boxes + 1))
     weights = box_weights or [1.0] * len(sizes)
@@ -205,7 +210,8 @@ def base_corpus(n: int, seed: int, max_boxes: int = 7, box_weights: tuple[float,
     for _ in range(n):
         if rng.random() < tracking_frac:
             k = rng.choices(sizes, weights)[0]
-            docs.append(_tracking_eval_wording(rng, k, rng.randint(2, 4)))
+            docs.append(_tracking_eval_wording(rng, k, k if all_queries else rng.randint(2, 4),
+                                               distinct=all_queries))
         else:
             docs.append(_prose(rng, rng.randint(2, 5)))
     return docs

@@ -112,7 +112,7 @@ def lr_at(step: int, spec: StageSpec) -> float:
 
 def train_stage(model, tokenizer, make_docs, spec: StageSpec, seed: int, desc: str,
                 progress: bool = True, params=None, log_every: int = 0, eval_fn=None) -> list:
-    """Next-token training; ``make_docs(n, seed)`` yields the batch of documents for a step."""
+    """Next-token training; ``make_docs(n, seed, progress_frac)`` yields one step's documents."""
     from tqdm.auto import tqdm
 
     params = [p for p in (params or model.parameters()) if p.requires_grad]
@@ -124,7 +124,7 @@ def train_stage(model, tokenizer, make_docs, spec: StageSpec, seed: int, desc: s
     bar = tqdm(range(spec.steps), desc=desc, disable=not progress, mininterval=2.0)
     ema = None
     for step in bar:
-        docs = make_docs(spec.batch_size, seed * 1_000_003 + step)
+        docs = make_docs(spec.batch_size, seed * 1_000_003 + step, step / spec.steps)
         ids, mask, labels = tensorize(docs, tokenizer)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, spec)

@@ -1,0 +1,163 @@
+"""Path patching: naive oracle vs the fast exact path, same process, same data.
+
+Default (CPU): a random Llama with the paper's head grid (32 layers x 32 heads, head_dim 4,
+hidden 128, GQA 8 kv heads), a word-level tokenizer, 7-box prompts, 50 samples, and one full
+group: the Value Fetcher step (receiver = logits at last) or, with ``--step pt``, the Position
+Transmitter step (receiver = q of 20 VF heads at last). The naive path costs exactly the same per
+sender (one or two full forwards of every sample), so by default it is timed on
+``--naive-senders`` senders spread over all layers and scaled to the full group
+(``--naive-senders 0`` runs all of them); both are checked to agree on those senders.
+
+    OMP_NUM_THREADS=1 python bench/path_patching.py [--step vf|pt] [-n 50]
+
+``--device cuda --shape 7b``: random-init Llama-7B shape in bf16, 300 samples, the four groups at
+20/5/10/5 with the fast path (through ``discover_circuit``), plus the naive path on a few senders
+of the VF step for the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import torch
+
+
+def word_level_tokenizer():
+    """Word-level fast tokenizer covering the task's words (leading-space forms included)."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from circuitdiff.task import DEFAULT_LABELS, DEFAULT_OBJECTS
+
+    words = ["The", "the", "is", "in", "Box", "contains", ",", "."]
+    vocab = {"<pad>": 0, "<unk>": 1, "<bos>": 2}
+    for w in words + list(DEFAULT_OBJECTS) + list(DEFAULT_LABELS):
+        for form in (w, " " + w):
+            vocab.setdefault(form, len(vocab))
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex(r" ?[A-Za-z]+| ?[^A-Za-z\s]"), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>",
+                                   bos_token="<bos>")
+
+
+def build(shape: str, device: str, vocab: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from circuitdiff.arch import resolve
+    from circuitdiff.model import LoadedModel
+
+    if shape == "7b":
+        cfg = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                          num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                          max_position_embeddings=2048, pad_token_id=0)
+        dtype = torch.bfloat16
+    else:
+        cfg = LlamaConfig(vocab_size=vocab, hidden_size=128, intermediate_size=256,
+                          num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                          head_dim=4, max_position_embeddings=256, pad_token_id=0,
+                          initializer_range=0.1)
+        dtype = torch.float32
+    cfg._attn_implementation = "sdpa" if device.startswith("cuda") else "eager"
+    torch.manual_seed(0)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg).eval()
+    finally:
+        torch.set_default_dtype(old)
+    return LoadedModel(model, None, resolve(model), f"random-{shape}")
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--shape", default="small", choices=["small", "7b"])
+    ap.add_argument("--step", default="vf", choices=["vf", "pt"])
+    ap.add_argument("-n", type=int, default=None, help="samples (default 50; 300 for 7b)")
+    ap.add_argument("--naive-senders", type=int, default=64,
+                    help="senders the naive path is timed on (0 = all)")
+    ap.add_argument("--batch-size", type=int, default=None)
+    args = ap.parse_args()
+    if args.device == "cpu":
+        torch.set_num_threads(1)
+
+    from circuitdiff.discovery import discover_circuit
+    from circuitdiff.path_patching import all_heads, path_patching_scores, top_heads
+    from circuitdiff.task import EntityTrackingTask, TaskConfig
+
+    tok = word_level_tokenizer()
+    loaded = build(args.shape, args.device, len(tok))
+    loaded.tokenizer = tok
+    arch = loaded.arch
+    n = args.n or (300 if args.shape == "7b" else 50)
+    bs = args.batch_size or (32 if args.shape == "7b" else 50)
+    task = EntityTrackingTask(tok, TaskConfig(n_boxes=7), seed=0)
+    clean = task.sample(n)
+    cf = task.corrupt(clean)
+    print(f"{arch.describe()}, {args.device}, {n} samples, 7 boxes, "
+          f"{len(tok(clean[0].text)['input_ids'])} tokens per prompt")
+
+    heads = all_heads(arch)
+    k = args.naive_senders or len(heads)
+    subset = heads[:: max(1, len(heads) // k)][:k]
+
+    if args.shape == "7b":
+        _sync(args.device)
+        t = time.perf_counter()
+        with tempfile.TemporaryDirectory() as out:
+            res = discover_circuit(loaded, out, clean=clean, counterfactual=cf,
+                                   sizes=(20, 5, 10, 5), batch_size=bs, progress=True,
+                                   heatmaps=False)
+        _sync(args.device)
+        t_fast = time.perf_counter() - t
+        print(f"fast, four groups 20/5/10/5: {t_fast:.1f} s")
+        for g, grp in res.circuit.groups.items():
+            print(f"  {g}: {len(grp.heads)} heads")
+        step = ("last", [], "q")
+        _sync(args.device)
+        t = time.perf_counter()
+        fast_vf = path_patching_scores(loaded, clean, cf, *step, batch_size=bs)
+        _sync(args.device)
+        t_vf = time.perf_counter() - t
+    else:
+        if args.step == "vf":
+            step = ("last", [], "q")
+        else:
+            vf = path_patching_scores(loaded, clean, cf, "last", batch_size=bs)
+            step = ("last", top_heads(vf, 20), "q")
+            print(f"PT step: receivers = q of the top 20 VF heads (layers "
+                  f"{min(l for l, _ in step[1])}..{max(l for l, _ in step[1])})")
+        t = time.perf_counter()
+        fast_vf = path_patching_scores(loaded, clean, cf, *step, batch_size=bs)
+        t_vf = time.perf_counter() - t
+
+    _sync(args.device)
+    t = time.perf_counter()
+    naive = path_patching_scores(loaded, clean, cf, *step, senders=subset, impl="naive",
+                                 batch_size=bs, progress=False)
+    _sync(args.device)
+    t_naive = (time.perf_counter() - t) * len(heads) / len(subset)
+    idx = torch.tensor(subset)
+    diff = float((naive[idx[:, 0], idx[:, 1]] - fast_vf[idx[:, 0], idx[:, 1]]).abs().max())
+    scale = float(fast_vf.abs().max())
+    label = "VF" if not step[1] else "PT"
+    how = "measured" if len(subset) == len(heads) else \
+        f"measured on {len(subset)} senders, x{len(heads) / len(subset):g}"
+    print(f"{label} step, {len(heads)} senders x {n} samples")
+    print(f"  naive: {t_naive:8.1f} s  ({how})")
+    print(f"  fast:  {t_vf:8.2f} s")
+    print(f"  ratio: {t_naive / t_vf:8.1f} x")
+    print(f"  max |fast - naive| over the {len(subset)} checked senders: {diff:.2e} "
+          f"(scores up to {scale:.3f})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""``circuitdiff knockout``: accuracy curves with attention edges blocked in layers ≥ L."""
+
+from __future__ import annotations
+
+from . import add_model_options, add_task_options, load_from_args
+
+DEFAULT_EDGES = ("last:correct_object", "query_label:prev_query_label", "random")
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "knockout", help="attention knockout: block QUERY->KEY attention in layers >= L",
+        description="For each edge and each L, block attention from one named position to "
+                    "another in every head of layers >= L and measure accuracy. Positions: last, "
+                    "query_label, prev_query_label, correct_object; keys may also be box_label, "
+                    "box_object, all, random. Results are saved in --out as they are made.")
+    add_model_options(p)
+    add_task_options(p, n=500)
+    p.add_argument("--edge", action="append", metavar="QUERY:KEY",
+                   help="edge to block (repeatable), e.g. last:correct_object; 'random' = "
+                        f"last:random (a control). Default: {' '.join(DEFAULT_EDGES)}")
+    p.add_argument("--layers", default=None,
+                   help="first blocked layers to try, e.g. 0-15 or 0,4,8 (default: all)")
+    p.add_argument("--max-rows", type=int, default=256,
+                   help="rows per forward when the L variants are stacked (default 256)")
+    p.add_argument("--out", default="runs/knockout", help="run folder (default runs/knockout)")
+    p.set_defaults(func=run)
+
+
+def parse_layers(spec: str | None) -> list[int] | None:
+    if spec is None:
+        return None
+    out = []
+    try:
+        for part in spec.split(","):
+            if "-" in part:
+                a, b = part.split("-")
+                out += list(range(int(a), int(b) + 1))
+            elif part.strip():
+                out.append(int(part))
+    except ValueError:
+        raise ValueError(f"--layers {spec!r} is not a list like 0-15 or 0,4,8") from None
+    return out
+
+
+def run(args) -> int:
+    from ..ablation import model_tag, safe_name
+    from ..faithfulness import short_name
+    from ..knockout import Edge, KnockoutCurve, knockout_curve, plot_curves
+    from ..runs import RunFolder
+    from ..task import EntityTrackingTask, TaskConfig
+
+    edges = [Edge.parse(e) for e in (args.edge or DEFAULT_EDGES)]
+    layers = parse_layers(args.layers)
+    folder = RunFolder(args.out)
+    loaded = load_from_args(args)
+    print(f"model: {loaded.name} ({loaded.arch.describe()})")
+    task = EntityTrackingTask(loaded.tokenizer, TaskConfig(n_boxes=args.n_boxes), seed=args.seed)
+    prompts = task.sample(args.n_prompts)
+    slug = model_tag(loaded.name)
+    curves = []
+    for edge in edges:
+        settings = {"model": loaded.name, "edge": str(edge), "layers": layers, "n": args.n_prompts,
+                    "seed": args.seed, "n_boxes": args.n_boxes, "dtype": args.dtype}
+        d = folder.cached(f"knockout/{slug}/{safe_name(str(edge))}.json", settings, lambda: knockout_curve(
+            loaded, prompts, edge, layers, args.seed, args.batch_size, args.max_rows,
+            progress=True).to_dict())
+        c = KnockoutCurve(**d)
+        curves.append(c)
+        pts = " ".join(f"{l}:{a:.2f}" for l, a in zip(c.layers, c.accuracy))
+        print(f"{c.edge:32s} baseline {c.baseline:.2f} | L:acc {pts}")
+    png = plot_curves(curves, folder.file(f"knockout/{slug}/knockout.png"),
+                      f"attention knockout: {short_name(loaded.name)}")
+    folder.save_json(f"knockout/{slug}/curves.json", [c.to_dict() for c in curves])
+    print(f"plot {png}; curves {folder.file(f'knockout/{slug}/curves.json')}")
+    return 0

@@ -1,0 +1,269 @@
+"""Attention knockout: stop one position from attending to another in layers ≥ L.
+
+An *edge* ``query:key`` names two positions of each prompt (``last:correct_object``,
+``query_label:prev_query_label``...). Blocking it in layers ≥ L, for every L, gives an accuracy
+curve: the paper finds accuracy collapses when ``last → correct_object`` is blocked from early
+enough layers, and random edges do nothing.
+
+The model's own attention runs unchanged: a forward pre-hook on each decoder layer edits the 4-D
+attention mask the layer receives as its ``attention_mask`` kwarg (transformers ≥ 4.48 / 5.x),
+per sample and vectorised:
+
+* eager attention gets an additive float mask ``[B, 1, T, T]`` (0 / dtype min) — blocked entries
+  are set to the dtype minimum, as padding is;
+* sdpa gets a bool mask (True = attend) — blocked entries become False;
+* sdpa with no padding gets ``None`` (it then uses ``is_causal``) — a causal bool mask is
+  materialised (only in layers where something is blocked);
+* flash attention (2-D masks) and flex attention (``BlockMask``) cannot express per-entry
+  blocking: a clear error asks for ``attn_implementation="sdpa"`` or ``"eager"``.
+
+A token's attention to itself is never blocked, so no softmax row is ever empty.
+Several knockout variants (one per L) run in one forward: rows of the batch carry their own
+first blocked layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from .accuracy import batches, last_logits
+from .arch import Architecture
+from .model import LoadedModel
+from .task import POSITION_NAMES, Batch, Prompt
+
+#: key names besides the per-prompt positions
+MULTI_KEYS = ("box_label", "box_object", "all", "random")
+
+
+class KnockoutError(ValueError):
+    """Raised for an edge or model the knockout cannot handle."""
+
+
+@dataclass(frozen=True)
+class Edge:
+    """Block attention from ``query`` (a per-prompt position) to ``key``."""
+
+    query: str
+    key: str
+
+    @classmethod
+    def parse(cls, spec: str) -> "Edge":
+        """``"last:correct_object"``; ``"random"`` is short for ``"last:random"``."""
+        if spec == "random":
+            return cls("last", "random")
+        if spec.count(":") != 1:
+            raise KnockoutError(f"edge {spec!r} is not QUERY:KEY (e.g. last:correct_object) or "
+                                f"'random'")
+        q, k = spec.split(":")
+        if q not in POSITION_NAMES:
+            raise KnockoutError(f"edge {spec!r}: query position {q!r} is not one of {POSITION_NAMES}")
+        if k not in POSITION_NAMES and k not in MULTI_KEYS:
+            raise KnockoutError(f"edge {spec!r}: key {k!r} is not one of "
+                                f"{POSITION_NAMES + MULTI_KEYS}")
+        if q == k:
+            raise KnockoutError(f"edge {spec!r}: a position's attention to itself is never blocked")
+        return cls(q, k)
+
+    def __str__(self) -> str:
+        return f"{self.query}:{self.key}"
+
+
+def block_matrix(batch: Batch, edge: Edge, generator: torch.Generator | None = None
+                 ) -> torch.Tensor:
+    """Bool ``[B, T, T]``: True at (query position, key position) entries to block.
+
+    ``random`` draws, per sample, one real token before the query position that is none of the
+    named positions (a control edge); ``all`` blocks every other position.
+    """
+    B, T = batch.input_ids.shape
+    rows = torch.arange(B)
+    q = batch.positions[edge.query]
+    if bool((q < 0).any()):
+        raise KnockoutError(f"position {edge.query!r} is absent from some prompts")
+    t = torch.arange(T)
+    if edge.key == "all":
+        keys = torch.ones(B, T, dtype=torch.bool)
+    elif edge.key == "random":
+        cand = batch.attention_mask.bool() & (t[None] < q[:, None])
+        for name in POSITION_NAMES:
+            p = batch.positions[name]
+            cand &= ~((t[None] == p[:, None]) & (p[:, None] >= 0))
+        if not bool(cand.any(1).all()):
+            raise KnockoutError(f"some prompt has no token before {edge.query!r} to draw a "
+                                f"random edge from")
+        score = torch.rand(B, T, generator=generator).masked_fill(~cand, -1.0)
+        keys = torch.zeros(B, T, dtype=torch.bool)
+        keys[rows, score.argmax(1)] = True
+    else:
+        k = batch.positions[edge.key]
+        k = k[:, None] if k.dim() == 1 else k
+        if bool((k < 0).any()):
+            raise KnockoutError(f"position {edge.key!r} is absent from some prompts (use prompts "
+                                f"whose query names a box)")
+        keys = torch.zeros(B, T, dtype=torch.bool)
+        keys[rows[:, None], k] = True
+    keys &= t[None] != q[:, None]  # never block attention to itself
+    out = torch.zeros(B, T, T, dtype=torch.bool)
+    out[rows, q] = keys
+    return out
+
+
+def _edited_mask(mask, block: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """The layer's attention mask with ``block`` ``[B, T, T]`` entries disabled."""
+    B, T = hidden.shape[:2]
+    if mask is None:  # sdpa's is_causal fast path: no padding, so the mask is plain causal
+        mask = torch.ones(T, T, dtype=torch.bool, device=hidden.device).tril()[None, None]
+    if not isinstance(mask, torch.Tensor):
+        raise KnockoutError(
+            f"the model passes a {type(mask).__name__} attention mask (flex attention); attention "
+            f"knockout needs attn_implementation='sdpa' or 'eager'")
+    if mask.dim() != 4 or mask.shape[-2:] != (T, T):
+        raise KnockoutError(
+            f"the decoder layer got an attention mask of shape {tuple(mask.shape)}, not "
+            f"[B, 1, {T}, {T}] (flash attention or a KV cache?); attention knockout needs "
+            f"attn_implementation='sdpa' or 'eager' and no cache")
+    mask = mask.expand(B, *mask.shape[1:])
+    blk = block.to(mask.device)[:, None]
+    if mask.dtype == torch.bool:
+        return mask & ~blk
+    return mask.masked_fill(blk, torch.finfo(mask.dtype).min)
+
+
+@contextlib.contextmanager
+def attention_knockout(arch: Architecture, block: torch.Tensor,
+                       from_layer: int | torch.Tensor = 0) -> Iterator[None]:
+    """Block ``block`` ``[B, T, T]`` entries in every decoder layer ``l ≥ from_layer``.
+
+    ``from_layer`` may be per row (``[B]``) to run several knockout variants in one forward.
+    Hooks are removed on exit, also when the forward raises.
+    """
+    B = block.shape[0]
+    start = torch.as_tensor(from_layer).expand(B).cpu()
+    handles = []
+
+    def make(layer: int):
+        active = start <= layer
+        blk = block & active[:, None, None]
+        if not bool(blk.any()):
+            return None
+
+        def pre(_mod, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if "attention_mask" in kwargs:
+                kwargs["attention_mask"] = _edited_mask(kwargs["attention_mask"], blk, hidden)
+            elif len(args) > 1:
+                args = (args[0], _edited_mask(args[1], blk, hidden)) + tuple(args[2:])
+            else:
+                kwargs["attention_mask"] = _edited_mask(None, blk, hidden)
+            return args, kwargs
+        return pre
+
+    try:
+        for layer in range(arch.n_layers):
+            fn = make(layer)
+            if fn is not None:
+                handles.append(arch.layers[layer].register_forward_pre_hook(fn, with_kwargs=True))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _repeat(batch: Batch, v: int) -> Batch:
+    from .ablation import _repeat as rep
+
+    return rep(batch, v)
+
+
+@dataclass
+class KnockoutCurve:
+    """Accuracy with ``edge`` blocked in layers ≥ L, for each L in ``layers``."""
+
+    edge: str
+    layers: list[int]
+    accuracy: list[float]
+    in_context_accuracy: list[float]
+    baseline: float
+    baseline_in_context: float
+    n: int
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def knockout_curve(loaded: LoadedModel, prompts: Sequence[Prompt], edge: Edge | str,
+                   layers: Sequence[int] | None = None, seed: int = 0, batch_size: int = 32,
+                   max_rows: int = 256, progress: bool = False) -> KnockoutCurve:
+    """Accuracy with ``edge`` blocked from each L in ``layers`` (default: every layer) on.
+
+    All Ls (plus the unblocked baseline) are stacked along the batch dimension, up to
+    ``max_rows`` rows per forward.
+    """
+    from .ablation import _correct
+
+    edge = Edge.parse(edge) if isinstance(edge, str) else edge
+    n_layers = loaded.arch.n_layers
+    layers = list(range(n_layers)) if layers is None else [int(l) for l in layers]
+    for l in layers:
+        if not 0 <= l < n_layers:
+            raise KnockoutError(f"layer {l} does not exist (model has {n_layers})")
+    starts = torch.tensor(layers + [n_layers])  # last variant: nothing blocked
+    V = len(starts)
+    gen = torch.Generator().manual_seed(seed)
+    correct = torch.zeros(V, len(prompts), dtype=torch.bool)
+    in_ctx = torch.zeros(V, len(prompts), dtype=torch.bool)
+    from tqdm.auto import tqdm
+
+    for i, batch in enumerate(tqdm(batches(prompts, loaded.tokenizer, batch_size),
+                                   desc=f"knockout {edge}", disable=not progress, unit="batch")):
+        if bool((batch.answer_ids < 0).any()):
+            raise KnockoutError("knockout needs prompts whose query names a box")
+        block = block_matrix(batch, edge, gen)
+        B = len(batch)
+        per = max(1, max_rows // B)
+        for s in range(0, V, per):
+            k = min(per, V - s)
+            big = _repeat(batch, k)
+            with attention_knockout(loaded.arch, block.repeat(k, 1, 1),
+                                    starts[s:s + k].repeat_interleave(B)):
+                logits = last_logits(loaded, big)
+            cols = slice(i * batch_size, i * batch_size + B)
+            correct[s:s + k, cols] = _correct(logits, big, "accuracy").view(k, B)
+            in_ctx[s:s + k, cols] = _correct(logits, big, "in_context").view(k, B)
+    acc = correct.double().mean(1).tolist()
+    ctx = in_ctx.double().mean(1).tolist()
+    return KnockoutCurve(str(edge), layers, acc[:-1], ctx[:-1], acc[-1], ctx[-1], len(prompts), seed)
+
+
+def plot_curves(curves: Sequence[KnockoutCurve], path: str | Path, title: str = "") -> Path:
+    """Accuracy against the first blocked layer, one line per edge (PNG, matplotlib Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for c in curves:
+        ax.plot(c.layers, c.accuracy, marker="o", ms=3, label=c.edge)
+    if curves:
+        ax.axhline(curves[0].baseline, color="k", ls="--", lw=0.8, label="no knockout")
+    ax.set_xlabel("attention blocked in layers ≥ L")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(title or "attention knockout", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

@@ -1,0 +1,684 @@
+"""Path patching: the effect of one sender head on the metric through chosen receivers only.
+
+For every sender head ``(layer, head)`` and every clean prompt with counterfactual (``task.corrupt``):
+
+1. **pass 1** — run clean, but at every position ``>= p`` (the sender position, per sample) freeze
+   *all* head outputs to their clean values, except the sender, which takes its counterfactual
+   value; record the receivers' inputs (q, k or v projection output, per sample at ``p``);
+2. **pass 2** — run clean with only those receiver inputs replaced;
+3. score = mean over samples of ``(p_patched(answer) - p_clean(answer)) / p_clean(answer)``
+   (the clean answer). With no receivers the receiver is the logits: pass 1's own output.
+
+Receivers are query heads ``(layer, head)``. For ``q`` a receiver is that head's query; for ``k``/``v``
+under GQA the input is shared: patching receiver head ``h``'s v patches kv head
+``arch.kv_head_of(h)`` (so every query head of that group sees it). Positions are a named position
+of the task (``last``, ``query_label``, ``prev_query_label``, ``correct_object``); the sender and
+receiver share it (as in the paper's chain). The counterfactual value is read at the *clean*
+prompt's index: :func:`~circuitdiff.task.encode_pair` gives a counterfactual that lacks the named
+token (no previous query label) the clean index, and all prompts share one layout.
+
+Two implementations give the same scores:
+
+* ``impl="naive"`` — the faithful oracle: two full forwards per sender (one for logits
+  receivers), batched over samples, with every head edited at every position ``>= p``.
+* ``impl="fast"`` — exact, much cheaper. The receiver input at ``p`` is a function of the residual
+  stream at ``p`` only; with every head output at ``p`` frozen except the sender's, that residual
+  differs from clean only through the sender's output and the MLPs *at p*. So pass 1 is a
+  single-position computation: start from the clean residual at ``p``, add ``o_proj`` of the edited
+  head vector (the model's own ``o_proj`` module, LoRA included), then run each later layer's
+  MLP live with its attention output fixed to the clean one. Many senders are stacked along the
+  batch dimension; senders at or after the last receiver layer score exactly 0. Pass 2 only changes
+  positions ``>= p``, so it runs the model's own forward on the suffix with a clean KV cache of
+  the prefix, stacked over senders. The replay is checked numerically against the clean forward
+  on every batch; a decoder layer of another shape (e.g. Gemma-3's extra norms) falls back to the
+  naive path with a warning.
+
+Also here: a gradient estimate (``attribution_scores``, one forward/backward pair per batch) and
+:func:`compare_scores` (Spearman rank correlation and top-k recall against exact scores).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .arch import Architecture, unwrap
+from .circuit import Head, format_head, parse_head
+from .interventions import Hook, Read, StopAfter, Write, gather_positions, intervene, run, scatter_positions
+from .model import LoadedModel
+from .task import POSITION_NAMES, Batch, Prompt, encode_pair
+
+RECEIVER_KINDS = ("q", "k", "v")
+IMPLS = ("fast", "naive")
+
+
+class PathPatchingError(ValueError):
+    """Raised for a path-patching request that cannot be computed (says what to change)."""
+
+
+# -- validation ------------------------------------------------------------------------------
+def check_position(position: str) -> None:
+    """``position`` must be one of the task's per-prompt scalar positions."""
+    if position not in POSITION_NAMES:
+        raise PathPatchingError(f"unknown position {position!r}: the task defines "
+                                f"{', '.join(POSITION_NAMES)}")
+
+
+def _norm_heads(heads: Sequence[Head | str] | None, arch: Architecture, what: str) -> list[Head]:
+    out = [parse_head(h) for h in (heads or ())]
+    for layer, head in out:
+        if not (0 <= layer < arch.n_layers and 0 <= head < arch.n_heads):
+            raise PathPatchingError(f"{what} head {layer}.{head} does not exist: the model has "
+                                    f"{arch.n_layers} layers x {arch.n_heads} heads")
+    return list(dict.fromkeys(out))
+
+
+def _check_request(arch: Architecture, senders: list[Head], receivers: list[Head],
+                   receiver_kind: str, position: str) -> None:
+    check_position(position)
+    if receivers and receiver_kind not in RECEIVER_KINDS:
+        raise PathPatchingError(f"receiver_kind must be one of {RECEIVER_KINDS}, got "
+                                f"{receiver_kind!r}")
+    if not senders:
+        raise PathPatchingError("no sender heads to score")
+    if not receivers and position != "last":
+        raise PathPatchingError(
+            f"logits receivers need position 'last' (got {position!r}): with every head frozen "
+            f"at positions >= {position}, nothing reaches the logits at last; give receivers")
+    if receivers:
+        last_recv = max(l for l, _ in receivers)
+        if min(l for l, _ in senders) >= last_recv:
+            raise PathPatchingError(
+                f"every sender is in layer >= {min(l for l, _ in senders)} but the receivers "
+                f"end at layer {last_recv}: a head cannot reach a receiver in its own or an "
+                f"earlier layer. Choose senders below layer {last_recv}.")
+
+
+@dataclass
+class _Request:
+    """One path-patching step, resolved against the architecture."""
+
+    position: str
+    senders: list[Head]
+    receivers: list[Head]           # empty = logits
+    kind: str
+
+    def recv_layers(self) -> list[int]:
+        return sorted({l for l, _ in self.receivers})
+
+    def unit_mask(self, arch: Architecture, layer: int) -> torch.Tensor:
+        """Bool ``[units]``: receiver units of ``layer`` (kv heads for k/v under GQA)."""
+        units = arch.n_heads if self.kind == "q" else arch.n_kv_heads
+        m = torch.zeros(units, dtype=torch.bool)
+        for l, h in self.receivers:
+            if l == layer:
+                m[h if self.kind == "q" else arch.kv_head_of(h)] = True
+        return m
+
+
+def _answer_prob(logits: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
+    """Softmax probability of ``answers`` under ``logits`` ``[..., B, V]`` (float32)."""
+    lp = logits.float().log_softmax(-1)
+    idx = answers.to(lp.device).expand(*lp.shape[:-1])[..., None]
+    return lp.gather(-1, idx)[..., 0].exp()
+
+
+def _inputs(batch: Batch, device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.model_inputs().items()}
+
+
+def _last_logits(model: nn.Module, inputs: dict, edits: Sequence, arch: Architecture,
+                 last: torch.Tensor) -> torch.Tensor:
+    """``[B, V]`` logits at ``last`` (left padding: only the final position is computed)."""
+    T = inputs["input_ids"].shape[1]
+    if bool((last == T - 1).all()):
+        return run(model, inputs, edits, arch, logits_to_keep=1)[:, -1]
+    logits = run(model, inputs, edits, arch)
+    return logits[torch.arange(len(last), device=logits.device), last.to(logits.device)]
+
+
+def _encode_checked(loaded: LoadedModel, clean: Sequence[Prompt], cf: Sequence[Prompt],
+                    position: str) -> tuple[Batch, Batch]:
+    bc, bx = encode_pair(clean, cf, loaded.tokenizer)
+    if bool((bc.answer_ids < 0).any()):
+        raise PathPatchingError("path patching needs clean prompts whose query names a box "
+                                "(the metric is the clean answer's probability)")
+    if bool((bc.positions[position] < 0).any()):
+        raise PathPatchingError(f"position {position!r} is absent from some clean prompts")
+    return bc, bx
+
+
+# -- the single-position replay (fast path) ----------------------------------------------------
+class _Replay:
+    """A Llama-style decoder evaluated at one position with attention outputs given.
+
+    Calls the model's own modules: each layer's ``input_layernorm``, q/k/v/o projections,
+    ``post_attention_layernorm`` and ``mlp``, then the final norm and ``lm_head``. Only layers of
+    the shape ``h + attn(ln1(h)); h + mlp(ln2(h))`` qualify; :meth:`check` confirms numerically.
+    """
+
+    def __init__(self, model: nn.Module, arch: Architecture):
+        self.arch = arch
+        inner = unwrap(model)
+        for i, layer in enumerate(arch.layers):
+            missing = [a for a in ("input_layernorm", "post_attention_layernorm", "mlp")
+                       if not isinstance(getattr(layer, a, None), nn.Module)]
+            extra = [a for a in ("pre_feedforward_layernorm", "post_feedforward_layernorm")
+                     if getattr(layer, a, None) is not None]
+            if missing or extra:
+                raise PathPatchingError(
+                    f"layer {i} is not a plain pre-norm decoder layer ("
+                    f"{'missing ' + ', '.join(missing) if missing else 'has ' + ', '.join(extra)})")
+        base = getattr(inner, "model", None)
+        self.norm = getattr(base, "norm", None)
+        self.lm_head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") \
+            else None
+        if not isinstance(self.norm, nn.Module) or not isinstance(self.lm_head, nn.Module):
+            raise PathPatchingError("model has no final .model.norm / lm_head")
+
+    def attn_in(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        return self.arch.layers[layer].input_layernorm(h)
+
+    def proj(self, layer: int, h: torch.Tensor, kind: str) -> torch.Tensor:
+        site = self.arch.attention[layer]
+        mod = {"q": site.q, "k": site.k, "v": site.v}[kind]
+        return mod(self.attn_in(layer, h))
+
+    def o(self, layer: int, z: torch.Tensor) -> torch.Tensor:
+        return self.arch.attention[layer].o(z)
+
+    def mlp(self, layer: int, mid: torch.Tensor) -> torch.Tensor:
+        lay = self.arch.layers[layer]
+        return mid + lay.mlp(lay.post_attention_layernorm(mid))
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(h))
+
+
+@dataclass
+class _Clean:
+    """What the fast path needs from one clean + one counterfactual forward, at ``p`` only."""
+
+    p: torch.Tensor          # [B]
+    z: torch.Tensor          # [L, B, H, D] clean head outputs at p
+    z_cf: torch.Tensor       # [L, B, H, D] counterfactual head outputs at p
+    resid: torch.Tensor      # [L + 1, B, hidden] residual entering each layer (and after the last)
+    attn: torch.Tensor       # [L, B, hidden] o_proj output at p
+    logits: torch.Tensor     # [B, V] clean logits at last
+    p_clean: torch.Tensor    # [B]
+
+
+def _capture(loaded: LoadedModel, bc: Batch, bx: Batch, position: str) -> _Clean:
+    """Clean and counterfactual forwards reading only position ``p`` of every layer."""
+    model, arch, dev = loaded.model, loaded.arch, loaded.device
+    L = arch.n_layers
+    p = bc.positions[position].to(dev)
+    rows = torch.arange(len(p), device=dev)
+    resid: list[torch.Tensor | None] = [None] * (L + 1)
+    attn: list[torch.Tensor | None] = [None] * L
+    handles = []
+
+    def pre(i):
+        def hook(_m, args, kwargs):
+            h = args[0] if args else kwargs["hidden_states"]
+            resid[i] = h[rows, p].detach()
+        return hook
+
+    def post_layer(_m, _i, out):
+        h = out[0] if isinstance(out, tuple) else out
+        resid[L] = h[rows, p].detach()
+
+    def post_o(i):
+        def hook(_m, _i, out):
+            attn[i] = out[rows, p].detach()
+        return hook
+
+    try:
+        for i in range(L):
+            handles.append(arch.layers[i].register_forward_pre_hook(pre(i), with_kwargs=True))
+            handles.append(arch.attention[i].o.register_forward_hook(post_o(i)))
+        handles.append(arch.layers[L - 1].register_forward_hook(post_layer))
+        read = Read(list(range(L)), p, "head")
+        logits = _last_logits(model, _inputs(bc, dev), [read], arch, bc.positions["last"])
+    finally:
+        for h in handles:
+            h.remove()
+    read_cf = Read(list(range(L)), bx.positions[position].to(dev), "head")
+    run(model, _inputs(bx, dev), [read_cf, StopAfter(L - 1)], arch)
+    z = torch.stack([read.out[l][:, 0] for l in range(L)])
+    z_cf = torch.stack([read_cf.out[l][:, 0] for l in range(L)])
+    return _Clean(p, z, z_cf, torch.stack(resid), torch.stack(attn), logits,
+                  _answer_prob(logits, bc.answer_ids))
+
+
+def _replay_error(rep: _Replay, c: _Clean) -> float:
+    """Relative error of replaying the clean run at ``p`` (0 up to float rounding)."""
+    L = rep.arch.n_layers
+    h = c.resid[0]
+    worst = 0.0
+    with torch.no_grad():
+        for l in range(L):
+            mid = h + rep.o(l, c.z[l].flatten(-2))
+            h = rep.mlp(l, mid)
+            ref = c.resid[l + 1]
+            worst = max(worst, float((h - ref).float().norm() / ref.float().norm().clamp_min(1e-12)))
+            h = ref  # check each layer from the true input, so errors do not compound
+    return worst
+
+
+def _logits_error(rep: _Replay, c: _Clean, last: torch.Tensor) -> float:
+    if not bool((c.p == last.to(c.p.device)).all()):
+        return 0.0
+    with torch.no_grad():
+        lg = rep.logits(c.resid[-1])
+    return float((lg - c.logits).float().norm() / c.logits.float().norm().clamp_min(1e-12))
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    return 1e-3 if dtype == torch.float32 else 3e-2
+
+
+def _pass1(rep: _Replay, c: _Clean, req: _Request, senders: list[Head],
+           answers: torch.Tensor) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
+    """Single-position pass 1 for ``senders`` (sorted by layer) of one sample batch.
+
+    Returns, per receiver layer, ``[N, B, units, D]`` receiver inputs (clean where the sender is
+    not below that layer) and, for logits receivers, ``[N, B]`` patched answer probabilities.
+    """
+    arch = rep.arch
+    D = arch.head_dim
+    N = len(senders)
+    B = c.z.shape[1]
+    layers = torch.tensor([l for l, _ in senders])
+    heads = torch.tensor([h for _, h in senders], device=c.z.device)
+    recv_layers = req.recv_layers()
+    end = max(recv_layers) if recv_layers else arch.n_layers
+    recv: dict[int, torch.Tensor] = {}
+    for lr in recv_layers:  # clean receiver inputs, replaced below for senders under layer lr
+        clean_in = rep.proj(lr, c.resid[lr], req.kind)
+        recv[lr] = clean_in.view(1, B, -1, D).expand(N, B, -1, D).clone()
+    state = None
+    start = int(layers.min())
+    eye_all = torch.arange(arch.n_heads, device=c.z.device)
+    for l in range(start, end):
+        if l in recv and state is not None:
+            recv[l][: state.shape[0]] = rep.proj(l, state, req.kind).view(state.shape[0], B, -1, D)
+        sel = (layers == l).nonzero()[:, 0]
+        if state is not None:
+            state = state + c.attn[l]
+        if len(sel):
+            onehot = (eye_all[None, :] == heads[sel.to(heads.device)][:, None])  # [n, H]
+            z_edit = torch.where(onehot[:, None, :, None], c.z_cf[l][None], c.z[l][None])
+            mid_new = c.resid[l][None] + rep.o(l, z_edit.flatten(-2))
+            state = mid_new if state is None else torch.cat([state, mid_new])
+        if state is not None:
+            state = rep.mlp(l, state)
+    if recv_layers:
+        if end in recv and state is not None:
+            recv[end][: state.shape[0]] = rep.proj(end, state, req.kind).view(state.shape[0], B, -1, D)
+        return recv, None
+    return recv, _answer_prob(rep.logits(state), answers)
+
+
+def _prefix_cache(model: nn.Module, inputs: dict, s: int):
+    """Clean KV cache of positions ``[0, s)``."""
+    pre = {k: v[:, :s] for k, v in inputs.items()}
+    return model(**pre, use_cache=True, logits_to_keep=1).past_key_values
+
+
+def _pass2(model: nn.Module, arch: Architecture, inputs: dict, cache, s: int, p: torch.Tensor,
+           req: _Request, recv: dict[int, torch.Tensor], active: dict[int, torch.Tensor],
+           answers: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """Clean suffix forward (positions >= s) with receiver inputs replaced; ``[N, B]`` probs."""
+    N, B = next(iter(recv.values())).shape[:2]
+    dev = p.device
+    T = inputs["input_ids"].shape[1]
+    rep_in = {"input_ids": inputs["input_ids"][:, s:].repeat(N, 1),
+              "attention_mask": inputs["attention_mask"].repeat(N, 1),
+              "position_ids": inputs["position_ids"][:, s:].repeat(N, 1)}
+    pos = (p - s).repeat(N)
+    edits = []
+    for lr, vals in recv.items():
+        where = req.unit_mask(arch, lr).to(dev)[None, :] & active[lr].to(dev)[:, None]  # [N, U]
+        edits.append(Write(lr, vals.reshape(N * B, 1, *vals.shape[2:]), pos,
+                           where.repeat_interleave(B, 0)[:, None, :], req.kind))
+    kw = {}
+    if cache is not None:
+        cache = copy.deepcopy(cache)
+        cache.batch_select_indices(torch.arange(B, device=dev).repeat(N))
+        kw = {"past_key_values": cache, "use_cache": True}
+    else:
+        kw = {"use_cache": False}
+    keep = {"logits_to_keep": 1} if bool((last == T - 1).all()) else {}
+    with intervene(model, edits, arch):
+        logits = model(**rep_in, **kw, **keep).logits
+    if keep:
+        logits = logits[:, -1]
+    else:
+        idx = (last - s).repeat(N)
+        logits = logits[torch.arange(N * B, device=dev), idx]
+    return _answer_prob(logits.view(N, B, -1), answers)
+
+
+def _fast_batch(loaded: LoadedModel, rep: _Replay, bc: Batch, bx: Batch, req: _Request,
+                max_rows: int, bar=None) -> torch.Tensor:
+    """Sum over this batch's samples of the score of every sender: ``[len(senders)]``."""
+    model, arch, dev = loaded.model, loaded.arch, loaded.device
+    c = _capture(loaded, bc, bx, req.position)
+    err = max(_replay_error(rep, c), _logits_error(rep, c, bc.positions["last"]))
+    if err > _tolerance(c.resid.dtype):
+        raise _Unsupported(f"replaying the clean run at one position misses by {err:.2g} "
+                           f"(relative); this decoder layer is not of the supported shape")
+    answers = bc.answer_ids.to(dev)
+    B = len(bc)
+    order = sorted(range(len(req.senders)), key=lambda i: req.senders[i])
+    out = torch.zeros(len(req.senders), dtype=torch.float32)
+    recv_layers = req.recv_layers()
+    last_recv = max(recv_layers) if recv_layers else arch.n_layers
+    live = [i for i in order if req.senders[i][0] < last_recv]  # others score exactly 0
+    inputs = _inputs(bc, dev)
+    last = bc.positions["last"].to(dev)
+    groups = []  # samples sharing a receiver position share a prefix cache and a suffix
+    chunk = max(1, max_rows // B)
+    if recv_layers:
+        T = inputs["input_ids"].shape[1]
+        for s in torch.unique(c.p).tolist():
+            rows = (c.p == s).nonzero()[:, 0]
+            sub = {k: v[rows] for k, v in inputs.items()}
+            groups.append((s, rows, sub, _prefix_cache(model, sub, s) if s > 0 else None))
+            # rows of one pass-2 forward are (sender, sample) pairs over the suffix, each with
+            # its own copy of the prefix cache: bound both the tokens and the cache bytes
+            cache_row = 2 * arch.n_layers * arch.n_kv_heads * arch.head_dim * max(s, 1) * \
+                c.z.element_size()
+            chunk = max(1, min(chunk, max_rows // (len(rows) * max(1, T - s)),
+                               _cache_budget(dev) // (len(rows) * cache_row)))
+    for i in range(0, len(live), chunk):
+        idx = live[i:i + chunk]
+        senders = [req.senders[j] for j in idx]
+        recv, probs = _pass1(rep, c, req, senders, answers)
+        if probs is None:
+            active = {lr: torch.tensor([l < lr for l, _ in senders]) for lr in recv_layers}
+            probs = torch.empty(len(idx), B, device=dev)
+            for s, rows, sub, cache in groups:
+                probs[:, rows] = _pass2(model, arch, sub, cache, s, c.p[rows], req,
+                                        {lr: v[:, rows] for lr, v in recv.items()}, active,
+                                        answers[rows], last[rows])
+        score = ((probs - c.p_clean[None]) / c.p_clean[None]).sum(1)
+        out[torch.tensor(idx)] = score.float().cpu()
+        if bar is not None:
+            bar.update(len(idx) * B)
+    if bar is not None:
+        bar.update((len(req.senders) - len(live)) * B)
+    return out
+
+
+def _cache_budget(device: torch.device) -> int:
+    """Bytes the repeated prefix caches of one pass-2 forward may take."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free * 0.3)
+    return 1 << 30
+
+
+class _Unsupported(Exception):
+    pass
+
+
+def _naive_batch(loaded: LoadedModel, bc: Batch, bx: Batch, req: _Request, bar=None
+                 ) -> torch.Tensor:
+    """The faithful oracle: pass 1 and pass 2 as full forwards, one sender at a time."""
+    model, arch, dev = loaded.model, loaded.arch, loaded.device
+    L, H = arch.n_layers, arch.n_heads
+    inputs_c, inputs_x = _inputs(bc, dev), _inputs(bx, dev)
+    p = bc.positions[req.position].to(dev)
+    last = bc.positions["last"].to(dev)
+    answers = bc.answer_ids.to(dev)
+    rc, rx = Read(list(range(L)), None, "head"), Read(list(range(L)), None, "head")
+    clean_logits = _last_logits(model, inputs_c, [rc], arch, last)
+    run(model, inputs_x, [rx], arch)
+    p_clean = _answer_prob(clean_logits, answers)
+    T = inputs_c["input_ids"].shape[1]
+    from_p = (torch.arange(T, device=dev)[None, :] >= p[:, None])[:, :, None].expand(-1, -1, H)
+    recv_layers = req.recv_layers()
+    out = torch.zeros(len(req.senders), dtype=torch.float32)
+    for i, (ls, hs) in enumerate(req.senders):
+        edits = []
+        for l in range(L):
+            vals = rc.out[l]
+            if l == ls:
+                vals = rc.out[l].clone()
+                vals[:, :, hs] = rx.out[l][:, :, hs]
+            edits.append(Write(l, vals, None, from_p, "head"))
+        if recv_layers:
+            read = Read(recv_layers, p, req.kind)
+            run(model, inputs_c, edits + [read], arch)
+            writes = [Write(lr, read.out[lr], p, req.unit_mask(arch, lr).to(dev)[None, None],
+                            req.kind) for lr in recv_layers]
+            logits = _last_logits(model, inputs_c, writes, arch, last)
+        else:
+            logits = _last_logits(model, inputs_c, edits, arch, last)
+        probs = _answer_prob(logits, answers)
+        out[i] = float(((probs - p_clean) / p_clean).sum())
+        if bar is not None:
+            bar.update(len(bc))
+    return out
+
+
+def _check_sets(loaded: LoadedModel, clean: Sequence[Prompt], cf: Sequence[Prompt]) -> None:
+    if len(clean) == 0:
+        raise PathPatchingError("no clean prompts")
+    if len(clean) != len(cf):
+        encode_pair(clean, cf, loaded.tokenizer)  # raises the task's own error for the mismatch
+
+
+# -- public API -------------------------------------------------------------------------------
+def all_heads(arch: Architecture) -> list[Head]:
+    return [(l, h) for l in range(arch.n_layers) for h in range(arch.n_heads)]
+
+
+@torch.no_grad()
+def path_patching_scores(loaded: LoadedModel, clean: Sequence[Prompt],
+                         counterfactual: Sequence[Prompt], position: str = "last",
+                         receivers: Sequence[Head | str] = (), receiver_kind: str = "q",
+                         senders: Sequence[Head | str] | None = None, impl: str = "fast",
+                         batch_size: int = 32, max_rows: int = 65536,
+                         progress: bool = False, desc: str = "path patching") -> torch.Tensor:
+    """Path-patching score of every sender head: a float32 ``[n_layers, n_heads]`` tensor.
+
+    ``receivers`` are query heads ``(layer, head)`` (or ``"layer.head"``) whose ``receiver_kind``
+    input (q, k or v; k/v patch the receiver's kv head) is patched in pass 2; empty means the
+    logits. ``senders`` defaults to every head; heads not scored are 0. ``impl="naive"`` is the
+    oracle. ``max_rows`` bounds the rows (sender x sample x suffix token) of one batched forward.
+    Scores are means over samples; the most negative heads matter most.
+    """
+    if impl not in IMPLS:
+        raise PathPatchingError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if batch_size < 1:
+        raise PathPatchingError(f"batch_size must be >= 1, got {batch_size}")
+    arch = loaded.arch
+    send = _norm_heads(senders, arch, "sender") if senders is not None else all_heads(arch)
+    recv = _norm_heads(receivers, arch, "receiver")
+    _check_request(arch, send, recv, receiver_kind, position)
+    _check_sets(loaded, clean, counterfactual)
+    req = _Request(position, send, recv, receiver_kind if recv else "q")
+    rep = None
+    if impl == "fast":
+        try:
+            rep = _Replay(loaded.model, arch)
+        except PathPatchingError as e:
+            warnings.warn(f"fast path patching unsupported for {arch.model_type} ({e}); using "
+                          f"the naive path", stacklevel=2)
+    from tqdm.auto import tqdm
+
+    total = torch.zeros(len(send), dtype=torch.float32)
+    with tqdm(total=len(send) * len(clean), desc=desc, unit="run", disable=not progress) as bar:
+        for i in range(0, len(clean), batch_size):
+            bc, bx = _encode_checked(loaded, clean[i:i + batch_size],
+                                     counterfactual[i:i + batch_size], position)
+            if rep is not None:
+                try:
+                    total += _fast_batch(loaded, rep, bc, bx, req, max_rows, bar)
+                    continue
+                except _Unsupported as e:
+                    warnings.warn(f"fast path patching unsupported: {e}; using the naive path",
+                                  stacklevel=2)
+                    rep = None
+            total += _naive_batch(loaded, bc, bx, req, bar)
+    scores = torch.zeros(arch.n_layers, arch.n_heads, dtype=torch.float32)
+    idx = torch.tensor(send)
+    scores[idx[:, 0], idx[:, 1]] = total / len(clean)
+    return scores
+
+
+def attribution_scores(loaded: LoadedModel, clean: Sequence[Prompt],
+                       counterfactual: Sequence[Prompt], position: str = "last",
+                       receivers: Sequence[Head | str] = (), receiver_kind: str = "q",
+                       batch_size: int = 32, progress: bool = False) -> torch.Tensor:
+    """First-order estimate of :func:`path_patching_scores` for every head at once.
+
+    ``score ≈ mean_b (z_cf - z) · ∂ log p(answer) / ∂z`` along the path: pass 2's gradient
+    ``g`` with respect to the receiver inputs (one clean forward/backward), then the gradient of
+    ``<g, receiver inputs>`` with respect to every head output at ``p`` in a forward where every
+    head output at positions ``>= p`` is a constant (so the gradient leaves ``p`` only through the
+    residual stream, as pass 1 does). ``d log p = dp / p`` is the linearised relative change.
+    Two forward/backward passes per batch, any architecture.
+    """
+    arch = loaded.arch
+    recv = _norm_heads(receivers, arch, "receiver")
+    _check_request(arch, all_heads(arch), recv, receiver_kind, position)
+    _check_sets(loaded, clean, counterfactual)
+    req = _Request(position, all_heads(arch), recv, receiver_kind if recv else "q")
+    model, dev = loaded.model, loaded.device
+    L, H = arch.n_layers, arch.n_heads
+    from tqdm.auto import tqdm
+
+    total = torch.zeros(L, H, dtype=torch.float32)
+    n_batches = (len(clean) + batch_size - 1) // batch_size
+    for i in tqdm(range(0, len(clean), batch_size), total=n_batches, desc="attribution",
+                  disable=not progress, unit="batch"):
+        bc, bx = _encode_checked(loaded, clean[i:i + batch_size],
+                                 counterfactual[i:i + batch_size], position)
+        inputs_c, inputs_x = _inputs(bc, dev), _inputs(bx, dev)
+        p = bc.positions[req.position].to(dev)
+        last = bc.positions["last"].to(dev)
+        answers = bc.answer_ids.to(dev)
+        with torch.no_grad():
+            rc, rx = Read(list(range(L)), None, "head"), Read(list(range(L)), p, "head")
+            run(model, inputs_c, [rc], arch)
+            run(model, inputs_x, [rx], arch)
+        recv_layers = req.recv_layers()
+        with torch.enable_grad():
+            grads = {}
+            if recv_layers:  # g = d sum_b log p_b / d receiver input at p (clean run)
+                leaves = {}
+
+                def leaf_hook(lr):
+                    def fn(x4):
+                        leaves[lr] = gather_positions(x4, p).detach().requires_grad_(True)
+                        return scatter_positions(x4, p, leaves[lr])
+                    return fn
+                logits = _last_logits(model, inputs_c,
+                                      [Hook(lr, leaf_hook(lr), req.kind) for lr in recv_layers],
+                                      arch, last)
+                obj = _answer_prob(logits, answers).log().sum()
+                gs = torch.autograd.grad(obj, [leaves[lr] for lr in recv_layers])
+                for lr, g in zip(recv_layers, gs):
+                    grads[lr] = g * req.unit_mask(arch, lr).to(dev)[None, None, :, None]
+            T = inputs_c["input_ids"].shape[1]
+            from_p = (torch.arange(T, device=dev)[None, :] >= p[:, None])[:, :, None, None]
+            zleaves = {}
+
+            def freeze_hook(l):
+                def fn(x4):
+                    frozen = torch.where(from_p, rc.out[l].to(x4.dtype), x4)
+                    zleaves[l] = gather_positions(frozen, p).detach().requires_grad_(True)
+                    return scatter_positions(frozen, p, zleaves[l])
+                return fn
+            edits = [Hook(l, freeze_hook(l), "head") for l in range(L)]
+            if recv_layers:
+                read = Read(recv_layers, p, req.kind, detach=False)
+                run(model, inputs_c, edits + [read], arch)
+                obj = sum((read.out[lr].float() * grads[lr].float()).sum() for lr in recv_layers)
+            else:
+                logits = _last_logits(model, inputs_c, edits, arch, last)
+                obj = _answer_prob(logits, answers).log().sum()
+            gz = torch.autograd.grad(obj, [zleaves[l] for l in range(L)], allow_unused=True)
+        for l, g in enumerate(gz):
+            if g is None:
+                continue
+            delta = (rx.out[l] - gather_positions(rc.out[l], p)).float()
+            total[l] += (delta * g.float()).sum(-1).sum((0, 1)).cpu()
+    return total / len(clean)
+
+
+def top_heads(scores: torch.Tensor, k: int) -> list[Head]:
+    """The ``k`` heads with the most negative finite scores (NaN = not scored), best first."""
+    if k < 1:
+        raise PathPatchingError(f"a group needs at least one head, got size {k}")
+    flat = scores.flatten().float()
+    finite = torch.isfinite(flat)
+    if int(finite.sum()) < k:
+        raise PathPatchingError(f"asked for {k} heads but only {int(finite.sum())} were scored")
+    vals = torch.where(finite, flat, torch.full_like(flat, math.inf))
+    order = torch.argsort(vals, stable=True)[:k]
+    H = scores.shape[1]
+    return [(int(i) // H, int(i) % H) for i in order]
+
+
+@dataclass
+class ScoreComparison:
+    """How well an estimate ranks heads compared with exact scores."""
+
+    spearman: float
+    topk_recall: float
+    k: int
+
+    def to_dict(self) -> dict:
+        return {"spearman": self.spearman, "topk_recall": self.topk_recall, "k": self.k}
+
+    def __str__(self) -> str:
+        return f"Spearman {self.spearman:.3f}, top-{self.k} recall {self.topk_recall:.2f}"
+
+
+def _ranks(x: torch.Tensor) -> torch.Tensor:
+    """Average ranks (ties share their mean rank)."""
+    x = x.double()
+    order = torch.argsort(x, stable=True)
+    sx = x[order]
+    ranks = torch.empty_like(x)
+    _, inv, counts = torch.unique_consecutive(sx, return_inverse=True, return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    mean_rank = starts.double() + (counts.double() - 1) / 2
+    ranks[order] = mean_rank[inv]
+    return ranks
+
+
+def compare_scores(estimate: torch.Tensor, exact: torch.Tensor, k: int) -> ScoreComparison:
+    """Spearman rank correlation over heads and recall of the exact top-``k`` (most negative)
+    among the estimate's top-``k``. Heads whose exact score is NaN are left out."""
+    if estimate.shape != exact.shape:
+        raise PathPatchingError(f"estimate {tuple(estimate.shape)} and exact "
+                                f"{tuple(exact.shape)} scores differ in shape")
+    keep = torch.isfinite(exact.flatten()) & torch.isfinite(estimate.flatten())
+    e, x = estimate.flatten()[keep], exact.flatten()[keep]
+    if len(e) < 2:
+        raise PathPatchingError("need at least two scored heads to compare")
+    re, rx = _ranks(e), _ranks(x)
+    re, rx = re - re.mean(), rx - rx.mean()
+    den = float(re.norm() * rx.norm())
+    rho = max(-1.0, min(1.0, float((re * rx).sum()) / den)) if den > 0 else float("nan")
+    k = min(k, len(e))
+    top_e = set(torch.argsort(e.double(), stable=True)[:k].tolist())
+    top_x = set(torch.argsort(x.double(), stable=True)[:k].tolist())
+    return ScoreComparison(rho, len(top_e & top_x) / k, k)
+
+
+__all__ = ["PathPatchingError", "RECEIVER_KINDS", "ScoreComparison", "all_heads",
+           "attribution_scores", "check_position", "compare_scores", "format_head",
+           "path_patching_scores", "top_heads"]
