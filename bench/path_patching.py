@@ -107,7 +107,8 @@ def main() -> None:
 
     heads = all_heads(arch)
     k = args.naive_senders or len(heads)
-    subset = heads[:: max(1, len(heads) // k)][:k]
+    pick = torch.randperm(len(heads), generator=torch.Generator().manual_seed(0))[:k]
+    subset = [heads[i] for i in sorted(pick.tolist())]  # spread over layers and heads
 
     if args.shape == "7b":
         _sync(args.device)

@@ -187,6 +187,7 @@ def test_random_circuits_never_repeat_a_head_and_are_seeded():
     big = make_circuit({"a": ("last", all_heads()), "b": ("query_label", [(0, 0)])})
     with pytest.raises(ValueError, match="without replacement"):
         random_circuits(big, 1)
+    assert random_circuits(big, 0) == []
 
 
 def test_faithfulness_undefined_at_zero_accuracy():

@@ -37,14 +37,14 @@ def random_circuits(circuit: Circuit, n_draws: int = 10, seed: int = 0) -> list[
     groups in order. Draw ``i`` uses ``random.Random(seed * 1_000_003 + i)``: reproducible and
     independent of how many draws are asked for.
     """
-    sizes = [len(g.heads) for g in circuit.groups.values()]
-    grid = [(l, h) for l in range(circuit.n_layers) for h in range(circuit.n_heads)]
-    if sum(sizes) > len(grid):
-        raise ValueError(f"the circuit's groups hold {sum(sizes)} heads in all but the model has only "
-                         f"{len(grid)}: random circuits of that size cannot be drawn without "
-                         f"replacement")
     if n_draws < 0:
         raise ValueError(f"n_draws must be >= 0, got {n_draws}")
+    sizes = [len(g.heads) for g in circuit.groups.values()]
+    grid = [(l, h) for l in range(circuit.n_layers) for h in range(circuit.n_heads)]
+    if n_draws and sum(sizes) > len(grid):
+        raise ValueError(f"the circuit's groups hold {sum(sizes)} heads in all but the model has only "
+                         f"{len(grid)}: random circuits of that size cannot be drawn without "
+                         f"replacement (use --random-draws 0 to skip the random baseline)")
     out = []
     for i in range(n_draws):
         heads = random.Random(seed * 1_000_003 + i).sample(grid, sum(sizes))

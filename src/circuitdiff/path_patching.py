@@ -487,14 +487,15 @@ def path_patching_scores(loaded: LoadedModel, clean: Sequence[Prompt],
                          counterfactual: Sequence[Prompt], position: str = "last",
                          receivers: Sequence[Head | str] = (), receiver_kind: str = "q",
                          senders: Sequence[Head | str] | None = None, impl: str = "fast",
-                         batch_size: int = 32, max_rows: int = 65536,
+                         batch_size: int = 32, max_rows: int | None = None,
                          progress: bool = False, desc: str = "path patching") -> torch.Tensor:
     """Path-patching score of every sender head: a float32 ``[n_layers, n_heads]`` tensor.
 
     ``receivers`` are query heads ``(layer, head)`` (or ``"layer.head"``) whose ``receiver_kind``
     input (q, k or v; k/v patch the receiver's kv head) is patched in pass 2; empty means the
     logits. ``senders`` defaults to every head; heads not scored are 0. ``impl="naive"`` is the
-    oracle. ``max_rows`` bounds the rows (sender x sample x suffix token) of one batched forward.
+    oracle. ``max_rows`` bounds the rows (sender x sample x suffix token) of one batched forward
+    (default 16384 on CPU, 131072 on CUDA).
     Scores are means over samples; the most negative heads matter most.
     """
     if impl not in IMPLS:
@@ -507,6 +508,8 @@ def path_patching_scores(loaded: LoadedModel, clean: Sequence[Prompt],
     _check_request(arch, send, recv, receiver_kind, position)
     _check_sets(loaded, clean, counterfactual)
     req = _Request(position, send, recv, receiver_kind if recv else "q")
+    if max_rows is None:
+        max_rows = 131072 if loaded.device.type == "cuda" else 16384
     rep = None
     if impl == "fast":
         try:

@@ -117,7 +117,7 @@ def run(args) -> int:
                 png = plot_completeness(objs, folder.file(f"completeness/{slug}/{safe_name(name)}.png"),
                                         f"{name} on {short_name(loaded.name)}")
                 worst = max(objs, key=lambda p: p.difference)
-                print(f"completeness {name} on {loaded.name}: max |F(C\\K) - F(M\\K)| = "
+                print(f"completeness {name} on {short_name(loaded.name)}: max |F(C\\K) - F(M\\K)| = "
                       f"{worst.difference:.3f} ({worst.subset}); plot {png}")
             if args.minimality and sess.spec == first_model:
                 s = {**base, "circuit": circuit.to_dict(), "threshold": args.threshold,
@@ -132,7 +132,7 @@ def run(args) -> int:
                 pruned.save(path)
                 sizes = " ".join(f"{g}:{len(circuit.groups[g].heads)}->{len(pg.heads)}"
                                  for g, pg in pruned.groups.items())
-                print(f"minimality {name} on {loaded.name} ({res['n_variants']} variants): "
+                print(f"minimality {name} on {short_name(loaded.name)} ({res['n_variants']} variants): "
                       f"{sizes}; pruned circuit {path}")
 
     rows = evaluate_matrix(circuits, args.model, lambda spec: load_from_args(args, spec=spec),
