@@ -11,14 +11,14 @@ sender (one or two full forwards of every sample), so by default it is timed on
     OMP_NUM_THREADS=1 python bench/path_patching.py [--step vf|pt] [-n 50]
 
 ``--device cuda --shape 7b``: random-init Llama-7B shape in bf16, 300 samples, the four groups at
-20/5/10/5 with the fast path (through ``discover_circuit``), plus the naive path on a few senders
-of the VF step for the ratio.
+20/5/10/5 with the fast path (``--all-groups`` does the same on CPU), then the chosen step fast vs
+naive (naive on ``--naive-senders`` senders) for the ratio. Random weights have no real chain, so
+the groups' receivers are paper-shaped (see :func:`paper_like_receivers`).
 """
 
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 
 import torch
@@ -37,7 +37,8 @@ def word_level_tokenizer():
         for form in (w, " " + w):
             vocab.setdefault(form, len(vocab))
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Split(Regex(r" ?[A-Za-z]+| ?[^A-Za-z\s]"), behavior="isolated")
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex(r" ?[A-Za-z]+| ?[^A-Za-z\s]"),
+                                            behavior="isolated")
     return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>",
                                    bos_token="<bos>")
 
@@ -59,7 +60,7 @@ def build(shape: str, device: str, vocab: int):
                           head_dim=4, max_position_embeddings=256, pad_token_id=0,
                           initializer_range=0.1)
         dtype = torch.float32
-    cfg._attn_implementation = "sdpa" if device.startswith("cuda") else "eager"
+    cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -71,6 +72,30 @@ def build(shape: str, device: str, vocab: int):
     return LoadedModel(model, None, resolve(model), f"random-{shape}")
 
 
+STEPS = ("vf", "pt", "pd", "sr")
+
+
+def paper_like_receivers() -> list[list[tuple[int, int]]]:
+    """Receivers of the four steps on a 32x32 grid: logits, 20 VF heads (layers 14-29), 5 PT
+    heads (11-19), 10 PD heads (1-13) — the paper's robust heads, topped up with seeded picks."""
+    from circuitdiff.circuit import parse_head
+
+    g = torch.Generator().manual_seed(0)
+
+    def group(robust: str, lo: int, hi: int, k: int) -> list[tuple[int, int]]:
+        heads = [parse_head(h) for h in robust.split()]
+        while len(heads) < k:
+            h = (int(torch.randint(lo, hi + 1, (1,), generator=g)),
+                 int(torch.randint(0, 32, (1,), generator=g)))
+            if h not in heads:
+                heads.append(h)
+        return heads[:k]
+    vf = group("15.13 21.3 24.5 20.14 18.8", 14, 29, 20)
+    pt = group("14.27 11.23 12.23 19.12 13.0", 11, 19, 5)
+    pd = group("10.3 13.14 9.2 9.7 11.23", 1, 13, 10)
+    return [[], vf, pt, pd]
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -80,7 +105,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--shape", default="small", choices=["small", "7b"])
-    ap.add_argument("--step", default="vf", choices=["vf", "pt"])
+    ap.add_argument("--step", default="vf", choices=STEPS,
+                    help="which group's step to compare (receivers as in paper_like_receivers)")
+    ap.add_argument("--all-groups", action="store_true",
+                    help="also time discover_circuit over the four groups (implied by 7b)")
     ap.add_argument("-n", type=int, default=None, help="samples (default 50; 300 for 7b)")
     ap.add_argument("--naive-senders", type=int, default=64,
                     help="senders the naive path is timed on (0 = all)")
@@ -89,8 +117,8 @@ def main() -> None:
     if args.device == "cpu":
         torch.set_num_threads(1)
 
-    from circuitdiff.discovery import discover_circuit
-    from circuitdiff.path_patching import all_heads, path_patching_scores, top_heads
+    from circuitdiff.discovery import PAPER_CHAIN
+    from circuitdiff.path_patching import all_heads, path_patching_scores
     from circuitdiff.task import EntityTrackingTask, TaskConfig
 
     tok = word_level_tokenizer()
@@ -110,35 +138,32 @@ def main() -> None:
     pick = torch.randperm(len(heads), generator=torch.Generator().manual_seed(0))[:k]
     subset = [heads[i] for i in sorted(pick.tolist())]  # spread over layers and heads
 
-    if args.shape == "7b":
-        _sync(args.device)
-        t = time.perf_counter()
-        with tempfile.TemporaryDirectory() as out:
-            res = discover_circuit(loaded, out, clean=clean, counterfactual=cf,
-                                   sizes=(20, 5, 10, 5), batch_size=bs, progress=True,
-                                   heatmaps=False)
-        _sync(args.device)
-        t_fast = time.perf_counter() - t
-        print(f"fast, four groups 20/5/10/5: {t_fast:.1f} s")
-        for g, grp in res.circuit.groups.items():
-            print(f"  {g}: {len(grp.heads)} heads")
-        step = ("last", [], "q")
-        _sync(args.device)
-        t = time.perf_counter()
-        fast_vf = path_patching_scores(loaded, clean, cf, *step, batch_size=bs)
-        _sync(args.device)
-        t_vf = time.perf_counter() - t
-    else:
-        if args.step == "vf":
-            step = ("last", [], "q")
-        else:
-            vf = path_patching_scores(loaded, clean, cf, "last", batch_size=bs)
-            step = ("last", top_heads(vf, 20), "q")
-            print(f"PT step: receivers = q of the top 20 VF heads (layers "
-                  f"{min(l for l, _ in step[1])}..{max(l for l, _ in step[1])})")
-        t = time.perf_counter()
-        fast_vf = path_patching_scores(loaded, clean, cf, *step, batch_size=bs)
-        t_vf = time.perf_counter() - t
+    if args.shape == "7b" or args.all_groups:
+        # random weights give no real chain (its top groups may all sit in layer 0), so each
+        # step's receivers are paper-shaped: the robust heads of REFERENCE.md plus seeded picks
+        # from the layers the paper reports; the cost of a step depends on where they sit
+        recv = paper_like_receivers()
+        total = 0.0
+        for (group, position, kind), receivers in zip(PAPER_CHAIN, recv):
+            _sync(args.device)
+            t = time.perf_counter()
+            path_patching_scores(loaded, clean, cf, position, receivers, kind or "q",
+                                 batch_size=bs, progress=True, desc=group)
+            _sync(args.device)
+            dt = time.perf_counter() - t
+            total += dt
+            print(f"  fast {group} @ {position} ({len(receivers) or 'logits'} receivers): "
+                  f"{dt:.1f} s")
+        print(f"fast, four groups 20/5/10/5: {total:.1f} s")
+    i = STEPS.index(args.step)
+    group, position, kind = PAPER_CHAIN[i]
+    step = (position, paper_like_receivers()[i], kind or "q")
+    _sync(args.device)
+    t = time.perf_counter()
+    fast_vf = path_patching_scores(loaded, clean, cf, *step, batch_size=bs)
+    _sync(args.device)
+    t_vf = time.perf_counter() - t
+
 
     _sync(args.device)
     t = time.perf_counter()
@@ -149,7 +174,7 @@ def main() -> None:
     idx = torch.tensor(subset)
     diff = float((naive[idx[:, 0], idx[:, 1]] - fast_vf[idx[:, 0], idx[:, 1]]).abs().max())
     scale = float(fast_vf.abs().max())
-    label = "VF" if not step[1] else "PT"
+    label = f"{args.step.upper()} ({group} @ {position}, {len(step[1]) or 'logits'} receivers)"
     how = "measured" if len(subset) == len(heads) else \
         f"measured on {len(subset)} senders, x{len(heads) / len(subset):g}"
     print(f"{label} step, {len(heads)} senders x {n} samples")

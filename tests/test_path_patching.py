@@ -66,6 +66,15 @@ def test_fast_equals_naive(tiny, tokenizer, step):
         assert bool((fast[max(l for l, _ in recv):] == 0).all())
 
 
+@pytest.mark.parametrize("step", ["position_transmitter", "structure_reader"])
+def test_fast_equals_naive_sdpa(tiny, tokenizer, step):
+    """The cached suffix forward of pass 2 also matches under the SDPA attention kernel."""
+    loaded = _sharpen(tiny)
+    loaded.model.config._attn_implementation = "sdpa"
+    clean, cf = _prompts(tokenizer, n=7, seed=5)
+    _check_equal(loaded, clean, cf, step)
+
+
 @pytest.mark.parametrize("step", ["value_fetcher", "position_detector"])
 def test_fast_equals_naive_under_lora(tiny_lora, tokenizer, step):
     loaded = _sharpen(tiny_lora)

@@ -35,7 +35,7 @@ class LoadedModel:
     tokenizer: object
     arch: Architecture
     spec: str
-    adapter: str | None = None
+    adapter: str | None = None  # an adapter given separately from ``spec`` (--adapter)
 
     @property
     def device(self) -> torch.device:
@@ -173,8 +173,10 @@ def load_model(spec: str, adapter: str | None = None, *, device: str | None = No
             if p.is_dir() and (p / "adapter_config.json").exists() and not (p / "config.json").exists():
                 if adapter is not None:
                     raise ModelSpecError(f"{spec} is itself an adapter; pass only one adapter")
-                return load_model(_adapter_base(p), adapter=str(p), device=device, dtype=dtype,
-                                  device_map=device_map)
+                loaded = load_model(_adapter_base(p), adapter=str(p), device=device, dtype=dtype,
+                                    device_map=device_map)
+                loaded.spec, loaded.adapter = spec, None  # named as the user named it
+                return loaded
     kwargs = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
     if gguf:
         kwargs["gguf_file"] = gguf

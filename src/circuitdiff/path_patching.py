@@ -39,6 +39,7 @@ Also here: a gradient estimate (``attribution_scores``, one forward/backward pai
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import warnings
@@ -181,6 +182,11 @@ class _Replay:
             else None
         if not isinstance(self.norm, nn.Module) or not isinstance(self.lm_head, nn.Module):
             raise PathPatchingError("model has no final .model.norm / lm_head")
+        # the ModuleList the model's forward loops over, if it is exactly arch.layers: pass 2
+        # may then skip the (clean) layers below the first receiver
+        layers = getattr(base, "layers", None)
+        self.layer_owner = base if isinstance(layers, nn.ModuleList) and len(layers) == len(
+            arch.layers) and all(a is b for a, b in zip(layers, arch.layers)) else None
 
     def attn_in(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         return self.arch.layers[layer].input_layernorm(h)
@@ -326,16 +332,79 @@ def _pass1(rep: _Replay, c: _Clean, req: _Request, senders: list[Head],
     return recv, _answer_prob(rep.logits(state), answers)
 
 
-def _prefix_cache(model: nn.Module, inputs: dict, s: int):
-    """Clean KV cache of positions ``[0, s)``."""
-    pre = {k: v[:, :s] for k, v in inputs.items()}
-    return model(**pre, use_cache=True, logits_to_keep=1).past_key_values
+class _PrefixCache:
+    """Clean KV cache of positions ``[0, s)``, tiled over senders on demand (and reused), plus
+    the clean residual entering layer ``start`` at positions ``>= s`` when the suffix forward
+    may skip the layers below the first receiver (they are clean in pass 2)."""
+
+    def __init__(self, model: nn.Module, arch: Architecture, inputs: dict, s: int, start: int):
+        self.batch = inputs["input_ids"].shape[0]
+        self.cache = None
+        if s > 0:
+            pre = {k: v[:, :s] for k, v in inputs.items()}
+            self.cache = model(**pre, use_cache=True, logits_to_keep=1).past_key_values
+        self.start, self.hidden = 0, None
+        if start > 0:
+            got = {}
+
+            def grab(_m, _i, out):
+                got["h"] = (out[0] if isinstance(out, tuple) else out)[:, s:].detach()
+            handle = arch.layers[start - 1].register_forward_hook(grab)
+            try:
+                run(model, inputs, [StopAfter(start - 1)], arch)
+            finally:
+                handle.remove()
+            self.start, self.hidden = start, got["h"]
+        self._tiled: dict[int, object] = {}
+
+    def tiled(self, n: int):
+        """The cache repeated ``n`` times along the batch (row ``i*B + b`` = sample ``b``)."""
+        if self.cache is None:
+            return None
+        if n not in self._tiled:
+            self._tiled.clear()
+            c = copy.deepcopy(self.cache)
+            dev = next(iter(c.layers)).keys.device
+            c.batch_select_indices(torch.arange(self.batch, device=dev).repeat(n))
+            self._tiled[n] = c
+        return _fresh(self._tiled[n])
 
 
-def _pass2(model: nn.Module, arch: Architecture, inputs: dict, cache, s: int, p: torch.Tensor,
-           req: _Request, recv: dict[int, torch.Tensor], active: dict[int, torch.Tensor],
-           answers: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+@contextlib.contextmanager
+def _skip_layers(rep: "_Replay", start: int, hidden: torch.Tensor):
+    """Run only decoder layers ``>= start``, feeding ``hidden`` as the residual entering
+    ``start`` (the layers below compute the same clean values; skipping them is exact)."""
+    owner = rep.layer_owner
+    layers = owner.layers
+    first = layers[start]
+
+    def feed(_m, args, kwargs):
+        if args:
+            return (hidden,) + tuple(args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+    handle = first.register_forward_pre_hook(feed, with_kwargs=True)
+    owner.layers = nn.ModuleList(list(layers)[start:])
+    try:
+        yield
+    finally:
+        owner.layers = layers
+        handle.remove()
+
+
+def _fresh(cache):
+    """A shallow copy a forward may grow: DynamicCache layers replace, never modify, their
+    tensors (``torch.cat``), so the tiled prefix tensors stay clean for the next chunk."""
+    new = copy.copy(cache)
+    new.layers = [copy.copy(layer) for layer in cache.layers]
+    return new
+
+
+def _pass2(model: nn.Module, rep: "_Replay", inputs: dict, pc: "_PrefixCache | None", s: int,
+           p: torch.Tensor, req: _Request, recv: dict[int, torch.Tensor],
+           active: dict[int, torch.Tensor], answers: torch.Tensor,
+           last: torch.Tensor) -> torch.Tensor:
     """Clean suffix forward (positions >= s) with receiver inputs replaced; ``[N, B]`` probs."""
+    arch = rep.arch
     N, B = next(iter(recv.values())).shape[:2]
     dev = p.device
     T = inputs["input_ids"].shape[1]
@@ -348,15 +417,13 @@ def _pass2(model: nn.Module, arch: Architecture, inputs: dict, cache, s: int, p:
         where = req.unit_mask(arch, lr).to(dev)[None, :] & active[lr].to(dev)[:, None]  # [N, U]
         edits.append(Write(lr, vals.reshape(N * B, 1, *vals.shape[2:]), pos,
                            where.repeat_interleave(B, 0)[:, None, :], req.kind))
-    kw = {}
-    if cache is not None:
-        cache = copy.deepcopy(cache)
-        cache.batch_select_indices(torch.arange(B, device=dev).repeat(N))
-        kw = {"past_key_values": cache, "use_cache": True}
-    else:
-        kw = {"use_cache": False}
+    cache = pc.tiled(N) if pc is not None else None
+    kw = {"past_key_values": cache, "use_cache": True} if cache is not None else \
+        {"use_cache": False}
     keep = {"logits_to_keep": 1} if bool((last == T - 1).all()) else {}
-    with intervene(model, edits, arch):
+    skip = _skip_layers(rep, pc.start, pc.hidden.repeat(N, 1, 1)) \
+        if pc is not None and pc.start > 0 else contextlib.nullcontext()
+    with intervene(model, edits, arch), skip:
         logits = model(**rep_in, **kw, **keep).logits
     if keep:
         logits = logits[:, -1]
@@ -391,7 +458,8 @@ def _fast_batch(loaded: LoadedModel, rep: _Replay, bc: Batch, bx: Batch, req: _R
         for s in torch.unique(c.p).tolist():
             rows = (c.p == s).nonzero()[:, 0]
             sub = {k: v[rows] for k, v in inputs.items()}
-            groups.append((s, rows, sub, _prefix_cache(model, sub, s) if s > 0 else None))
+            start = min(recv_layers) if rep.layer_owner is not None else 0
+            groups.append((s, rows, sub, _PrefixCache(model, arch, sub, s, start)))
             # rows of one pass-2 forward are (sender, sample) pairs over the suffix, each with
             # its own copy of the prefix cache: bound both the tokens and the cache bytes
             cache_row = 2 * arch.n_layers * arch.n_kv_heads * arch.head_dim * max(s, 1) * \
@@ -406,7 +474,7 @@ def _fast_batch(loaded: LoadedModel, rep: _Replay, bc: Batch, bx: Batch, req: _R
             active = {lr: torch.tensor([l < lr for l, _ in senders]) for lr in recv_layers}
             probs = torch.empty(len(idx), B, device=dev)
             for s, rows, sub, cache in groups:
-                probs[:, rows] = _pass2(model, arch, sub, cache, s, c.p[rows], req,
+                probs[:, rows] = _pass2(model, rep, sub, cache, s, c.p[rows], req,
                                         {lr: v[:, rows] for lr, v in recv.items()}, active,
                                         answers[rows], last[rows])
         score = ((probs - c.p_clean[None]) / c.p_clean[None]).sum(1)

@@ -204,8 +204,8 @@ def base_corpus(n: int, seed: int, max_boxes: int = 7, box_weights: tuple[float,
     document supervises ``n`` bindings; otherwise 2-4 random queries.
     """
     rng = random.Random(seed)
-    sizes = list(range(1, max_boxes + 1))
-    weights = box_weights or [1.0] * len(sizes)
+    weights = list(box_weights or [1.0] * max_boxes)
+    sizes = list(range(1, len(weights) + 1))
     docs = []
     for _ in range(n):
         if rng.random() < tracking_frac:

@@ -1,0 +1,59 @@
+"""The study end to end on tiny saved models (base + LoRA adapter folder), and its resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from circuitdiff.cli import main
+
+from conftest import add_lora, tiny_llama
+from test_foundation import saved_models  # noqa: F401  (fixture)
+
+
+@pytest.fixture()
+def four_layer_models(tokenizer, tmp_path):
+    """The four-group chain needs >= 4 layers: each group sits below its receivers."""
+    base_dir, lora_dir = tmp_path / "base4", tmp_path / "lora4"
+    tiny_llama(len(tokenizer), layers=4).save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    lora = add_lora(tiny_llama(len(tokenizer), layers=4))
+    lora.save_pretrained(lora_dir)
+    cfg = json.loads((lora_dir / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "../base4"
+    (lora_dir / "adapter_config.json").write_text(json.dumps(cfg))
+    tokenizer.save_pretrained(lora_dir)
+    return base_dir, lora_dir
+
+
+def test_study_end_to_end_and_resume(four_layer_models, tmp_path, capsys):
+    base_dir, lora_dir = four_layer_models
+    out = tmp_path / "study"
+    args = ["study", "--model", str(base_dir), "--model", str(lora_dir), "--out", str(out),
+            "-n", "8", "--n-discovery", "6", "--n-mean", "8", "--random-draws", "2",
+            "--sizes", "2,2,2,1", "--n-boxes", "3", "--batch-size", "8"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "faithfulness" in printed.lower()
+    for f in ("report.md", "summary.json", "faithfulness.json", "faithfulness.csv",
+              "discover/circuit.json", "knockout/knockout.png"):
+        assert (out / f).exists(), f
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["model"] for r in summary["faithfulness"]] == [str(base_dir), str(lora_dir)]
+    sizes = {g: len(v["heads"]) for g, v in summary["circuit"]["groups"].items()}
+    assert sizes == {"value_fetcher": 2, "position_transmitter": 2, "position_detector": 2,
+                     "structure_reader": 1}
+    stamp = {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
+    assert stamp
+    assert main(args) == 0  # resumes: nothing recomputed
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")} == stamp
+
+
+def test_study_accuracy_only(saved_models, tmp_path, capsys):  # noqa: F811
+    base_dir, _ = saved_models
+    out = tmp_path / "acc"
+    assert main(["study", "--model", str(base_dir), "--accuracy-only", "--out", str(out),
+                 "-n", "6"]) == 0
+    assert "7-box accuracy" in capsys.readouterr().out
+    assert (out / "report.md").exists()
