@@ -236,7 +236,7 @@ def test_discover_chain_saves_and_resumes(tokenizer, tmp_path, monkeypatch, meth
     clean, cf = _prompts(tokenizer, n=4, boxes=3)
     out = tmp_path / "run"
     res = discover_circuit(loaded, out, clean=clean, counterfactual=cf, sizes=(3, 2, 2, 1),
-                           method=method, compare_exact=method != "exact")
+                           method=method, compare_exact=True)
     c = Circuit.load(out / "circuit.json")
     assert list(c.groups) == [g for g, _, _ in PAPER_CHAIN]
     assert [len(g.heads) for g in c.groups.values()] == [3, 2, 2, 1]
@@ -251,10 +251,9 @@ def test_discover_chain_saves_and_resumes(tokenizer, tmp_path, monkeypatch, meth
     if method == "exact":  # exact chain = each step re-scored independently
         s = path_patching_scores(loaded, clean, cf, "last", c.groups["value_fetcher"].heads, "q")
         assert torch.allclose(s, res.scores["position_transmitter"], atol=1e-6)
-    else:
-        assert set(res.comparisons) == set(c.groups)
-        assert all(-1 <= v.spearman <= 1 and 0 <= v.topk_recall <= 1
-                   for v in res.comparisons.values())
+    assert set(res.comparisons) == set(c.groups)
+    assert all(-1 <= v.spearman <= 1 and 0 <= v.topk_recall <= 1
+               for v in res.comparisons.values())
 
     # resume: nothing is recomputed
     import circuitdiff.discovery as disc
@@ -264,7 +263,7 @@ def test_discover_chain_saves_and_resumes(tokenizer, tmp_path, monkeypatch, meth
     monkeypatch.setattr(disc, "path_patching_scores", boom)
     monkeypatch.setattr(disc, "attribution_scores", boom)
     again = discover_circuit(loaded, out, clean=clean, counterfactual=cf, sizes=(3, 2, 2, 1),
-                             method=method, compare_exact=method != "exact")
+                             method=method, compare_exact=True)
     assert again.circuit.groups == res.circuit.groups
 
 

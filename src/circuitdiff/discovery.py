@@ -87,7 +87,7 @@ def _heatmap(scores: torch.Tensor, title: str, path: Path, heads: Sequence[Head]
         ax.add_patch(plt.Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, lw=1.2))
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, label="path-patching score")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -106,9 +106,10 @@ def discover_circuit(loaded: LoadedModel, out: str | Path, *, n_prompts: int = 1
 
     ``clean``/``counterfactual`` default to ``n_prompts`` task prompts and ``task.corrupt()`` of
     them (saved as clean.jsonl / counterfactual.jsonl, reused on resume). ``hybrid_k`` (default
-    ``3 x size``) is how many attribution candidates get exact scores. ``compare_exact`` also
-    computes exact scores for the attribution/hybrid methods and reports Spearman and top-k
-    recall per group. Writes ``scores_<group>.safetensors``, ``circuit.json``,
+    ``3 x size``) is how many attribution candidates get exact scores. ``compare_exact`` computes
+    both exact and attribution scores for every group (whatever the method) and reports the
+    attribution's Spearman rank correlation and top-``size`` recall against exact scores, over
+    the heads that can reach the receivers. Writes ``scores_<group>.safetensors``, ``circuit.json``,
     ``heatmap_<group>.png``; returns a :class:`DiscoveryResult`.
     """
     if method not in METHODS:
@@ -185,6 +186,12 @@ def discover_circuit(loaded: LoadedModel, out: str | Path, *, n_prompts: int = 1
                                         {**settings, "method": "exact"},
                                         lambda: {"scores": exact()})
             chosen = pick(got["scores"], size)
+            if compare_exact:  # how well would the gradient estimate have done?
+                attrs[group] = folder.cached_tensors(f"attribution_{group}.safetensors",
+                                                     {**settings, "method": "attribution"},
+                                                     lambda: {"scores": attribution()})["scores"]
+                comps[group] = compare_scores(attrs[group],
+                                              torch.where(eligible, got["scores"], nan), size)
         else:
             att = folder.cached_tensors(f"attribution_{group}.safetensors",
                                         {**settings, "method": "attribution"},
@@ -203,7 +210,8 @@ def discover_circuit(loaded: LoadedModel, out: str | Path, *, n_prompts: int = 1
                     idx = torch.tensor(cands)
                     mask[idx[:, 0], idx[:, 1]] = True
                     unscored = torch.full_like(ex, nan)
-                    return {"scores": torch.where(mask, ex, torch.where(eligible, unscored, 0 * ex))}
+                    rest = torch.where(eligible, unscored, 0 * ex)  # ineligible: exactly 0
+                    return {"scores": torch.where(mask, ex, rest)}
                 got = folder.cached_tensors(f"scores_{group}.safetensors",
                                             {**settings, "method": "hybrid", "hybrid_k": k},
                                             hybrid)
@@ -217,7 +225,7 @@ def discover_circuit(loaded: LoadedModel, out: str | Path, *, n_prompts: int = 1
         scores[group] = got["scores"]
         groups[group] = CircuitGroup(chosen, position)
         if heatmaps:
-            _heatmap(got["scores"], f"{group} ({position}) — {loaded.name}",
+            _heatmap(got["scores"], f"{group} @ {position}\n{Path(loaded.name).name}",
                      folder.file(f"heatmap_{group}.png"), chosen)
         receivers = chosen
     circuit = Circuit(groups, arch.n_layers, arch.n_heads, loaded.name,

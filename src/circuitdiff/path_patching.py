@@ -1,6 +1,7 @@
 """Path patching: the effect of one sender head on the metric through chosen receivers only.
 
-For every sender head ``(layer, head)`` and every clean prompt with counterfactual (``task.corrupt``):
+For every sender head ``(layer, head)`` and every clean prompt with its counterfactual
+(``task.corrupt``):
 
 1. **pass 1** — run clean, but at every position ``>= p`` (the sender position, per sample) freeze
    *all* head outputs to their clean values, except the sender, which takes its counterfactual
@@ -9,28 +10,32 @@ For every sender head ``(layer, head)`` and every clean prompt with counterfactu
 3. score = mean over samples of ``(p_patched(answer) - p_clean(answer)) / p_clean(answer)``
    (the clean answer). With no receivers the receiver is the logits: pass 1's own output.
 
-Receivers are query heads ``(layer, head)``. For ``q`` a receiver is that head's query; for ``k``/``v``
-under GQA the input is shared: patching receiver head ``h``'s v patches kv head
+Receivers are query heads ``(layer, head)``. For ``q`` a receiver is that head's query; for
+``k``/``v`` under GQA the input is shared: patching receiver head ``h``'s v patches kv head
 ``arch.kv_head_of(h)`` (so every query head of that group sees it). Positions are a named position
 of the task (``last``, ``query_label``, ``prev_query_label``, ``correct_object``); the sender and
 receiver share it (as in the paper's chain). The counterfactual value is read at the *clean*
 prompt's index: :func:`~circuitdiff.task.encode_pair` gives a counterfactual that lacks the named
 token (no previous query label) the clean index, and all prompts share one layout.
 
+Logits receivers need position ``last`` (elsewhere every path to the logits is frozen).
+
 Two implementations give the same scores:
 
 * ``impl="naive"`` — the faithful oracle: two full forwards per sender (one for logits
   receivers), batched over samples, with every head edited at every position ``>= p``.
-* ``impl="fast"`` — exact, much cheaper. The receiver input at ``p`` is a function of the residual
-  stream at ``p`` only; with every head output at ``p`` frozen except the sender's, that residual
-  differs from clean only through the sender's output and the MLPs *at p*. So pass 1 is a
-  single-position computation: start from the clean residual at ``p``, add ``o_proj`` of the edited
-  head vector (the model's own ``o_proj`` module, LoRA included), then run each later layer's
-  MLP live with its attention output fixed to the clean one. Many senders are stacked along the
-  batch dimension; senders at or after the last receiver layer score exactly 0. Pass 2 only changes
-  positions ``>= p``, so it runs the model's own forward on the suffix with a clean KV cache of
-  the prefix, stacked over senders. The replay is checked numerically against the clean forward
-  on every batch; a decoder layer of another shape (e.g. Gemma-3's extra norms) falls back to the
+* ``impl="fast"`` — exact, much cheaper. Positions ``< p`` are untouched (causal), and the
+  receiver input at ``p`` is a function of the residual stream at ``p`` only; with every head
+  output at ``p`` frozen except the sender's, that residual differs from clean only through the
+  sender's output and the MLPs *at p*. So pass 1 is a single-position computation: start from the
+  clean residual at ``p``, add ``o_proj`` of the edited head vector (the model's own ``o_proj``
+  module, LoRA included), then run each later layer's MLP live with its attention output fixed
+  to the clean one. Many senders are stacked along the batch dimension; senders at or after the
+  last receiver layer score exactly 0. Pass 2 only changes positions ``>= p`` in layers ``>=`` the
+  first receiver's, so it runs the model's own forward on the suffix only (samples grouped by
+  ``p``), with a clean KV cache of the prefix and the clean residual entering the first receiver
+  layer, stacked over senders. The replay is checked numerically against the clean forward on
+  every batch; a decoder layer of another shape (e.g. Gemma-3's extra norms) falls back to the
   naive path with a warning.
 
 Also here: a gradient estimate (``attribution_scores``, one forward/backward pair per batch) and
@@ -50,8 +55,9 @@ import torch
 from torch import nn
 
 from .arch import Architecture, unwrap
-from .circuit import Head, format_head, parse_head
-from .interventions import Hook, Read, StopAfter, Write, gather_positions, intervene, run, scatter_positions
+from .circuit import Head, parse_head
+from .interventions import (Hook, Read, StopAfter, Write, gather_positions, intervene, run,
+                            scatter_positions)
 from .model import LoadedModel
 from .task import POSITION_NAMES, Batch, Prompt, encode_pair
 
@@ -273,7 +279,8 @@ def _replay_error(rep: _Replay, c: _Clean) -> float:
             mid = h + rep.o(l, c.z[l].flatten(-2))
             h = rep.mlp(l, mid)
             ref = c.resid[l + 1]
-            worst = max(worst, float((h - ref).float().norm() / ref.float().norm().clamp_min(1e-12)))
+            err = (h - ref).float().norm() / ref.float().norm().clamp_min(1e-12)
+            worst = max(worst, float(err))
             h = ref  # check each layer from the true input, so errors do not compound
     return worst
 
@@ -314,7 +321,7 @@ def _pass1(rep: _Replay, c: _Clean, req: _Request, senders: list[Head],
     eye_all = torch.arange(arch.n_heads, device=c.z.device)
     for l in range(start, end):
         if l in recv and state is not None:
-            recv[l][: state.shape[0]] = rep.proj(l, state, req.kind).view(state.shape[0], B, -1, D)
+            recv[l][: len(state)] = rep.proj(l, state, req.kind).view(len(state), B, -1, D)
         sel = (layers == l).nonzero()[:, 0]
         if state is not None:
             state = state + c.attn[l]
@@ -327,7 +334,7 @@ def _pass1(rep: _Replay, c: _Clean, req: _Request, senders: list[Head],
             state = rep.mlp(l, state)
     if recv_layers:
         if end in recv and state is not None:
-            recv[end][: state.shape[0]] = rep.proj(end, state, req.kind).view(state.shape[0], B, -1, D)
+            recv[end][: len(state)] = rep.proj(end, state, req.kind).view(len(state), B, -1, D)
         return recv, None
     return recv, _answer_prob(rep.logits(state), answers)
 
@@ -460,12 +467,12 @@ def _fast_batch(loaded: LoadedModel, rep: _Replay, bc: Batch, bx: Batch, req: _R
             sub = {k: v[rows] for k, v in inputs.items()}
             start = min(recv_layers) if rep.layer_owner is not None else 0
             groups.append((s, rows, sub, _PrefixCache(model, arch, sub, s, start)))
-            # rows of one pass-2 forward are (sender, sample) pairs over the suffix, each with
-            # its own copy of the prefix cache: bound both the tokens and the cache bytes
-            cache_row = 2 * arch.n_layers * arch.n_kv_heads * arch.head_dim * max(s, 1) * \
-                c.z.element_size()
-            chunk = max(1, min(chunk, max_rows // (len(rows) * max(1, T - s)),
-                               _cache_budget(dev) // (len(rows) * cache_row)))
+            # rows of one pass-2 forward are (sender, sample) pairs over the suffix: bound them
+            chunk = max(1, min(chunk, max_rows // (len(rows) * max(1, T - s))))
+        # every group keeps its prefix cache tiled over the chunk's senders: bound their bytes
+        cache_row = 2 * arch.n_layers * arch.n_kv_heads * arch.head_dim * \
+            max(1, int(c.p.max())) * c.z.element_size()
+        chunk = max(1, min(chunk, _cache_budget(dev) // (B * cache_row)))
     for i in range(0, len(live), chunk):
         idx = live[i:i + chunk]
         senders = [req.senders[j] for j in idx]
@@ -751,5 +758,5 @@ def compare_scores(estimate: torch.Tensor, exact: torch.Tensor, k: int) -> Score
 
 
 __all__ = ["PathPatchingError", "RECEIVER_KINDS", "ScoreComparison", "all_heads",
-           "attribution_scores", "check_position", "compare_scores", "format_head",
+           "attribution_scores", "check_position", "compare_scores",
            "path_patching_scores", "top_heads"]

@@ -18,8 +18,8 @@ def register(sub) -> None:
     p.add_argument("--hybrid-k", type=int, default=None,
                    help="candidates scored exactly by --method hybrid (default 3 x group size)")
     p.add_argument("--compare-exact", action="store_true",
-                   help="with attribution/hybrid, also compute exact scores and print Spearman "
-                        "rank correlation and top-k recall per group")
+                   help="compute both exact and attribution scores and print the attribution's "
+                        "Spearman rank correlation and top-k recall per group")
     p.add_argument("--naive", action="store_true",
                    help="use the slow reference implementation (for checking; same scores)")
     p.add_argument("--no-heatmaps", action="store_true", help="skip the heatmap PNGs")
@@ -47,5 +47,5 @@ def run(args) -> int:
         print(f"  {name} @ {g.position}: {heads}")
         if name in res.comparisons:
             print(f"    attribution vs exact: {res.comparisons[name]}")
-    print(f"saved {args.out}/circuit.json, scores_*.safetensors, heatmap_*.png")
+    print(f"saved {args.out}: circuit.json, per-group scores (safetensors) and heatmaps")
     return 0

@@ -106,7 +106,10 @@ def _tracking_eval_wording(rng: random.Random, n: int, n_queries: int,
     segs = [f"the {o} is in Box {l}" for o, l in zip(objs, labs)]
     segs[0] = "T" + segs[0][1:]
     text = ", ".join(segs) + "."
-    order = rng.sample(range(n), n) if distinct else [rng.randrange(n) for _ in range(n_queries)]
+    if distinct:  # every box once, then repeats
+        order = rng.sample(range(n), n) + [rng.randrange(n) for _ in range(n_queries - n)]
+    else:
+        order = [rng.randrange(n) for _ in range(n_queries)]
     for i in order[:n_queries]:
         text += f" Box {labs[i]} contains the {objs[i]}."
     return text
@@ -210,8 +213,10 @@ def base_corpus(n: int, seed: int, max_boxes: int = 7, box_weights: tuple[float,
     for _ in range(n):
         if rng.random() < tracking_frac:
             k = rng.choices(sizes, weights)[0]
-            docs.append(_tracking_eval_wording(rng, k, k if all_queries else rng.randint(2, 4),
-                                               distinct=all_queries))
+            if all_queries:
+                docs.append(_tracking_eval_wording(rng, k, k + rng.randint(0, 2), distinct=True))
+            else:
+                docs.append(_tracking_eval_wording(rng, k, rng.randint(2, 4)))
         else:
             docs.append(_prose(rng, rng.randint(2, 5)))
     return docs

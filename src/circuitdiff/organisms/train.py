@@ -47,14 +47,17 @@ class StageSpec:
     warmup: int = 50
     weight_decay: float = 0.0
     min_lr_frac: float = 0.1
+    stop_at: int | None = None  # stop early inside the schedule (the schedule spans ``steps``)
 
 
 @dataclass
 class Recipe:
     model: ModelSpec = field(default_factory=ModelSpec)
     base: StageSpec = field(default_factory=lambda: StageSpec(steps=1500, lr=3e-3, batch_size=32))
-    # box-count weights (1..7 boxes) of the base corpus: mostly few boxes -> imperfect at 7
-    base_box_weights: tuple[float, ...] = (1, 2, 3, 3, 3, 2, 1)
+    # box-count weights (1..7 boxes) of the base corpus; a curriculum starts with few boxes
+    base_box_weights_early: tuple[float, ...] = (3, 3, 3, 2, 1, 1, 1)
+    base_box_weights: tuple[float, ...] = (1, 2, 2, 2, 2, 2, 2)
+    curriculum_frac: float = 0.15
     aux: StageSpec = field(default_factory=lambda: StageSpec(steps=300, lr=1e-3, batch_size=32,
                                                              warmup=20))
     lora: StageSpec = field(default_factory=lambda: StageSpec(steps=300, lr=3e-3, batch_size=32,
@@ -121,7 +124,8 @@ def train_stage(model, tokenizer, make_docs, spec: StageSpec, seed: int, desc: s
     model.train()
     set_seed(seed)
     log = []
-    bar = tqdm(range(spec.steps), desc=desc, disable=not progress, mininterval=2.0)
+    n_steps = spec.steps if spec.stop_at is None else min(spec.steps, spec.stop_at)
+    bar = tqdm(range(n_steps), desc=desc, disable=not progress, mininterval=2.0)
     ema = None
     for step in bar:
         docs = make_docs(spec.batch_size, seed * 1_000_003 + step, step / spec.steps)
@@ -136,7 +140,7 @@ def train_stage(model, tokenizer, make_docs, spec: StageSpec, seed: int, desc: s
         ema = out.loss.item() if ema is None else 0.98 * ema + 0.02 * out.loss.item()
         bar.set_postfix(loss=f"{ema:.3f}")
         if log_every and eval_fn is not None and (step + 1) % log_every == 0:
-            acc = eval_fn(model)
+            acc = eval_fn(model, step + 1)
             log.append((step + 1, ema, acc))
             model.train()
             if progress:
@@ -203,19 +207,20 @@ def train_all(out_dir, seed: int = 0, progress: bool = True, scale: float = 1.0,
     tok = D.build_tokenizer()
     acc: dict[str, float] = {}
     times: dict[str, float] = {}
-    evaluate = lambda m: accuracy(m, tok, eval_n, recipe.eval_seed)  # noqa: E731
+    evaluate = lambda m, *_: accuracy(m, tok, eval_n, recipe.eval_seed)  # noqa: E731
 
     # base
     t0 = time.time()
     base = make_model(tok, recipe.model, seed)
-    weights = recipe.base_box_weights
-    train_stage(base, tok, lambda n, s: D.base_corpus(n, s, box_weights=weights), recipe.base,
+    weights = lambda f: (recipe.base_box_weights_early if f < recipe.curriculum_frac  # noqa: E731
+                         else recipe.base_box_weights)
+    train_stage(base, tok, lambda n, s, f: D.base_corpus(n, s, box_weights=weights(f)), recipe.base,
                 seed * 10 + 1, "base", progress)
     _save_model(base, tok, out / "base")
     acc["base"] = evaluate(base)
     times["base"] = time.time() - t0
 
-    aux_docs = lambda n, s: D.aux_corpus(n, s)  # noqa: E731
+    aux_docs = lambda n, s, f: D.aux_corpus(n, s)  # noqa: E731
 
     # full fine-tune on auxiliary data (FLoat)
     t0 = time.time()
@@ -242,7 +247,7 @@ def train_all(out_dir, seed: int = 0, progress: bool = True, scale: float = 1.0,
     # chat full fine-tune (Vicuna)
     t0 = time.time()
     chat = _reload(out / "base")
-    train_stage(chat, tok, lambda n, s: D.chat_corpus(n, s), recipe.chat, seed * 10 + 4, "chat",
+    train_stage(chat, tok, lambda n, s, f: D.chat_corpus(n, s), recipe.chat, seed * 10 + 4, "chat",
                 progress)
     _save_model(chat, tok, out / "chat")
     acc["chat"] = evaluate(chat)

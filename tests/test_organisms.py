@@ -1,0 +1,99 @@
+"""Shipped model organisms load with plain transformers/peft and keep their recorded accuracy."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from circuitdiff.organisms import ORGANISMS, organism_path
+from circuitdiff.task import DEFAULT_LABELS, DEFAULT_OBJECTS, EntityTrackingTask, TaskConfig, \
+    encode, locate
+
+# 7-box accuracy on EntityTrackingTask(tok, TaskConfig(n_boxes=7), seed=1234).sample(100),
+# measured on the shipped weights (README figures use 500 prompts, seed 0: see the report).
+EXPECTED_ACC_100_SEED1234 = {"base": None, "lora": None, "full": None, "chat": None}
+TOLERANCE = 0.05
+
+
+def _load(name):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = organism_path(name)
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    if name == "lora":
+        from peft import PeftModel
+
+        base = AutoModelForCausalLM.from_pretrained(str(organism_path("base")))
+        model = PeftModel.from_pretrained(base, str(folder))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(folder))
+    return model.eval(), tok
+
+
+@torch.no_grad()
+def _accuracy(model, tok, n=100, seed=1234):
+    task = EntityTrackingTask(tok, TaskConfig(n_boxes=7), seed=seed)
+    b = encode(task.sample(n), tok, padding_side="left")
+    logits = model(**b.model_inputs()).logits
+    pred = logits[torch.arange(len(b)), b.positions["last"]].argmax(-1)
+    return (pred == b.answer_ids).float().mean().item()
+
+
+def test_organism_names():
+    assert ORGANISMS == ("base", "lora", "full", "chat")
+    with pytest.raises(ValueError, match="base, lora, full, chat"):
+        organism_path("llama")
+
+
+def test_tokenizer_fits_task():
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(organism_path("base")))
+    assert tok.is_fast
+    assert tok.pad_token_id is not None and tok.eos_token_id is not None
+    assert tok.bos_token_id is not None
+    task = EntityTrackingTask(tok, TaskConfig(n_boxes=7), seed=0)
+    assert set(task.objects) == set(DEFAULT_OBJECTS)
+    assert set(task.labels) == set(DEFAULT_LABELS)
+    for p in task.sample(5, seed=3):
+        loc = locate(p, tok)
+        toks = tok.convert_ids_to_tokens(loc.input_ids)
+        assert toks[loc.positions["last"]] == " the"
+        assert toks[loc.positions["query_label"]] == " " + p.query_label
+        assert toks[loc.positions["prev_query_label"]] == " " + p.query_label
+        assert toks[loc.positions["correct_object"]] == " " + p.answer
+        assert loc.positions["query_label"] == loc.positions["last"] - 2
+        assert [toks[i] for i in loc.box_label_positions] == [" " + l for l in p.labels]
+
+
+@pytest.mark.parametrize("name", ORGANISMS)
+def test_organism_accuracy(name):
+    model, tok = _load(name)
+    if name == "lora":
+        assert json.loads((organism_path("lora") / "adapter_config.json").read_text())[
+            "base_model_name_or_path"] == "../base"
+    acc = _accuracy(model, tok)
+    expected = EXPECTED_ACC_100_SEED1234[name]
+    assert expected is not None
+    assert abs(acc - expected) <= TOLERANCE, (name, acc, expected)
+
+
+def test_training_recipe_smoke(tmp_path):
+    from circuitdiff.organisms.train import ModelSpec, train_all
+
+    spec = ModelSpec(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                     num_attention_heads=4, num_key_value_heads=2)
+    accs = train_all(tmp_path, seed=0, progress=False, scale=0.002, model_spec=spec, eval_n=8)
+    assert set(accs) == set(ORGANISMS)
+    assert all(0.0 <= a <= 1.0 for a in accs.values())
+    from transformers import AutoModelForCausalLM
+    from peft import PeftModel
+
+    base = AutoModelForCausalLM.from_pretrained(str(tmp_path / "base"))
+    PeftModel.from_pretrained(base, str(tmp_path / "lora"))
+    for name in ("full", "chat"):
+        AutoModelForCausalLM.from_pretrained(str(tmp_path / name))
+    assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())[
+        "base_model_name_or_path"] == "../base"
