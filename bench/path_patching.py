@@ -23,24 +23,7 @@ import time
 
 import torch
 
-
-def word_level_tokenizer():
-    """Word-level fast tokenizer covering the task's words (leading-space forms included)."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    from circuitdiff.task import DEFAULT_LABELS, DEFAULT_OBJECTS
-
-    words = ["The", "the", "is", "in", "Box", "contains", ",", "."]
-    vocab = {"<pad>": 0, "<unk>": 1, "<bos>": 2}
-    for w in words + list(DEFAULT_OBJECTS) + list(DEFAULT_LABELS):
-        for form in (w, " " + w):
-            vocab.setdefault(form, len(vocab))
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Split(Regex(r" ?[A-Za-z]+| ?[^A-Za-z\s]"),
-                                            behavior="isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>",
-                                   bos_token="<bos>")
+from circuitdiff.toy import word_level_tokenizer
 
 
 def build(shape: str, device: str, vocab: int):

@@ -7,23 +7,7 @@ import torch
 
 from circuitdiff.arch import resolve
 from circuitdiff.model import LoadedModel
-from circuitdiff.task import DEFAULT_LABELS, DEFAULT_OBJECTS
-
-
-def word_level_tokenizer():
-    """A tiny word-level fast tokenizer with GPT-2-style leading-space tokens."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["The", "the", "is", "in", "Box", "contains", ",", "."]
-    vocab = {"<pad>": 0, "<unk>": 1, "<bos>": 2}
-    for w in words + list(DEFAULT_OBJECTS) + list(DEFAULT_LABELS):
-        for form in (w, " " + w):
-            vocab.setdefault(form, len(vocab))
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Split(Regex(r" ?[A-Za-z]+| ?[^A-Za-z\s]"), behavior="isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>",
-                                   bos_token="<bos>")
+from circuitdiff.toy import word_level_tokenizer
 
 
 def tiny_llama(vocab_size: int, seed: int = 0, layers: int = 3, heads: int = 4, kv_heads: int = 2):

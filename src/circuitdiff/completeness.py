@@ -19,6 +19,7 @@ import torch
 from .ablation import HeadMeans, circuit_keep, variant_accuracies, without
 from .circuit import Circuit, Head, format_head
 from .model import LoadedModel
+from .plotting import pyplot, save_figure
 from .task import Prompt
 
 
@@ -79,10 +80,7 @@ def completeness(loaded: LoadedModel, prompts: Sequence[Prompt], means: HeadMean
 def plot_completeness(points: Sequence[CompletenessPoint], path: str | Path,
                       title: str = "") -> Path:
     """Scatter of F(C∖K) against F(M∖K) with the diagonal, saved as PNG (matplotlib Agg)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -102,9 +100,4 @@ def plot_completeness(points: Sequence[CompletenessPoint], path: str | Path,
     ax.set_ylabel("F(M \\ K)  (model minus K)")
     ax.set_title(title or "completeness", fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)

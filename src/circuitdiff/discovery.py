@@ -26,6 +26,7 @@ from .circuit import PAPER_GROUPS, Circuit, CircuitGroup, Head, format_head
 from .model import LoadedModel
 from .path_patching import (PathPatchingError, ScoreComparison, attribution_scores,
                             compare_scores, path_patching_scores, top_heads)
+from .plotting import pyplot, save_figure
 from .runs import RunFolder
 from .task import EntityTrackingTask, Prompt, TaskConfig, load_jsonl, save_jsonl
 
@@ -73,10 +74,7 @@ class DiscoveryResult:
 
 
 def _heatmap(scores: torch.Tensor, title: str, path: Path, heads: Sequence[Head]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     s = scores.float().numpy()
     lim = float(abs(scores[torch.isfinite(scores)]).max()) if torch.isfinite(scores).any() else 1.0
@@ -89,10 +87,7 @@ def _heatmap(scores: torch.Tensor, title: str, path: Path, heads: Sequence[Head]
     ax.set_ylabel("layer")
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, label="path-patching score")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def discover_circuit(loaded: LoadedModel, out: str | Path, *, n_prompts: int = 100,

@@ -34,6 +34,7 @@ import torch
 from .accuracy import batches, last_logits
 from .arch import Architecture
 from .model import LoadedModel
+from .plotting import pyplot, save_figure
 from .task import POSITION_NAMES, Batch, Prompt
 
 #: key names besides the per-prompt positions
@@ -244,10 +245,7 @@ def knockout_curve(loaded: LoadedModel, prompts: Sequence[Prompt], edge: Edge | 
 
 def plot_curves(curves: Sequence[KnockoutCurve], path: str | Path, title: str = "") -> Path:
     """Accuracy against the first blocked layer, one line per edge (PNG, matplotlib Agg)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -261,9 +259,4 @@ def plot_curves(curves: Sequence[KnockoutCurve], path: str | Path, title: str = 
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(title or "attention knockout", fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)

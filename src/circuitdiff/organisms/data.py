@@ -120,8 +120,13 @@ def _tracking_aux_wording(rng: random.Random, n: int, n_queries: int) -> str:
     cont = rng.choice(AUX_CONTAINERS)
     objs = rng.sample(OBJECTS, n)
     labs = rng.sample(LABELS, n)
-    style = rng.randrange(3)
-    if style == 0:
+    style = rng.choices(range(4), (1, 1, 1, 3))[0]
+    if style == 3:  # same box words, other verbs: "is inside" / "holds" (never "is in"/"contains")
+        segs = [f"the {o} is inside Box {l}" for o, l in zip(objs, labs)]
+        text = ", ".join(segs) + "."
+        for i in rng.sample(range(n), min(n, n_queries)):
+            text += f" Box {labs[i]} {rng.choice(('holds', 'keeps', 'has'))} the {objs[i]}."
+    elif style == 0:
         verb = rng.choice(("sits", "lies", "was put"))
         segs = [f"the {o} {verb} in {cont} {l}" for o, l in zip(objs, labs)]
         text = " ; ".join(segs) + " ."
@@ -140,7 +145,7 @@ def _tracking_aux_wording(rng: random.Random, n: int, n_queries: int) -> str:
         for _ in range(n_queries):
             i = rng.randrange(n)
             text += f" what is inside {cont} {labs[i]} ? the {objs[i]} ."
-    return text if style == 1 else text[0].upper() + text[1:]
+    return text if style in (1, 2) else text[0].upper() + text[1:]
 
 
 def _variable_binding(rng: random.Random, n: int, n_queries: int) -> str:
@@ -232,7 +237,7 @@ def aux_corpus(n: int, seed: int, min_boxes: int = 3, max_boxes: int = 9,
         if rng.random() < binding_frac:
             docs.append(_variable_binding(rng, k, rng.randint(2, 4)))
         else:
-            docs.append(_tracking_aux_wording(rng, k, rng.randint(2, 4)))
+            docs.append(_tracking_aux_wording(rng, k, rng.randint(3, k + 1)))
     return docs
 
 
