@@ -99,3 +99,16 @@ def test_training_recipe_smoke(tmp_path):
         AutoModelForCausalLM.from_pretrained(str(tmp_path / name))
     assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())[
         "base_model_name_or_path"] == "../base"
+
+
+def test_cli_organisms_list_and_train(tmp_path, capsys):
+    from circuitdiff.cli import main
+
+    assert main(["organisms", "list"]) == 0
+    listed = capsys.readouterr().out
+    assert all(f"organism:{n}" in listed for n in ORGANISMS)
+    # the CLI reaches the same recipe (a tiny scale keeps this a smoke run)
+    assert main(["organisms", "train", "--out", str(tmp_path), "--scale", "0.0005",
+                 "--quiet"]) == 0
+    assert "base  7-box accuracy" in capsys.readouterr().out
+    assert (tmp_path / "lora" / "adapter_config.json").exists()

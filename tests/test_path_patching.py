@@ -272,6 +272,12 @@ def test_chain_stops_when_a_group_is_all_in_layer_0(tokenizer, tmp_path):
     with pytest.raises(PathPatchingError, match="position_detector head found is in layer 0"):
         discover_circuit(_deep_tiny(tokenizer, seed=0), tmp_path, clean=clean, counterfactual=cf,
                          sizes=(3, 2, 2, 1), heatmaps=False)
+    res = discover_circuit(_deep_tiny(tokenizer, seed=0), tmp_path / "t", clean=clean,
+                           counterfactual=cf, sizes=(3, 2, 2, 1), heatmaps=False, truncate=True)
+    assert res.circuit.settings["truncated_at"] == "structure_reader"
+    assert res.circuit.groups["structure_reader"].heads == []
+    assert all(l == 0 for l, _ in res.circuit.groups["position_detector"].heads)
+    assert len(res.circuit.groups["value_fetcher"].heads) == 3
 
 
 def test_cli_discover(tokenizer, tmp_path, capsys):

@@ -96,7 +96,7 @@ def discover_circuit(loaded: LoadedModel, out: str | Path, *, n_prompts: int = 1
                      counterfactual: Sequence[Prompt] | None = None, batch_size: int = 32,
                      hybrid_k: int | None = None, compare_exact: bool = False,
                      impl: str = "fast", progress: bool = False,
-                     heatmaps: bool = True) -> DiscoveryResult:
+                     heatmaps: bool = True, truncate: bool = False) -> DiscoveryResult:
     """Run the four-step chain on ``loaded``, saving everything under ``out``.
 
     ``clean``/``counterfactual`` default to ``n_prompts`` task prompts and ``task.corrupt()`` of
@@ -147,11 +147,17 @@ def discover_circuit(loaded: LoadedModel, out: str | Path, *, n_prompts: int = 1
     attrs: dict[str, torch.Tensor] = {}
     comps: dict[str, ScoreComparison] = {}
     receivers: list[Head] = []
+    truncated_at: str | None = None
     kw = dict(batch_size=batch_size, progress=progress)
     for step, ((group, position, _), size) in enumerate(zip(PAPER_CHAIN, sizes)):
         kind = PAPER_CHAIN[step][2] or "q"
         # only heads below the last receiver layer can reach a receiver (the others score 0)
         end = max(l for l, _ in receivers) if receivers else arch.n_layers
+        if truncated_at is not None or (end == 0 and truncate):
+            truncated_at = truncated_at or group
+            groups[group] = CircuitGroup([], position)
+            scores[group] = torch.zeros(arch.n_layers, arch.n_heads)
+            continue
         if end == 0:
             raise PathPatchingError(
                 f"every {PAPER_CHAIN[step - 1][0]} head found is in layer 0, so no head can send "
@@ -228,6 +234,7 @@ def discover_circuit(loaded: LoadedModel, out: str | Path, *, n_prompts: int = 1
                        "n_prompts": len(clean), "n_boxes": clean[0].n_boxes, "seed": seed,
                        "prompts": digest, "adapter": loaded.adapter,
                        "hybrid_k": hybrid_k if method == "hybrid" else None,
+                       "truncated_at": truncated_at,
                        "top_scores": {g: [float(scores[g][l, h]) for l, h in groups[g].heads]
                                       for g in groups}})
     circuit.save(folder.file("circuit.json"))

@@ -86,13 +86,16 @@ def run_study(models: Sequence[str], load: Callable[[str], LoadedModel], out: st
     log("step 1/3: path-patching discovery of the base circuit")
     found = discover_circuit(base, folder.file("discover"), n_prompts=cfg.n_discovery,
                              sizes=cfg.sizes, n_boxes=cfg.n_boxes, seed=cfg.seed + 100,
-                             batch_size=cfg.batch_size, progress=progress)
+                             batch_size=cfg.batch_size, progress=progress, truncate=True)
     circuit: Circuit = found.circuit
+    if circuit.settings.get("truncated_at"):
+        log(f"note: no head can send to the previous group, so {circuit.settings['truncated_at']}"
+            f" and later groups are empty")
     summary["circuit"] = circuit.to_dict()
     report.append("\n## Circuit of the base model (path patching)\n\n")
     for g, grp in circuit.groups.items():
         report.append(f"- **{g}** ({grp.position}): "
-                      f"{' '.join(f'{l}.{h}' for l, h in grp.heads)}\n")
+                      f"{' '.join(f'{l}.{h}' for l, h in grp.heads) or '(empty)'}\n")
 
     curves: dict[str, dict] = {}
     if cfg.knockout:

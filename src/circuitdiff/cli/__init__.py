@@ -7,7 +7,7 @@ import importlib
 import sys
 
 #: command modules; each defines ``register(subparsers)`` which sets ``func`` on its parser
-COMMANDS = ("data", "eval", "study", "evaluate", "knockout", "discover")
+COMMANDS = ("study", "data", "eval", "discover", "evaluate", "knockout", "organisms")
 
 
 def add_model_options(p: argparse.ArgumentParser, multiple: bool = False) -> None:

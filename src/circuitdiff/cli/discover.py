@@ -23,6 +23,9 @@ def register(sub) -> None:
     p.add_argument("--naive", action="store_true",
                    help="use the slow reference implementation (for checking; same scores)")
     p.add_argument("--no-heatmaps", action="store_true", help="skip the heatmap PNGs")
+    p.add_argument("--truncate", action="store_true",
+                   help="if a group lies wholly in layer 0, leave the later groups empty "
+                        "instead of stopping with an error")
     p.set_defaults(func=run)
 
 
@@ -33,6 +36,7 @@ def run(args) -> int:
     sizes = parse_sizes(args.sizes)  # fail on bad sizes before loading a model
     loaded = load_from_args(args)
     res = discover_circuit(loaded, args.out, n_prompts=args.n_prompts, sizes=sizes,
+                           truncate=args.truncate,
                            method=args.method, n_boxes=args.n_boxes, seed=args.seed,
                            batch_size=args.batch_size, hybrid_k=args.hybrid_k,
                            compare_exact=args.compare_exact,

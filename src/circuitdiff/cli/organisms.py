@@ -1,0 +1,44 @@
+"""``circuitdiff organisms``: list the shipped model organisms or retrain them from scratch."""
+
+from __future__ import annotations
+
+import json
+
+
+def register(sub) -> None:
+    p = sub.add_parser("organisms", help="list the shipped model organisms, or retrain them")
+    osub = p.add_subparsers(dest="organisms_command", required=True)
+    ls = osub.add_parser("list", help="where the organisms live and their recorded accuracies")
+    ls.set_defaults(func=run_list)
+    tr = osub.add_parser("train", help="retrain base, lora, full and chat from scratch (CPU)")
+    tr.add_argument("--out", required=True, help="output folder (gets base/ lora/ full/ chat/)")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--scale", type=float, default=1.0,
+                    help="multiply every stage's steps (e.g. 0.01 for a smoke run)")
+    tr.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1 is fastest for these tiny models on a shared CPU)")
+    tr.add_argument("--base-from", default=None, help="reuse a trained base folder")
+    tr.add_argument("--quiet", action="store_true", help="no progress bars")
+    tr.set_defaults(func=run_train)
+
+
+def run_list(args) -> int:
+    from ..organisms import ORGANISMS, WEIGHTS_DIR, organism_path
+
+    summary = WEIGHTS_DIR / "train_summary.json"
+    acc = json.loads(summary.read_text()).get("accuracy", {}) if summary.exists() else {}
+    for name in ORGANISMS:
+        a = acc.get(name)
+        print(f"organism:{name:5s} {organism_path(name)}"
+              + (f"  (recorded 7-box accuracy {a:.3f})" if a is not None else ""))
+    return 0
+
+
+def run_train(args) -> int:
+    from ..organisms.train import train_all
+
+    accs = train_all(args.out, seed=args.seed, progress=not args.quiet, scale=args.scale,
+                     base_from=args.base_from, threads=args.threads)
+    for name, a in accs.items():
+        print(f"{name:5s} 7-box accuracy {a:.3f}")
+    return 0
