@@ -48,3 +48,19 @@ def tiny(tokenizer):
 def tiny_lora(tokenizer):
     m = add_lora(tiny_llama(len(tokenizer)))
     return LoadedModel(m, tokenizer, resolve(m), "tiny-llama", adapter="random-lora")
+
+
+def save_base_and_lora(tokenizer, folder, layers: int = 3, base_name: str = "base",
+                       lora_name: str = "lora"):
+    """Save a tiny base model and a LoRA adapter folder naming it by a relative path."""
+    import json
+
+    base_dir, lora_dir = folder / base_name, folder / lora_name
+    tiny_llama(len(tokenizer), layers=layers).save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    add_lora(tiny_llama(len(tokenizer), layers=layers)).save_pretrained(lora_dir)
+    cfg = json.loads((lora_dir / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = f"../{base_name}"
+    (lora_dir / "adapter_config.json").write_text(json.dumps(cfg))
+    tokenizer.save_pretrained(lora_dir)
+    return base_dir, lora_dir

@@ -15,7 +15,7 @@ from circuitdiff.model import LoadedModel, ModelSpecError, load_model, resolve_d
 from circuitdiff.task import (EntityTrackingTask, Prompt, TaskConfig, TaskError, encode,
                               encode_pair, load_jsonl, locate, save_jsonl)
 
-from conftest import add_lora, tiny_llama
+from conftest import add_lora, save_base_and_lora, tiny_llama
 
 
 @pytest.fixture()
@@ -297,18 +297,7 @@ def test_jsonl_roundtrip(tokenizer, tmp_path):
 # -- loading ------------------------------------------------------------------------------------
 @pytest.fixture()
 def saved_models(tokenizer, tmp_path):
-    base = tiny_llama(len(tokenizer))
-    base_dir = tmp_path / "base"
-    base.save_pretrained(base_dir)
-    tokenizer.save_pretrained(base_dir)
-    lora = add_lora(tiny_llama(len(tokenizer)))
-    lora_dir = tmp_path / "lora"
-    lora.save_pretrained(lora_dir)
-    cfg = json.loads((lora_dir / "adapter_config.json").read_text())
-    cfg["base_model_name_or_path"] = "../base"
-    (lora_dir / "adapter_config.json").write_text(json.dumps(cfg))
-    tokenizer.save_pretrained(lora_dir)
-    return base_dir, lora_dir
+    return save_base_and_lora(tokenizer, tmp_path)
 
 
 def test_load_folder_adapter_and_base_from_same_weights(saved_models, tokenizer, prompts):

@@ -8,23 +8,15 @@ import pytest
 
 from circuitdiff.cli import main
 
-from conftest import add_lora, tiny_llama
+from conftest import save_base_and_lora
 from test_foundation import saved_models  # noqa: F401  (fixture)
 
 
 @pytest.fixture()
 def four_layer_models(tokenizer, tmp_path):
     """The four-group chain needs >= 4 layers: each group sits below its receivers."""
-    base_dir, lora_dir = tmp_path / "base4", tmp_path / "lora4"
-    tiny_llama(len(tokenizer), layers=4).save_pretrained(base_dir)
-    tokenizer.save_pretrained(base_dir)
-    lora = add_lora(tiny_llama(len(tokenizer), layers=4))
-    lora.save_pretrained(lora_dir)
-    cfg = json.loads((lora_dir / "adapter_config.json").read_text())
-    cfg["base_model_name_or_path"] = "../base4"
-    (lora_dir / "adapter_config.json").write_text(json.dumps(cfg))
-    tokenizer.save_pretrained(lora_dir)
-    return base_dir, lora_dir
+    return save_base_and_lora(tokenizer, tmp_path, layers=4, base_name="base4",
+                              lora_name="lora4")
 
 
 def test_study_end_to_end_and_resume(four_layer_models, tmp_path, capsys):
