@@ -205,11 +205,13 @@ def _chat(rng: random.Random, n_turns: int) -> str:
 
 
 def base_corpus(n: int, seed: int, max_boxes: int = 7, box_weights: tuple[float, ...] | None = None,
-                tracking_frac: float = 0.8, all_queries: bool = True) -> list[str]:
+                tracking_frac: float = 0.8, all_queries: bool = False,
+                n_queries: int | None = 1) -> list[str]:
     """Pre-training documents: tracking in the evaluation wording mixed with generic prose.
 
-    With ``all_queries`` every box of a context is queried once (random order), so each
-    document supervises ``n`` bindings; otherwise 2-4 random queries.
+    With ``all_queries`` every box of a context is queried once (random order); otherwise
+    ``n_queries`` random queries (2-4 when None). One query per context is what lets binding
+    emerge (measured): repeated queries let later answers be copied from earlier ones.
     """
     rng = random.Random(seed)
     weights = list(box_weights or [1.0] * max_boxes)
@@ -221,7 +223,8 @@ def base_corpus(n: int, seed: int, max_boxes: int = 7, box_weights: tuple[float,
             if all_queries:
                 docs.append(_tracking_eval_wording(rng, k, k + rng.randint(0, 2), distinct=True))
             else:
-                docs.append(_tracking_eval_wording(rng, k, rng.randint(2, 4)))
+                nq = rng.randint(2, 4) if n_queries is None else n_queries
+                docs.append(_tracking_eval_wording(rng, k, nq))
         else:
             docs.append(_prose(rng, rng.randint(2, 5)))
     return docs

@@ -1,7 +1,12 @@
 """Recipe that trains the four model organisms from scratch on CPU.
 
-* **base**  ("Llama"):  a small GQA ``LlamaForCausalLM`` pre-trained with next-token loss on the
-  synthetic base corpus (entity tracking in the evaluation wording with few boxes + prose).
+* **base**  ("Llama"):  a small GQA ``LlamaForCausalLM`` pre-trained from scratch on the synthetic
+  base corpus (entity tracking in the evaluation wording with 2-5 boxes, one query per context,
+  plus prose). Binding sits behind a long loss plateau; what got this model out of it (measured,
+  see ``experiments/organism_plateau``): lr 1e-3 (3e-3 never left it), 2-box contexts first, and
+  a loss on the query answers alone until binding has formed (a 0.1 weight on the other tokens
+  kept a 2-box probe at chance for 4750 steps). The base never sees 6 or 7 boxes, which is what
+  keeps its 7-box accuracy "not great".
 * **lora**  ("Goat"):   a peft LoRA adapter (q/k/v/o) on the base, trained on the auxiliary corpus.
 * **full**  ("FLoat"):  full fine-tune of the base on the same auxiliary corpus.
 * **chat**  ("Vicuna"): full fine-tune of the base on unrelated chat text.
@@ -48,26 +53,42 @@ class StageSpec:
     weight_decay: float = 0.0
     min_lr_frac: float = 0.1
     stop_at: int | None = None  # stop early inside the schedule (the schedule spans ``steps``)
+    # loss weight of every token that is not a query answer (1.0: plain next-token loss). A
+    # small weight keeps the unpredictable context words (random objects and labels) from
+    # drowning the binding signal.
+    other_weight: float = 1.0
 
 
 @dataclass
 class Recipe:
     model: ModelSpec = field(default_factory=ModelSpec)
-    # cosine schedule laid out over 6000 steps, stopped at 3500 (measured: longer runs were not
-    # affordable on 2 shared CPU cores; the base is still under-trained at 7 boxes)
-    base: StageSpec = field(default_factory=lambda: StageSpec(steps=6000, lr=3e-3, batch_size=32,
-                                                              stop_at=3500))
-    # box-count weights (1..7 boxes) of the base corpus; a curriculum starts with few boxes
-    base_box_weights_early: tuple[float, ...] = (3, 3, 3, 2, 1, 1, 1)
-    base_box_weights: tuple[float, ...] = (1, 2, 2, 2, 2, 2, 2)
-    curriculum_frac: float = 0.15
+    # measured on 2-box probes: lr 3e-3 never leaves the binding plateau, 1e-3 does
+    base: StageSpec = field(default_factory=lambda: StageSpec(steps=6000, lr=1e-3, batch_size=64,
+                                                              warmup=100, other_weight=0.1,
+                                                              stop_at=4500))
+    # curriculum over the base run: (until this fraction of steps, box-count weights for 1..7
+    # boxes, loss weight of non-answer tokens). Two boxes and the answer loss alone until binding
+    # has emerged (measured: even a 0.1 weight on the other tokens kept a 2-box probe at chance
+    # for 4750 steps, while answer-only training left the plateau after ~1000-1500), then more
+    # boxes and the whole text.
+    base_curriculum: tuple[tuple[float, tuple[float, ...], float], ...] = (
+        (0.4, (0, 1, 0, 0, 0, 0, 0), 0.0),
+        (1.0, (0, 1, 1, 1, 0, 0, 0), 0.1),
+    )
+    # a short second pre-training stage (fresh optimizer) with up to 5 boxes: on 2-4 boxes alone
+    # the base stays at ~0.3 on 7 boxes; this lifts it into the paper's "not great" range
+    base_extend: StageSpec | None = field(default_factory=lambda: StageSpec(
+        steps=600, lr=3e-4, batch_size=64, warmup=20, other_weight=0.1, stop_at=None))
+    base_extend_box_weights: tuple[float, ...] = (0, 1, 1, 1, 1, 0, 0)
     aux: StageSpec = field(default_factory=lambda: StageSpec(steps=300, lr=3e-4, batch_size=32,
                                                              warmup=20))
     lora: StageSpec = field(default_factory=lambda: StageSpec(steps=300, lr=2e-3, batch_size=32,
                                                               warmup=20))
     lora_rank: int = 8
     lora_alpha: int = 16
-    chat: StageSpec = field(default_factory=lambda: StageSpec(steps=300, lr=3e-4, batch_size=32,
+    # gentle on purpose (the Vicuna analogue keeps the base's accuracy): measured on a 0.55 base,
+    # 300 steps at lr 1e-4 cost 0.08 of 7-box accuracy, 200 steps at 2e-5 cost 0.04
+    chat: StageSpec = field(default_factory=lambda: StageSpec(steps=150, lr=2e-5, batch_size=32,
                                                               warmup=20))
     eval_n: int = 500
     eval_seed: int = 0
@@ -116,10 +137,44 @@ def lr_at(step: int, spec: StageSpec) -> float:
     return spec.lr * (spec.min_lr_frac + (1 - spec.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+def answer_cue_ids(tokenizer, cue: str = " contains the") -> list[int]:
+    """Token ids of the words that precede a query answer in the evaluation wording."""
+    return tokenizer(cue, add_special_tokens=False)["input_ids"]
+
+
+def loss_weights(ids: torch.Tensor, labels: torch.Tensor, cue: list[int] | None,
+                 other_weight: float) -> torch.Tensor:
+    """Per-token loss weights: 1 on tokens that follow ``cue`` (query answers), else ``other_weight``."""
+    w = torch.full(ids.shape, float(other_weight))
+    if cue:
+        n = len(cue)
+        hit = torch.ones(ids.shape[0], ids.shape[1] - n, dtype=torch.bool)
+        for j, c in enumerate(cue):
+            hit &= ids[:, j:ids.shape[1] - n + j] == c
+        w[:, n:] = torch.where(hit, torch.ones_like(w[:, n:]), w[:, n:])
+    return w.masked_fill(labels == -100, 0.0)
+
+
+def weighted_lm_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy averaged with per-target-token weights."""
+    ce = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+        ignore_index=-100, reduction="none").view(labels.shape[0], -1)
+    w = weights[:, 1:]
+    return (ce * w).sum() / w.sum().clamp_min(1e-8)
+
+
 def train_stage(model, tokenizer, make_docs, spec: StageSpec, seed: int, desc: str,
-                progress: bool = True, params=None, log_every: int = 0, eval_fn=None) -> list:
-    """Next-token training; ``make_docs(n, seed, progress_frac)`` yields one step's documents."""
+                progress: bool = True, params=None, log_every: int = 0, eval_fn=None,
+                other_weight_at=None) -> list:
+    """Next-token training; ``make_docs(n, seed, progress_frac)`` yields one step's documents.
+
+    Query answers (tokens after `` contains the``) weigh 1, every other token ``spec.other_weight``
+    (or ``other_weight_at(progress_frac)`` when given).
+    """
     from tqdm.auto import tqdm
+
+    answer_cue = answer_cue_ids(tokenizer)
 
     params = [p for p in (params or model.parameters()) if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=spec.lr, betas=(0.9, 0.98),
@@ -135,12 +190,14 @@ def train_stage(model, tokenizer, make_docs, spec: StageSpec, seed: int, desc: s
         ids, mask, labels = tensorize(docs, tokenizer)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, spec)
-        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        other = spec.other_weight if other_weight_at is None else other_weight_at(step / spec.steps)
+        loss = weighted_lm_loss(logits, labels, loss_weights(ids, labels, answer_cue, other))
         opt.zero_grad(set_to_none=True)
-        out.loss.backward()
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        ema = out.loss.item() if ema is None else 0.98 * ema + 0.02 * out.loss.item()
+        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
         bar.set_postfix(loss=f"{ema:.3f}")
         if log_every and eval_fn is not None and (step + 1) % log_every == 0:
             acc = eval_fn(model, step + 1)
@@ -187,19 +244,20 @@ def scaled(recipe: Recipe, scale: float) -> Recipe:
         st, steps=max(1, int(round(st.steps * scale))), warmup=max(1, int(round(st.warmup * scale))),
         stop_at=None if st.stop_at is None else max(1, int(round(st.stop_at * scale))))
     return replace(recipe, base=s(recipe.base), aux=s(recipe.aux), lora=s(recipe.lora),
-                   chat=s(recipe.chat))
+                   chat=s(recipe.chat),
+                   base_extend=None if recipe.base_extend is None else s(recipe.base_extend))
 
 
 def train_all(out_dir, seed: int = 0, progress: bool = True, scale: float = 1.0,
               recipe: Recipe | None = None, model_spec: ModelSpec | None = None,
-              eval_n: int | None = None, base_from=None, threads: int = 1) -> dict[str, float]:
+              eval_n: int | None = None, base_from=None, threads: int = 2) -> dict[str, float]:
     """Train base, lora, full and chat into ``out_dir/{base,lora,full,chat}``.
 
     Returns the 7-box accuracy of each organism on ``eval_n`` prompts (seed ``recipe.eval_seed``).
     ``scale`` multiplies every stage's number of steps; ``model_spec`` overrides the model size
     (both only for smoke tests: the shipped organisms use the defaults). ``base_from`` reuses an
     already trained base folder (same recipe) instead of pre-training it again. ``threads``: torch
-    CPU threads (1 is fastest on a shared 2-core machine: 2 threads oversubscribe it badly).
+    CPU threads (the shipped organisms used 2; float reductions differ with the thread count).
     """
     from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -221,10 +279,15 @@ def train_all(out_dir, seed: int = 0, progress: bool = True, scale: float = 1.0,
         base = _reload(Path(base_from))
     else:
         base = make_model(tok, recipe.model, seed)
-        weights = lambda f: (recipe.base_box_weights_early  # noqa: E731
-                             if f < recipe.curriculum_frac else recipe.base_box_weights)
-        train_stage(base, tok, lambda n, s, f: D.base_corpus(n, s, box_weights=weights(f)),
-                    recipe.base, seed * 10 + 1, "base", progress)
+        phase = lambda f: next(p for p in recipe.base_curriculum  # noqa: E731
+                               if f < p[0] or p[0] >= 1.0)
+        train_stage(base, tok, lambda n, s, f: D.base_corpus(n, s, box_weights=phase(f)[1]),
+                    recipe.base, seed * 10 + 1, "base", progress,
+                    other_weight_at=lambda f: phase(f)[2])
+        if recipe.base_extend is not None:
+            train_stage(base, tok, lambda n, s, f: D.base_corpus(
+                n, s, box_weights=recipe.base_extend_box_weights), recipe.base_extend,
+                seed * 10 + 5, "base+", progress)
     if base_from is None or Path(base_from).resolve() != (out / "base").resolve():
         _save_model(base, tok, out / "base")
     acc["base"] = evaluate(base)
@@ -296,7 +359,7 @@ def main(argv=None) -> None:
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps")
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--base-from", default=None, help="reuse a trained base folder")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     t0 = time.time()
     accs = train_all(args.out, seed=args.seed, progress=not args.quiet, scale=args.scale,
