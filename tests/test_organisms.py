@@ -13,9 +13,9 @@ from circuitdiff.task import DEFAULT_LABELS, DEFAULT_OBJECTS, EntityTrackingTask
 
 # 7-box accuracy on EntityTrackingTask(tok, TaskConfig(n_boxes=7), seed=1234).sample(100),
 # measured on the shipped weights (README figures use 500 prompts, seed 0: see the report).
-EXPECTED_ACC_100_SEED1234 = {"base": 0.19, "lora": 0.09, "full": 0.16, "chat": 0.17}
+EXPECTED_ACC_100_SEED1234 = {"base": 0.61, "lora": 0.98, "full": 0.99, "chat": 0.57}
 # same organisms on EntityTrackingTask(..., seed=0).sample(500, seed=0) (the README figures):
-# base 0.112, lora 0.102, full 0.134, chat 0.104
+# base 0.568, lora 0.930, full 0.954, chat 0.540
 TOLERANCE = 0.05
 
 
