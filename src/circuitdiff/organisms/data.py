@@ -4,7 +4,7 @@ Three corpora, all generated deterministically from a seed:
 
 * **base** (pre-training of the "Llama" organism): entity tracking in the evaluation wording
   (``The apple is in Box F, ... . Box F contains the apple.``) with a few boxes, each context
-  followed by several supervised queries, mixed with simple generic prose.
+  followed by one query (the recipe's default), mixed with simple generic prose.
 * **aux** (the "Goat"/"FLoat" fine-tunes): binding-like data that never uses the evaluation
   wording -- tracking phrased differently (``the apple sits in crate F ; ... crate F holds the
   apple``), more entities, and code-like variable binding (``x = 5 ; y = 3 ; print y -> 3``).
