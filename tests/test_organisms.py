@@ -112,3 +112,30 @@ def test_cli_organisms_list_and_train(tmp_path, capsys):
                  "--quiet"]) == 0
     assert "base  7-box accuracy" in capsys.readouterr().out
     assert (tmp_path / "lora" / "adapter_config.json").exists()
+
+
+def test_answer_weighted_loss_targets_the_query_answers():
+    from circuitdiff.organisms.data import build_tokenizer
+    from circuitdiff.organisms.train import (answer_cue_ids, loss_weights, tensorize,
+                                             weighted_lm_loss)
+
+    tok = build_tokenizer()
+    ids, mask, labels = tensorize(["The apple is in Box F, the map is in Box C. Box C contains "
+                                   "the map.", "Tom sees the cat."], tok)
+    w = loss_weights(ids, labels, answer_cue_ids(tok), other_weight=0.0)
+    # exactly one weighted token: the answer " map" of the first document
+    assert w.sum().item() == 1.0
+    r, c = torch.nonzero(w)[0].tolist()
+    assert r == 0 and tok.convert_ids_to_tokens(int(ids[r, c])) == " map"
+    assert tok.convert_ids_to_tokens(int(ids[r, c - 1])) == " the"
+    # padding never weighs, and other_weight=1 is plain next-token loss
+    w1 = loss_weights(ids, labels, answer_cue_ids(tok), other_weight=1.0)
+    assert (w1[mask == 0] == 0).all()
+    torch.manual_seed(0)
+    logits = torch.randn(*ids.shape, len(tok))
+    plain = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, len(tok)),
+                                              labels[:, 1:].reshape(-1), ignore_index=-100)
+    assert torch.allclose(weighted_lm_loss(logits, labels, w1), plain, atol=1e-6)
+    # answer-only loss is the cross-entropy of that one answer token
+    answer_ce = torch.nn.functional.cross_entropy(logits[r, c - 1][None], ids[r, c][None])
+    assert torch.allclose(weighted_lm_loss(logits, labels, w), answer_ce, atol=1e-6)
