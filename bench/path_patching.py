@@ -23,14 +23,14 @@ import time
 
 import torch
 
-from circuitdiff.toy import word_level_tokenizer
+from circuitdiff.core.toy import word_level_tokenizer
 
 
 def build(shape: str, device: str, vocab: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from circuitdiff.arch import resolve
-    from circuitdiff.model import LoadedModel
+    from circuitdiff.core.arch import resolve
+    from circuitdiff.core.model import LoadedModel
 
     if shape == "7b":
         cfg = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
@@ -61,7 +61,7 @@ STEPS = ("vf", "pt", "pd", "sr")
 def paper_like_receivers() -> list[list[tuple[int, int]]]:
     """Receivers of the four steps on a 32x32 grid: logits, 20 VF heads (layers 14-29), 5 PT
     heads (11-19), 10 PD heads (1-13) — the paper's robust heads, topped up with seeded picks."""
-    from circuitdiff.circuit import parse_head
+    from circuitdiff.core.circuit import parse_head
 
     g = torch.Generator().manual_seed(0)
 
@@ -91,7 +91,7 @@ def main() -> None:
     ap.add_argument("--step", default="vf", choices=STEPS,
                     help="which group's step to compare (receivers as in paper_like_receivers)")
     ap.add_argument("--all-groups", action="store_true",
-                    help="also time discover_circuit over the four groups (implied by 7b)")
+                    help="also time discovery over the four groups (implied by 7b)")
     ap.add_argument("-n", type=int, default=None, help="samples (default 50; 300 for 7b)")
     ap.add_argument("--naive-senders", type=int, default=64,
                     help="senders the naive path is timed on (0 = all)")
@@ -100,9 +100,9 @@ def main() -> None:
     if args.device == "cpu":
         torch.set_num_threads(1)
 
-    from circuitdiff.discovery import PAPER_CHAIN
-    from circuitdiff.path_patching import all_heads, path_patching_scores
-    from circuitdiff.task import EntityTrackingTask, TaskConfig
+    from circuitdiff.methods.discovery import PAPER_CHAIN
+    from circuitdiff.methods.path_patching import all_heads, path_patching_scores
+    from circuitdiff.core.task import EntityTrackingTask, TaskConfig
 
     tok = word_level_tokenizer()
     loaded = build(args.shape, args.device, len(tok))

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from circuitdiff.arch import resolve
-from circuitdiff.model import LoadedModel
-from circuitdiff.toy import word_level_tokenizer
+from circuitdiff.core.arch import resolve
+from circuitdiff.core.model import LoadedModel
+from circuitdiff.core.toy import word_level_tokenizer
 
 
 def tiny_llama(vocab_size: int, seed: int = 0, layers: int = 3, heads: int = 4, kv_heads: int = 2):

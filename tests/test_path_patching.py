@@ -7,13 +7,14 @@ import math
 import pytest
 import torch
 
-from circuitdiff.arch import resolve
-from circuitdiff.circuit import Circuit
-from circuitdiff.discovery import PAPER_CHAIN, discover_circuit, parse_sizes
-from circuitdiff.model import LoadedModel
-from circuitdiff.path_patching import (PathPatchingError, attribution_scores, compare_scores,
+from circuitdiff.core.arch import resolve
+from circuitdiff.core.circuit import Circuit
+from circuitdiff.methods.discovery import PAPER_CHAIN, DiscoveryConfig, discover, parse_sizes
+from circuitdiff.report.figures import discovery_heatmaps
+from circuitdiff.core.model import LoadedModel
+from circuitdiff.methods.path_patching import (PathPatchingError, attribution_scores, compare_scores,
                                        path_patching_scores, top_heads)
-from circuitdiff.task import DEFAULT_LABELS, EntityTrackingTask, TaskConfig, TaskError
+from circuitdiff.core.task import DEFAULT_LABELS, EntityTrackingTask, TaskConfig, TaskError
 
 from conftest import add_lora, tiny_llama
 
@@ -173,8 +174,8 @@ def copy_head_model(tokenizer):
 
 
 def test_copy_head_ranks_first(tokenizer):
-    from circuitdiff.accuracy import evaluate_accuracy
-    from circuitdiff.task import encode
+    from circuitdiff.methods.accuracy import evaluate_accuracy
+    from circuitdiff.core.task import encode
 
     loaded = copy_head_model(tokenizer)
     task = EntityTrackingTask(tokenizer, TaskConfig(n_boxes=7, segment_template=TEMPLATE), seed=1)
@@ -235,8 +236,9 @@ def test_discover_chain_saves_and_resumes(tokenizer, tmp_path, monkeypatch, meth
     loaded = _deep_tiny(tokenizer)
     clean, cf = _prompts(tokenizer, n=4, boxes=3)
     out = tmp_path / "run"
-    res = discover_circuit(loaded, out, clean=clean, counterfactual=cf, sizes=(3, 2, 2, 1),
-                           method=method, compare_exact=True)
+    cfg = DiscoveryConfig(sizes=(3, 2, 2, 1), method=method, compare_exact=True)
+    res = discover(loaded, out, cfg, clean=clean, counterfactual=cf)
+    discovery_heatmaps(res, out, loaded.name)
     c = Circuit.load(out / "circuit.json")
     assert list(c.groups) == [g for g, _, _ in PAPER_CHAIN]
     assert [len(g.heads) for g in c.groups.values()] == [3, 2, 2, 1]
@@ -256,24 +258,24 @@ def test_discover_chain_saves_and_resumes(tokenizer, tmp_path, monkeypatch, meth
                for v in res.comparisons.values())
 
     # resume: nothing is recomputed
-    import circuitdiff.discovery as disc
+    import circuitdiff.methods.discovery as disc
 
     def boom(*a, **k):
         raise AssertionError("recomputed a cached step")
     monkeypatch.setattr(disc, "path_patching_scores", boom)
     monkeypatch.setattr(disc, "attribution_scores", boom)
-    again = discover_circuit(loaded, out, clean=clean, counterfactual=cf, sizes=(3, 2, 2, 1),
-                             method=method, compare_exact=True)
+    again = discover(loaded, out, cfg, clean=clean, counterfactual=cf)
     assert again.circuit.groups == res.circuit.groups
 
 
 def test_chain_stops_when_a_group_is_all_in_layer_0(tokenizer, tmp_path):
     clean, cf = _prompts(tokenizer, n=4, boxes=3)
     with pytest.raises(PathPatchingError, match="position_detector head found is in layer 0"):
-        discover_circuit(_deep_tiny(tokenizer, seed=0), tmp_path, clean=clean, counterfactual=cf,
-                         sizes=(3, 2, 2, 1), heatmaps=False)
-    res = discover_circuit(_deep_tiny(tokenizer, seed=0), tmp_path / "t", clean=clean,
-                           counterfactual=cf, sizes=(3, 2, 2, 1), heatmaps=False, truncate=True)
+        discover(_deep_tiny(tokenizer, seed=0), tmp_path, DiscoveryConfig(sizes=(3, 2, 2, 1)),
+                 clean=clean, counterfactual=cf)
+    res = discover(_deep_tiny(tokenizer, seed=0), tmp_path / "t",
+                   DiscoveryConfig(sizes=(3, 2, 2, 1), truncate=True), clean=clean,
+                   counterfactual=cf)
     assert res.circuit.settings["truncated_at"] == "structure_reader"
     assert res.circuit.groups["structure_reader"].heads == []
     assert all(l == 0 for l, _ in res.circuit.groups["position_detector"].heads)
@@ -330,10 +332,10 @@ def test_bad_input(tiny, tokenizer):
 
 
 def test_empty_group_and_multitoken_answers(tiny, tokenizer, tmp_path):
-    from circuitdiff.model import LoadedModel as LM
+    from circuitdiff.core.model import LoadedModel as LM
 
     with pytest.raises(PathPatchingError, match="at least one head"):
-        discover_circuit(tiny, tmp_path / "a", n_prompts=2, n_boxes=3, sizes=(2, 0, 1, 1))
+        discover(tiny, tmp_path / "a", DiscoveryConfig(n_prompts=2, n_boxes=3, sizes=(2, 0, 1, 1)))
     # a tokenizer that splits every object into characters: answers are multi-token
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -344,7 +346,7 @@ def test_empty_group_and_multitoken_answers(tiny, tokenizer, tmp_path):
     char_tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>")
     loaded = LM(tiny.model, char_tok, tiny.arch, "char")
     with pytest.raises(TaskError, match="single tokens"):
-        discover_circuit(loaded, tmp_path / "b", n_prompts=2, n_boxes=3, sizes=(1, 1, 1, 1))
+        discover(loaded, tmp_path / "b", DiscoveryConfig(n_prompts=2, n_boxes=3, sizes=(1, 1, 1, 1)))
 
 
 def test_unsupported_layer_falls_back_to_naive(tiny, tokenizer):

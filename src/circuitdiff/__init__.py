@@ -4,12 +4,12 @@ Data flows one way: task (prompts, counterfactuals, positions) → model (loadin
 adapter) → interventions (hooks) → methods → run folder → report.
 """
 
-from .accuracy import AccuracyResult, evaluate_accuracy
-from .arch import Architecture, ArchitectureError, resolve
-from .circuit import Circuit, CircuitGroup
-from .interventions import Read, StopAfter, Write, intervene, run
-from .model import LoadedModel, ModelSpecError, load_model
-from .task import EntityTrackingTask, Prompt, TaskConfig, TaskError, encode, encode_pair
+from .methods.accuracy import AccuracyResult, evaluate_accuracy
+from .core.arch import Architecture, ArchitectureError, resolve
+from .core.circuit import Circuit, CircuitGroup
+from .core.interventions import Read, StopAfter, Write, intervene, run_with_edits
+from .core.model import LoadedModel, ModelSpecError, load_model
+from .core.task import EntityTrackingTask, Prompt, TaskConfig, TaskError, encode, encode_pair
 
 __version__ = "0.1.0"
 

@@ -7,7 +7,8 @@ import importlib
 import sys
 
 #: command modules; each defines ``register(subparsers)`` which sets ``func`` on its parser
-COMMANDS = ("study", "data", "eval", "discover", "evaluate", "knockout", "organisms")
+#: (``accuracy`` registers the ``eval`` command)
+COMMANDS = ("study", "data", "accuracy", "discover", "evaluate", "knockout", "organisms")
 
 
 def add_model_options(p: argparse.ArgumentParser, multiple: bool = False) -> None:
@@ -34,7 +35,7 @@ def add_task_options(p: argparse.ArgumentParser, n: int = 500) -> None:
 
 
 def load_from_args(args, spec: str | None = None, adapter: str | None = None):
-    from ..model import default_model_spec, load_model
+    from ..core.model import default_model_spec, load_model
 
     spec = spec or getattr(args, "model", None) or default_model_spec()
     return load_model(spec, adapter if adapter is not None else getattr(args, "adapter", None),
@@ -47,15 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Find the circuit behind entity tracking and compare fine-tuned models.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
-        importlib.import_module(f"{__name__}.{name.replace('-', '_')}").register(sub)
+        importlib.import_module(f"{__name__}.{name}").register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..arch import ArchitectureError
-    from ..interventions import InterventionError
-    from ..model import ModelSpecError
-    from ..task import TaskError
+    from ..core.arch import ArchitectureError
+    from ..core.interventions import InterventionError
+    from ..core.model import ModelSpecError
+    from ..core.task import TaskError
 
     args = build_parser().parse_args(argv)
     try:

@@ -17,8 +17,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..model import default_model_spec, load_tokenizer
-    from ..task import EntityTrackingTask, TaskConfig, save_jsonl
+    from ..core.model import default_model_spec, load_tokenizer
+    from ..core.task import EntityTrackingTask, TaskConfig, save_jsonl
 
     tok = load_tokenizer(args.model or default_model_spec())
     task = EntityTrackingTask(tok, TaskConfig(n_boxes=args.n_boxes), seed=args.seed)

@@ -30,18 +30,18 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..circuit import format_head
-    from ..discovery import discover_circuit, parse_sizes
+    from ..core.circuit import format_head
+    from ..methods.discovery import DiscoveryConfig, discover
+    from ..report.figures import discovery_heatmaps
 
-    sizes = parse_sizes(args.sizes)  # fail on bad sizes before loading a model
-    loaded = load_from_args(args)
-    res = discover_circuit(loaded, args.out, n_prompts=args.n_prompts, sizes=sizes,
-                           truncate=args.truncate,
-                           method=args.method, n_boxes=args.n_boxes, seed=args.seed,
-                           batch_size=args.batch_size, hybrid_k=args.hybrid_k,
-                           compare_exact=args.compare_exact,
-                           impl="naive" if args.naive else "fast", progress=True,
-                           heatmaps=not args.no_heatmaps)
+    cfg = DiscoveryConfig(n_prompts=args.n_prompts, sizes=args.sizes, method=args.method,
+                          n_boxes=args.n_boxes, seed=args.seed, batch_size=args.batch_size,
+                          hybrid_k=args.hybrid_k, compare_exact=args.compare_exact,
+                          impl="naive" if args.naive else "fast", truncate=args.truncate)
+    loaded = load_from_args(args)  # bad sizes/method failed above, before loading a model
+    res = discover(loaded, args.out, cfg, progress=True)
+    if not args.no_heatmaps:
+        discovery_heatmaps(res, args.out, loaded.name)
     c = res.circuit
     print(f"{loaded.name} ({loaded.arch.describe()}), n={c.settings['n_prompts']}, "
           f"method {args.method}")

@@ -59,8 +59,8 @@ def _circuit_names(paths: list[str]) -> list[str]:
 def _check_tokenizers(specs: list[str]) -> None:
     """Fail before any model is loaded when two models' tokenizers differ (when each tokenizer
     can be loaded alone; otherwise the check happens as the models load)."""
-    from ..compare import same_tokenizer
-    from ..model import ModelSpecError, load_tokenizer
+    from ..methods.evaluation import same_tokenizer
+    from ..core.model import ModelSpecError, load_tokenizer
 
     try:
         toks = [load_tokenizer(s) for s in specs]
@@ -75,18 +75,16 @@ def _check_tokenizers(specs: list[str]) -> None:
 
 
 def run(args) -> int:
-    from ..ablation import model_tag, safe_name
-    from ..circuit import Circuit
-    from ..compare import EvalConfig, evaluate_matrix, format_matrix, head_overlap
-    from ..completeness import completeness, plot_completeness
-    from ..faithfulness import format_table, save_table, short_name
-    from ..minimality import batched_evaluator, minimality
-    from ..runs import RunFolder
+    from ..core.circuit import Circuit
+    from ..core.runs import RunFolder, model_tag, safe_name
+    from ..methods.evaluation import AnalysisConfig, EvalConfig, evaluate
+    from ..report.figures import plot_completeness
+    from ..report.tables import format_matrix, format_overlaps, format_table, save_table, short_name
 
     if not args.model:
         raise ValueError("pass at least one --model SPEC to evaluate the circuit on")
-    if not 0 <= args.max_partner_frac <= 1:
-        raise ValueError(f"--max-partner-frac must be in [0, 1], got {args.max_partner_frac}")
+    analyses = AnalysisConfig(args.completeness, args.n_halves, args.minimality, args.threshold,
+                              args.max_partner_frac)
     circuits = {n: Circuit.load(p) for n, p in zip(_circuit_names(args.circuit), args.circuit)}
     if len(args.model) > 1 and not args.per_model_tokenization:
         _check_tokenizers(args.model)
@@ -98,62 +96,27 @@ def run(args) -> int:
     folder = RunFolder(args.out)
     folder.save_json("evaluate/config.json", {**cfg.key(), "circuits": args.circuit,
                                               "models": args.model})
-    first_model = args.model[0]
-
-    def extra(sess, rows) -> None:
-        loaded = sess.loaded
-        slug = model_tag(loaded.name)
-        base = {"model": loaded.name, **cfg.key()}
-        for name, circuit in circuits.items():
-            if args.completeness:
-                s = {**base, "circuit": circuit.to_dict(), "n_halves": args.n_halves}
-                pts = folder.cached(f"completeness/{slug}/{safe_name(name)}.json", s, lambda: [
-                    p.to_dict() for p in completeness(
-                        loaded, sess.prompts, sess.means, circuit, args.n_halves, args.random_seed,
-                        cfg.keep_other_positions, cfg.batch_size, cfg.max_rows, progress=True)])
-                from ..completeness import CompletenessPoint
-                objs = [CompletenessPoint(p["subset"], p["removed"], p["circuit_minus_k"],
-                                          p["model_minus_k"]) for p in pts]
-                png = plot_completeness(objs, folder.file(f"completeness/{slug}/{safe_name(name)}.png"),
-                                        f"{name} on {short_name(loaded.name)}")
-                worst = max(objs, key=lambda p: p.difference)
-                print(f"completeness {name} on {short_name(loaded.name)}: max |F(C\\K) - F(M\\K)| = "
-                      f"{worst.difference:.3f} ({worst.subset}); plot {png}")
-            if args.minimality and sess.spec == first_model:
-                s = {**base, "circuit": circuit.to_dict(), "threshold": args.threshold,
-                     "max_partner_frac": args.max_partner_frac}
-                res = folder.cached(f"minimality/{safe_name(name)}.json", s, lambda: minimality(
-                    circuit, batched_evaluator(loaded, sess.prompts, sess.means,
-                                               cfg.keep_other_positions, cfg.batch_size,
-                                               cfg.max_rows, progress=True),
-                    args.threshold, args.max_partner_frac).to_dict())
-                pruned = Circuit.from_dict(res["pruned"])
-                path = folder.file(f"pruned/{safe_name(name)}.json")
-                pruned.save(path)
-                sizes = " ".join(f"{g}:{len(circuit.groups[g].heads)}->{len(pg.heads)}"
-                                 for g, pg in pruned.groups.items())
-                print(f"minimality {name} on {short_name(loaded.name)} ({res['n_variants']} variants): "
-                      f"{sizes}; pruned circuit {path}")
-
-    rows = evaluate_matrix(circuits, args.model, lambda spec: load_from_args(args, spec=spec),
-                           folder, cfg, progress=True,
-                           per_model=extra if (args.completeness or args.minimality) else None)
-    pj, pc = save_table(folder, rows)
-    print(format_table(rows))
+    res = evaluate(circuits, args.model, lambda spec: load_from_args(args, spec=spec), folder,
+                   cfg, analyses, progress=True)
+    for (model, name), points in res.completeness.items():
+        png = plot_completeness(points, folder.file(f"completeness/{model_tag(model)}/"
+                                                    f"{safe_name(name)}.png"),
+                                f"{name} on {short_name(model)}")
+        worst = max(points, key=lambda p: p.difference)
+        print(f"completeness {name} on {short_name(model)}: max |F(C\\K) - F(M\\K)| = "
+              f"{worst.difference:.3f} ({worst.subset}); plot {png}")
+    for name, m in res.minimality.items():
+        pruned = Circuit.from_dict(m["pruned"])
+        sizes = " ".join(f"{g}:{len(circuits[name].groups[g].heads)}->{len(pg.heads)}"
+                         for g, pg in pruned.groups.items())
+        print(f"minimality {name} on {short_name(args.model[0])} ({m['n_variants']} variants): "
+              f"{sizes}; pruned circuit {folder.file(f'pruned/{safe_name(name)}.json')}")
+    pj, pc = save_table(folder, res.rows)
+    print(format_table(res.rows))
     if args.matrix or len(circuits) > 1:
         print()
         print("circuit accuracy (faithfulness), circuit x model:")
-        print(format_matrix(rows))
-        names = list(circuits)
-        overlaps = {f"{a}|{b}": head_overlap(circuits[a], circuits[b])
-                    for a in names for b in names if a != b}
-        folder.save_json("overlap.json", overlaps)
-        ratio = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
-        for key, ov in overlaps.items():
-            a, b = key.split("|")
-            cells = ", ".join(f"{g} {o['intersection']}/{o['n_reference']} "
-                              f"(P {ratio(o['precision'])} R {ratio(o['recall'])})"
-                              for g, o in ov.items())
-            print(f"overlap {a} (reference) vs {b}: {cells}")
+        print(format_matrix(res.rows))
+        print(format_overlaps(res.overlaps))
     print(f"table: {pj} and {pc}")
     return 0

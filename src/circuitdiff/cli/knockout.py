@@ -44,11 +44,11 @@ def parse_layers(spec: str | None) -> list[int] | None:
 
 
 def run(args) -> int:
-    from ..ablation import model_tag, safe_name
-    from ..faithfulness import short_name
-    from ..knockout import Edge, KnockoutCurve, knockout_curve, plot_curves
-    from ..runs import RunFolder
-    from ..task import EntityTrackingTask, TaskConfig
+    from ..core.runs import RunFolder, model_tag, safe_name
+    from ..methods.knockout import Edge, KnockoutCurve, knockout_curve
+    from ..report.figures import plot_knockout_curves
+    from ..report.tables import short_name
+    from ..core.task import EntityTrackingTask, TaskConfig
 
     edges = [Edge.parse(e) for e in (args.edge or DEFAULT_EDGES)]
     layers = parse_layers(args.layers)
@@ -69,8 +69,8 @@ def run(args) -> int:
         curves.append(c)
         pts = " ".join(f"{l}:{a:.2f}" for l, a in zip(c.layers, c.accuracy))
         print(f"{c.edge:32s} baseline {c.baseline:.2f} | L:acc {pts}")
-    png = plot_curves(curves, folder.file(f"knockout/{slug}/knockout.png"),
-                      f"attention knockout: {short_name(loaded.name)}")
+    png = plot_knockout_curves(curves, folder.file(f"knockout/{slug}/knockout.png"),
+                                f"attention knockout: {short_name(loaded.name)}")
     folder.save_json(f"knockout/{slug}/curves.json", [c.to_dict() for c in curves])
     print(f"plot {png}; curves {folder.file(f'knockout/{slug}/curves.json')}")
     return 0

@@ -28,8 +28,9 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..discovery import parse_sizes
-    from ..model import default_model_spec
+    from ..core.model import default_model_spec
+    from ..methods.discovery import DiscoveryConfig
+    from ..methods.evaluation import EvalConfig
     from ..study import ORGANISM_STUDY, StudyConfig, run_study
 
     models = args.model
@@ -40,10 +41,13 @@ def run(args) -> int:
             models = list(ORGANISM_STUDY)
         else:  # no organisms in this install: the pretrained fallback is at chance on the task
             models, accuracy_only = [default], True
-    cfg = StudyConfig(n_prompts=args.n_prompts, n_boxes=args.n_boxes, seed=args.seed,
-                      sizes=parse_sizes(args.sizes), n_discovery=args.n_discovery,
-                      n_mean=args.n_mean, random_draws=args.random_draws,
-                      batch_size=args.batch_size, knockout=not args.no_knockout,
-                      discover=not accuracy_only)
+    cfg = StudyConfig(
+        discovery=DiscoveryConfig(n_prompts=args.n_discovery, sizes=args.sizes,
+                                  n_boxes=args.n_boxes, seed=args.seed + 100,
+                                  batch_size=args.batch_size, truncate=True),
+        evaluation=EvalConfig(n_prompts=args.n_prompts, seed=args.seed, n_boxes=args.n_boxes,
+                              n_mean=args.n_mean, n_random=args.random_draws,
+                              batch_size=args.batch_size),
+        knockout=not args.no_knockout, discover=not accuracy_only)
     run_study(models, lambda spec: load_from_args(args, spec=spec), args.out, cfg)
     return 0

@@ -21,7 +21,7 @@ import random
 import string
 from pathlib import Path
 
-from circuitdiff.task import DEFAULT_OBJECTS
+from circuitdiff.core.task import DEFAULT_OBJECTS
 
 LABELS = tuple(string.ascii_uppercase)
 OBJECTS = DEFAULT_OBJECTS

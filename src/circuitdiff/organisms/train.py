@@ -213,7 +213,7 @@ def train_stage(model, tokenizer, make_docs, spec: StageSpec, seed: int, desc: s
 def accuracy(model, tokenizer, n: int = 500, seed: int = 0, n_boxes: int = EVAL_BOXES,
              batch_size: int = 250) -> float:
     """Argmax-over-vocabulary accuracy at the last token on the evaluation template."""
-    from circuitdiff.task import EntityTrackingTask, TaskConfig, encode
+    from circuitdiff.core.task import EntityTrackingTask, TaskConfig, encode
 
     task = EntityTrackingTask(tokenizer, TaskConfig(n_boxes=n_boxes), seed=seed)
     prompts = task.sample(n, seed=seed)

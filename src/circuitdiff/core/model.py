@@ -3,7 +3,7 @@
 
 Follows HF conventions: ``device``, ``dtype`` (float32/bfloat16/float16) and ``device_map``
 (needs accelerate) are passed through to ``from_pretrained``. Returns a :class:`LoadedModel`
-holding the model, its tokenizer and the structural :class:`~circuitdiff.arch.Architecture`.
+holding the model, its tokenizer and the structural :class:`~circuitdiff.core.arch.Architecture`.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device | 
 
 def _organism_dir(name: str) -> Path:
     try:
-        from .organisms import organism_path
+        from ..organisms import organism_path
     except ImportError as e:  # pragma: no cover - organisms ship with the package
         raise ModelSpecError(f"model organisms are not available in this install ({e})") from None
     return organism_path(name)

@@ -7,7 +7,7 @@ Sites:
     k/v "head" is shared by ``n_heads / n_kv_heads`` query heads), edited with forward hooks.
 
 Positions are per sample: a LongTensor ``[B]`` or ``[B, P]`` of indices into the padded
-sequence (see :class:`circuitdiff.task.Batch`), or ``None`` for every position. All edits are
+sequence (see :class:`circuitdiff.core.task.Batch`), or ``None`` for every position. All edits are
 vectorised gathers/scatters with ``torch.where``; hooks are removed even when the forward raises.
 """
 
@@ -231,9 +231,9 @@ def check_positions(edits: Sequence, attention_mask: torch.Tensor | None, seq_le
                 raise InterventionError("a position points at a padding token, not the prompt")
 
 
-def run(model: nn.Module, inputs: dict[str, torch.Tensor],
-        edits: Sequence[Read | Write | Hook | StopAfter] = (),
-        arch: Architecture | None = None, **forward_kwargs) -> torch.Tensor | None:
+def run_with_edits(model: nn.Module, inputs: dict[str, torch.Tensor],
+                   edits: Sequence[Read | Write | Hook | StopAfter] = (),
+                   arch: Architecture | None = None, **forward_kwargs) -> torch.Tensor | None:
     """One forward with ``edits`` applied; returns the logits (``None`` if stopped early)."""
     ids = inputs["input_ids"]
     check_positions(edits, inputs.get("attention_mask"), ids.shape[1])

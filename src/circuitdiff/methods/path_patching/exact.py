@@ -1,52 +1,11 @@
-"""Path patching: the effect of one sender head on the metric through chosen receivers only.
-
-For every sender head ``(layer, head)`` and every clean prompt with its counterfactual
-(``task.corrupt``):
-
-1. **pass 1** — run clean, but at every position ``>= p`` (the sender position, per sample) freeze
-   *all* head outputs to their clean values, except the sender, which takes its counterfactual
-   value; record the receivers' inputs (q, k or v projection output, per sample at ``p``);
-2. **pass 2** — run clean with only those receiver inputs replaced;
-3. score = mean over samples of ``(p_patched(answer) - p_clean(answer)) / p_clean(answer)``
-   (the clean answer). With no receivers the receiver is the logits: pass 1's own output.
-
-Receivers are query heads ``(layer, head)``. For ``q`` a receiver is that head's query; for
-``k``/``v`` under GQA the input is shared: patching receiver head ``h``'s v patches kv head
-``arch.kv_head_of(h)`` (so every query head of that group sees it). Positions are a named position
-of the task (``last``, ``query_label``, ``prev_query_label``, ``correct_object``); the sender and
-receiver share it (as in the paper's chain). The counterfactual value is read at the *clean*
-prompt's index: :func:`~circuitdiff.task.encode_pair` gives a counterfactual that lacks the named
-token (no previous query label) the clean index, and all prompts share one layout.
-
-Logits receivers need position ``last`` (elsewhere every path to the logits is frozen).
-
-Two implementations give the same scores:
-
-* ``impl="naive"`` — the faithful oracle: two full forwards per sender (one for logits
-  receivers), batched over samples, with every head edited at every position ``>= p``.
-* ``impl="fast"`` — exact, much cheaper. Positions ``< p`` are untouched (causal), and the
-  receiver input at ``p`` is a function of the residual stream at ``p`` only; with every head
-  output at ``p`` frozen except the sender's, that residual differs from clean only through the
-  sender's output and the MLPs *at p*. So pass 1 is a single-position computation: start from the
-  clean residual at ``p``, add ``o_proj`` of the edited head vector (the model's own ``o_proj``
-  module, LoRA included), then run each later layer's MLP live with its attention output fixed
-  to the clean one. Many senders are stacked along the batch dimension; senders at or after the
-  last receiver layer score exactly 0. Pass 2 only changes positions ``>= p`` in layers ``>=`` the
-  first receiver's, so it runs the model's own forward on the suffix only (samples grouped by
-  ``p``), with a clean KV cache of the prefix and the clean residual entering the first receiver
-  layer, stacked over senders. The replay is checked numerically against the clean forward on
-  every batch; a decoder layer of another shape (e.g. Gemma-3's extra norms) falls back to the
-  naive path with a warning.
-
-Also here: a gradient estimate (``attribution_scores``, one forward/backward pair per batch) and
-:func:`compare_scores` (Spearman rank correlation and top-k recall against exact scores).
-"""
+"""Exact path-patching scores: the fast single-position engine and the public entry point
+:func:`path_patching_scores` (which falls back to :mod:`.naive` where the fast path cannot
+replay a layer)."""
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import warnings
 from dataclasses import dataclass
 from typing import Sequence
@@ -54,111 +13,15 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .arch import Architecture, unwrap
-from .circuit import Head, parse_head
-from .interventions import (Hook, Read, StopAfter, Write, gather_positions, intervene, run,
-                            scatter_positions)
-from .model import LoadedModel
-from .task import POSITION_NAMES, Batch, Prompt, encode_pair
-
-RECEIVER_KINDS = ("q", "k", "v")
-IMPLS = ("fast", "naive")
-
-
-class PathPatchingError(ValueError):
-    """Raised for a path-patching request that cannot be computed (says what to change)."""
-
-
-# -- validation ------------------------------------------------------------------------------
-def check_position(position: str) -> None:
-    """``position`` must be one of the task's per-prompt scalar positions."""
-    if position not in POSITION_NAMES:
-        raise PathPatchingError(f"unknown position {position!r}: the task defines "
-                                f"{', '.join(POSITION_NAMES)}")
-
-
-def _norm_heads(heads: Sequence[Head | str] | None, arch: Architecture, what: str) -> list[Head]:
-    out = [parse_head(h) for h in (heads or ())]
-    for layer, head in out:
-        if not (0 <= layer < arch.n_layers and 0 <= head < arch.n_heads):
-            raise PathPatchingError(f"{what} head {layer}.{head} does not exist: the model has "
-                                    f"{arch.n_layers} layers x {arch.n_heads} heads")
-    return list(dict.fromkeys(out))
-
-
-def _check_request(arch: Architecture, senders: list[Head], receivers: list[Head],
-                   receiver_kind: str, position: str) -> None:
-    check_position(position)
-    if receivers and receiver_kind not in RECEIVER_KINDS:
-        raise PathPatchingError(f"receiver_kind must be one of {RECEIVER_KINDS}, got "
-                                f"{receiver_kind!r}")
-    if not senders:
-        raise PathPatchingError("no sender heads to score")
-    if not receivers and position != "last":
-        raise PathPatchingError(
-            f"logits receivers need position 'last' (got {position!r}): with every head frozen "
-            f"at positions >= {position}, nothing reaches the logits at last; give receivers")
-    if receivers:
-        last_recv = max(l for l, _ in receivers)
-        if min(l for l, _ in senders) >= last_recv:
-            raise PathPatchingError(
-                f"every sender is in layer >= {min(l for l, _ in senders)} but the receivers "
-                f"end at layer {last_recv}: a head cannot reach a receiver in its own or an "
-                f"earlier layer. Choose senders below layer {last_recv}.")
-
-
-@dataclass
-class _Request:
-    """One path-patching step, resolved against the architecture."""
-
-    position: str
-    senders: list[Head]
-    receivers: list[Head]           # empty = logits
-    kind: str
-
-    def recv_layers(self) -> list[int]:
-        return sorted({l for l, _ in self.receivers})
-
-    def unit_mask(self, arch: Architecture, layer: int) -> torch.Tensor:
-        """Bool ``[units]``: receiver units of ``layer`` (kv heads for k/v under GQA)."""
-        units = arch.n_heads if self.kind == "q" else arch.n_kv_heads
-        m = torch.zeros(units, dtype=torch.bool)
-        for l, h in self.receivers:
-            if l == layer:
-                m[h if self.kind == "q" else arch.kv_head_of(h)] = True
-        return m
-
-
-def _answer_prob(logits: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
-    """Softmax probability of ``answers`` under ``logits`` ``[..., B, V]`` (float32)."""
-    lp = logits.float().log_softmax(-1)
-    idx = answers.to(lp.device).expand(*lp.shape[:-1])[..., None]
-    return lp.gather(-1, idx)[..., 0].exp()
-
-
-def _inputs(batch: Batch, device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in batch.model_inputs().items()}
-
-
-def _last_logits(model: nn.Module, inputs: dict, edits: Sequence, arch: Architecture,
-                 last: torch.Tensor) -> torch.Tensor:
-    """``[B, V]`` logits at ``last`` (left padding: only the final position is computed)."""
-    T = inputs["input_ids"].shape[1]
-    if bool((last == T - 1).all()):
-        return run(model, inputs, edits, arch, logits_to_keep=1)[:, -1]
-    logits = run(model, inputs, edits, arch)
-    return logits[torch.arange(len(last), device=logits.device), last.to(logits.device)]
-
-
-def _encode_checked(loaded: LoadedModel, clean: Sequence[Prompt], cf: Sequence[Prompt],
-                    position: str) -> tuple[Batch, Batch]:
-    bc, bx = encode_pair(clean, cf, loaded.tokenizer)
-    if bool((bc.answer_ids < 0).any()):
-        raise PathPatchingError("path patching needs clean prompts whose query names a box "
-                                "(the metric is the clean answer's probability)")
-    if bool((bc.positions[position] < 0).any()):
-        raise PathPatchingError(f"position {position!r} is absent from some clean prompts")
-    return bc, bx
+from ...core.arch import Architecture, unwrap
+from ...core.circuit import Head
+from ...core.interventions import Read, StopAfter, Write, intervene, run_with_edits
+from ...core.metrics import answer_prob, logits_at_last
+from ...core.model import LoadedModel
+from ...core.task import Batch, Prompt
+from .common import (IMPLS, PathPatchingError, _check_request, _check_sets, _encode_checked,
+                     _norm_heads, _Request, all_heads)
+from .naive import _naive_batch
 
 
 # -- the single-position replay (fast path) ----------------------------------------------------
@@ -257,16 +120,16 @@ def _capture(loaded: LoadedModel, bc: Batch, bx: Batch, position: str) -> _Clean
             handles.append(arch.attention[i].o.register_forward_hook(post_o(i)))
         handles.append(arch.layers[L - 1].register_forward_hook(post_layer))
         read = Read(list(range(L)), p, "head")
-        logits = _last_logits(model, _inputs(bc, dev), [read], arch, bc.positions["last"])
+        logits = logits_at_last(model, bc.model_inputs(dev), bc.positions["last"], [read], arch)
     finally:
         for h in handles:
             h.remove()
     read_cf = Read(list(range(L)), bx.positions[position].to(dev), "head")
-    run(model, _inputs(bx, dev), [read_cf, StopAfter(L - 1)], arch)
+    run_with_edits(model, bx.model_inputs(dev), [read_cf, StopAfter(L - 1)], arch)
     z = torch.stack([read.out[l][:, 0] for l in range(L)])
     z_cf = torch.stack([read_cf.out[l][:, 0] for l in range(L)])
     return _Clean(p, z, z_cf, torch.stack(resid), torch.stack(attn), logits,
-                  _answer_prob(logits, bc.answer_ids))
+                  answer_prob(logits, bc.answer_ids))
 
 
 def _replay_error(rep: _Replay, c: _Clean) -> float:
@@ -336,7 +199,7 @@ def _pass1(rep: _Replay, c: _Clean, req: _Request, senders: list[Head],
         if end in recv and state is not None:
             recv[end][: len(state)] = rep.proj(end, state, req.kind).view(len(state), B, -1, D)
         return recv, None
-    return recv, _answer_prob(rep.logits(state), answers)
+    return recv, answer_prob(rep.logits(state), answers)
 
 
 class _PrefixCache:
@@ -358,7 +221,7 @@ class _PrefixCache:
                 got["h"] = (out[0] if isinstance(out, tuple) else out)[:, s:].detach()
             handle = arch.layers[start - 1].register_forward_hook(grab)
             try:
-                run(model, inputs, [StopAfter(start - 1)], arch)
+                run_with_edits(model, inputs, [StopAfter(start - 1)], arch)
             finally:
                 handle.remove()
             self.start, self.hidden = start, got["h"]
@@ -437,7 +300,7 @@ def _pass2(model: nn.Module, rep: "_Replay", inputs: dict, pc: "_PrefixCache | N
     else:
         idx = (last - s).repeat(N)
         logits = logits[torch.arange(N * B, device=dev), idx]
-    return _answer_prob(logits.view(N, B, -1), answers)
+    return answer_prob(logits.view(N, B, -1), answers)
 
 
 def _fast_batch(loaded: LoadedModel, rep: _Replay, bc: Batch, bx: Batch, req: _Request,
@@ -456,7 +319,7 @@ def _fast_batch(loaded: LoadedModel, rep: _Replay, bc: Batch, bx: Batch, req: _R
     recv_layers = req.recv_layers()
     last_recv = max(recv_layers) if recv_layers else arch.n_layers
     live = [i for i in order if req.senders[i][0] < last_recv]  # others score exactly 0
-    inputs = _inputs(bc, dev)
+    inputs = bc.model_inputs(dev)
     last = bc.positions["last"].to(dev)
     groups = []  # samples sharing a receiver position share a prefix cache and a suffix
     chunk = max(1, max_rows // B)
@@ -504,57 +367,6 @@ def _cache_budget(device: torch.device) -> int:
 class _Unsupported(Exception):
     pass
 
-
-def _naive_batch(loaded: LoadedModel, bc: Batch, bx: Batch, req: _Request, bar=None
-                 ) -> torch.Tensor:
-    """The faithful oracle: pass 1 and pass 2 as full forwards, one sender at a time."""
-    model, arch, dev = loaded.model, loaded.arch, loaded.device
-    L, H = arch.n_layers, arch.n_heads
-    inputs_c, inputs_x = _inputs(bc, dev), _inputs(bx, dev)
-    p = bc.positions[req.position].to(dev)
-    last = bc.positions["last"].to(dev)
-    answers = bc.answer_ids.to(dev)
-    rc, rx = Read(list(range(L)), None, "head"), Read(list(range(L)), None, "head")
-    clean_logits = _last_logits(model, inputs_c, [rc], arch, last)
-    run(model, inputs_x, [rx], arch)
-    p_clean = _answer_prob(clean_logits, answers)
-    T = inputs_c["input_ids"].shape[1]
-    from_p = (torch.arange(T, device=dev)[None, :] >= p[:, None])[:, :, None].expand(-1, -1, H)
-    recv_layers = req.recv_layers()
-    out = torch.zeros(len(req.senders), dtype=torch.float32)
-    for i, (ls, hs) in enumerate(req.senders):
-        edits = []
-        for l in range(L):
-            vals = rc.out[l]
-            if l == ls:
-                vals = rc.out[l].clone()
-                vals[:, :, hs] = rx.out[l][:, :, hs]
-            edits.append(Write(l, vals, None, from_p, "head"))
-        if recv_layers:
-            read = Read(recv_layers, p, req.kind)
-            run(model, inputs_c, edits + [read], arch)
-            writes = [Write(lr, read.out[lr], p, req.unit_mask(arch, lr).to(dev)[None, None],
-                            req.kind) for lr in recv_layers]
-            logits = _last_logits(model, inputs_c, writes, arch, last)
-        else:
-            logits = _last_logits(model, inputs_c, edits, arch, last)
-        probs = _answer_prob(logits, answers)
-        out[i] = float(((probs - p_clean) / p_clean).sum())
-        if bar is not None:
-            bar.update(len(bc))
-    return out
-
-
-def _check_sets(loaded: LoadedModel, clean: Sequence[Prompt], cf: Sequence[Prompt]) -> None:
-    if len(clean) == 0:
-        raise PathPatchingError("no clean prompts")
-    if len(clean) != len(cf):
-        encode_pair(clean, cf, loaded.tokenizer)  # raises the task's own error for the mismatch
-
-
-# -- public API -------------------------------------------------------------------------------
-def all_heads(arch: Architecture) -> list[Head]:
-    return [(l, h) for l in range(arch.n_layers) for h in range(arch.n_heads)]
 
 
 @torch.no_grad()
@@ -613,150 +425,3 @@ def path_patching_scores(loaded: LoadedModel, clean: Sequence[Prompt],
     scores[idx[:, 0], idx[:, 1]] = total / len(clean)
     return scores
 
-
-def attribution_scores(loaded: LoadedModel, clean: Sequence[Prompt],
-                       counterfactual: Sequence[Prompt], position: str = "last",
-                       receivers: Sequence[Head | str] = (), receiver_kind: str = "q",
-                       batch_size: int = 32, progress: bool = False) -> torch.Tensor:
-    """First-order estimate of :func:`path_patching_scores` for every head at once.
-
-    ``score ≈ mean_b (z_cf - z) · ∂ log p(answer) / ∂z`` along the path: pass 2's gradient
-    ``g`` with respect to the receiver inputs (one clean forward/backward), then the gradient of
-    ``<g, receiver inputs>`` with respect to every head output at ``p`` in a forward where every
-    head output at positions ``>= p`` is a constant (so the gradient leaves ``p`` only through the
-    residual stream, as pass 1 does). ``d log p = dp / p`` is the linearised relative change.
-    Two forward/backward passes per batch, any architecture.
-    """
-    arch = loaded.arch
-    recv = _norm_heads(receivers, arch, "receiver")
-    _check_request(arch, all_heads(arch), recv, receiver_kind, position)
-    _check_sets(loaded, clean, counterfactual)
-    req = _Request(position, all_heads(arch), recv, receiver_kind if recv else "q")
-    model, dev = loaded.model, loaded.device
-    L, H = arch.n_layers, arch.n_heads
-    from tqdm.auto import tqdm
-
-    total = torch.zeros(L, H, dtype=torch.float32)
-    n_batches = (len(clean) + batch_size - 1) // batch_size
-    for i in tqdm(range(0, len(clean), batch_size), total=n_batches, desc="attribution",
-                  disable=not progress, unit="batch"):
-        bc, bx = _encode_checked(loaded, clean[i:i + batch_size],
-                                 counterfactual[i:i + batch_size], position)
-        inputs_c, inputs_x = _inputs(bc, dev), _inputs(bx, dev)
-        p = bc.positions[req.position].to(dev)
-        last = bc.positions["last"].to(dev)
-        answers = bc.answer_ids.to(dev)
-        with torch.no_grad():
-            rc, rx = Read(list(range(L)), None, "head"), Read(list(range(L)), p, "head")
-            run(model, inputs_c, [rc], arch)
-            run(model, inputs_x, [rx], arch)
-        recv_layers = req.recv_layers()
-        with torch.enable_grad():
-            grads = {}
-            if recv_layers:  # g = d sum_b log p_b / d receiver input at p (clean run)
-                leaves = {}
-
-                def leaf_hook(lr):
-                    def fn(x4):
-                        leaves[lr] = gather_positions(x4, p).detach().requires_grad_(True)
-                        return scatter_positions(x4, p, leaves[lr])
-                    return fn
-                logits = _last_logits(model, inputs_c,
-                                      [Hook(lr, leaf_hook(lr), req.kind) for lr in recv_layers],
-                                      arch, last)
-                obj = _answer_prob(logits, answers).log().sum()
-                gs = torch.autograd.grad(obj, [leaves[lr] for lr in recv_layers])
-                for lr, g in zip(recv_layers, gs):
-                    grads[lr] = g * req.unit_mask(arch, lr).to(dev)[None, None, :, None]
-            T = inputs_c["input_ids"].shape[1]
-            from_p = (torch.arange(T, device=dev)[None, :] >= p[:, None])[:, :, None, None]
-            zleaves = {}
-
-            def freeze_hook(l):
-                def fn(x4):
-                    frozen = torch.where(from_p, rc.out[l].to(x4.dtype), x4)
-                    zleaves[l] = gather_positions(frozen, p).detach().requires_grad_(True)
-                    return scatter_positions(frozen, p, zleaves[l])
-                return fn
-            edits = [Hook(l, freeze_hook(l), "head") for l in range(L)]
-            if recv_layers:
-                read = Read(recv_layers, p, req.kind, detach=False)
-                run(model, inputs_c, edits + [read], arch)
-                obj = sum((read.out[lr].float() * grads[lr].float()).sum() for lr in recv_layers)
-            else:
-                logits = _last_logits(model, inputs_c, edits, arch, last)
-                obj = _answer_prob(logits, answers).log().sum()
-            gz = torch.autograd.grad(obj, [zleaves[l] for l in range(L)], allow_unused=True)
-        for l, g in enumerate(gz):
-            if g is None:
-                continue
-            delta = (rx.out[l] - gather_positions(rc.out[l], p)).float()
-            total[l] += (delta * g.float()).sum(-1).sum((0, 1)).cpu()
-    return total / len(clean)
-
-
-def top_heads(scores: torch.Tensor, k: int) -> list[Head]:
-    """The ``k`` heads with the most negative finite scores (NaN = not scored), best first."""
-    if k < 1:
-        raise PathPatchingError(f"a group needs at least one head, got size {k}")
-    flat = scores.flatten().float()
-    finite = torch.isfinite(flat)
-    if int(finite.sum()) < k:
-        raise PathPatchingError(f"asked for {k} heads but only {int(finite.sum())} were scored")
-    vals = torch.where(finite, flat, torch.full_like(flat, math.inf))
-    order = torch.argsort(vals, stable=True)[:k]
-    H = scores.shape[1]
-    return [(int(i) // H, int(i) % H) for i in order]
-
-
-@dataclass
-class ScoreComparison:
-    """How well an estimate ranks heads compared with exact scores."""
-
-    spearman: float
-    topk_recall: float
-    k: int
-
-    def to_dict(self) -> dict:
-        return {"spearman": self.spearman, "topk_recall": self.topk_recall, "k": self.k}
-
-    def __str__(self) -> str:
-        return f"Spearman {self.spearman:.3f}, top-{self.k} recall {self.topk_recall:.2f}"
-
-
-def _ranks(x: torch.Tensor) -> torch.Tensor:
-    """Average ranks (ties share their mean rank)."""
-    x = x.double()
-    order = torch.argsort(x, stable=True)
-    sx = x[order]
-    ranks = torch.empty_like(x)
-    _, inv, counts = torch.unique_consecutive(sx, return_inverse=True, return_counts=True)
-    starts = torch.cumsum(counts, 0) - counts
-    mean_rank = starts.double() + (counts.double() - 1) / 2
-    ranks[order] = mean_rank[inv]
-    return ranks
-
-
-def compare_scores(estimate: torch.Tensor, exact: torch.Tensor, k: int) -> ScoreComparison:
-    """Spearman rank correlation over heads and recall of the exact top-``k`` (most negative)
-    among the estimate's top-``k``. Heads whose exact score is NaN are left out."""
-    if estimate.shape != exact.shape:
-        raise PathPatchingError(f"estimate {tuple(estimate.shape)} and exact "
-                                f"{tuple(exact.shape)} scores differ in shape")
-    keep = torch.isfinite(exact.flatten()) & torch.isfinite(estimate.flatten())
-    e, x = estimate.flatten()[keep], exact.flatten()[keep]
-    if len(e) < 2:
-        raise PathPatchingError("need at least two scored heads to compare")
-    re, rx = _ranks(e), _ranks(x)
-    re, rx = re - re.mean(), rx - rx.mean()
-    den = float(re.norm() * rx.norm())
-    rho = max(-1.0, min(1.0, float((re * rx).sum()) / den)) if den > 0 else float("nan")
-    k = min(k, len(e))
-    top_e = set(torch.argsort(e.double(), stable=True)[:k].tolist())
-    top_x = set(torch.argsort(x.double(), stable=True)[:k].tolist())
-    return ScoreComparison(rho, len(top_e & top_x) / k, k)
-
-
-__all__ = ["PathPatchingError", "RECEIVER_KINDS", "ScoreComparison", "all_heads",
-           "attribution_scores", "check_position", "compare_scores",
-           "path_patching_scores", "top_heads"]

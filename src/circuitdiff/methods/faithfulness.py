@@ -1,7 +1,7 @@
 """Faithfulness: how much of a model's accuracy its circuit alone recovers.
 
 For one circuit and one model: full-model accuracy, circuit accuracy (everything else
-mean-ablated, :mod:`circuitdiff.ablation`), accuracy of random circuits with the same per-group
+mean-ablated, :mod:`circuitdiff.methods.ablation`), accuracy of random circuits with the same per-group
 sizes (heads drawn *without replacement* from all heads, seeded — the original code drew with
 replacement and unseeded), and faithfulness = circuit / full ("undefined", ``None``, when the full
 model scores 0). The circuit and all random draws run as variants of one batched evaluation.
@@ -9,8 +9,6 @@ model scores 0). The circuit and all random draws run as variants of one batched
 
 from __future__ import annotations
 
-import csv
-import io
 import random
 import statistics
 from dataclasses import asdict, dataclass, field
@@ -18,10 +16,9 @@ from typing import Sequence
 
 from .ablation import HeadMeans, circuit_keep, variant_accuracies
 from .accuracy import evaluate_accuracy
-from .circuit import Circuit, CircuitGroup
-from .model import LoadedModel
-from .runs import RunFolder
-from .task import Prompt
+from ..core.circuit import Circuit, CircuitGroup
+from ..core.model import LoadedModel
+from ..core.task import Prompt
 
 
 def faithfulness(full: float, circuit: float) -> float | None:
@@ -101,47 +98,3 @@ def evaluate_faithfulness(loaded: LoadedModel, prompts: Sequence[Prompt], means:
         statistics.fmean(rnd) if rnd else None,
         statistics.stdev(rnd) if len(rnd) > 1 else (0.0 if rnd else None),
         faithfulness(full, accs[0]), len(prompts), rnd)
-
-
-# -- the table -----------------------------------------------------------------------------
-def _fmt(x: float | None, nd: int = 2) -> str:
-    return "undefined" if x is None else f"{x:.{nd}f}"
-
-
-def short_name(model: str) -> str:
-    """Display name: a path's last component (full names stay in the JSON/CSV)."""
-    return model.rstrip("/").rsplit("/", 1)[-1] if "/" in model else model
-
-
-def format_table(rows: Sequence[FaithfulnessRow]) -> str:
-    """The paper-shaped table: model | full | circuit | random (mean±sd) | faithfulness."""
-    head = ["model", "circuit", "full", "circuit acc", "random (mean±sd)", "faithfulness"]
-    body = [[short_name(r.model), r.circuit, _fmt(r.full), _fmt(r.circuit_accuracy),
-             "-" if r.random_mean is None else f"{r.random_mean:.2f}±{r.random_sd:.2f}",
-             _fmt(r.faithfulness)] for r in rows]
-    widths = [max(len(x) for x in col) for col in zip(head, *body)]
-    line = lambda cells: " | ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
-    return "\n".join([line(head), "-+-".join("-" * w for w in widths)] + [line(b) for b in body])
-
-
-def table_csv(rows: Sequence[FaithfulnessRow]) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["model", "circuit", "full", "circuit_accuracy", "random_mean", "random_sd",
-                "faithfulness", "n"])
-    for r in rows:
-        w.writerow([r.model, r.circuit, r.full, r.circuit_accuracy,
-                    "" if r.random_mean is None else r.random_mean,
-                    "" if r.random_sd is None else r.random_sd,
-                    "undefined" if r.faithfulness is None else r.faithfulness, r.n])
-    return buf.getvalue()
-
-
-def save_table(folder: RunFolder, rows: Sequence[FaithfulnessRow], name: str = "faithfulness"):
-    """Write ``name.json`` and ``name.csv`` into the run folder; returns both paths."""
-    pj = folder.save_json(f"{name}.json", [r.to_dict() for r in rows])
-    pc = folder.file(f"{name}.csv")
-    tmp = pc.with_name(pc.name + ".tmp")
-    tmp.write_text(table_csv(rows))
-    tmp.replace(pc)
-    return pj, pc

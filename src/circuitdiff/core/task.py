@@ -343,15 +343,24 @@ class Batch:
     answer_ids: torch.Tensor       # [B] (-1 where the prompt has no answer)
     object_ids: torch.Tensor       # [B, n_boxes] (-1 pads prompts with fewer boxes)
 
-    def model_inputs(self) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask,
-                "position_ids": self.position_ids}
+    def model_inputs(self, device=None) -> dict[str, torch.Tensor]:
+        """The model's keyword inputs (ids, attention mask, position ids), on ``device``."""
+        d = {"input_ids": self.input_ids, "attention_mask": self.attention_mask,
+             "position_ids": self.position_ids}
+        return d if device is None else {k: v.to(device) for k, v in d.items()}
+
+    def _map(self, fn) -> "Batch":
+        return Batch(fn(self.input_ids), fn(self.attention_mask), fn(self.position_ids),
+                     {k: fn(v) for k, v in self.positions.items()}, fn(self.answer_ids),
+                     fn(self.object_ids))
 
     def to(self, device) -> "Batch":
-        mv = lambda t: t.to(device)  # noqa: E731
-        return Batch(mv(self.input_ids), mv(self.attention_mask), mv(self.position_ids),
-                     {k: mv(v) for k, v in self.positions.items()}, mv(self.answer_ids),
-                     mv(self.object_ids))
+        return self._map(lambda t: t.to(device))
+
+    def repeat(self, k: int) -> "Batch":
+        """The batch stacked ``k`` times (variant-major: row ``i*B + b`` is copy i, sample b);
+        how ablation variants share one forward."""
+        return self._map(lambda t: t.repeat(k, *([1] * (t.dim() - 1))))
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -400,6 +409,14 @@ def pad_token_id(tokenizer) -> int:
 def encode(prompts: Sequence[Prompt], tokenizer, padding_side: str = "left") -> Batch:
     """Locate every prompt and pad them into a :class:`Batch`."""
     return make_batch([locate(p, tokenizer) for p in prompts], pad_token_id(tokenizer), padding_side)
+
+
+def batches(prompts: Sequence[Prompt], tokenizer, batch_size: int) -> list[Batch]:
+    """Encode ``prompts`` in left-padded chunks of ``batch_size``."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return [encode(prompts[i:i + batch_size], tokenizer)
+            for i in range(0, len(prompts), batch_size)]
 
 
 def encode_pair(clean: Sequence[Prompt], counterfactual: Sequence[Prompt], tokenizer,

@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import random
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from .ablation import HeadMeans, circuit_keep, variant_accuracies, without
-from .circuit import Circuit, Head, format_head
-from .model import LoadedModel
-from .plotting import pyplot, save_figure
-from .task import Prompt
+from ..core.circuit import Circuit, Head, format_head
+from ..core.model import LoadedModel
+from ..core.task import Prompt
 
 
 @dataclass
@@ -75,29 +73,3 @@ def completeness(loaded: LoadedModel, prompts: Sequence[Prompt], means: HeadMean
                                True, batch_size, max_rows, progress)
     return [CompletenessPoint(name, {g: [format_head(h) for h in hs] for g, hs in r.items()}, c, m)
             for (name, r), c, m in zip(subsets, c_acc, m_acc)]
-
-
-def plot_completeness(points: Sequence[CompletenessPoint], path: str | Path,
-                      title: str = "") -> Path:
-    """Scatter of F(C∖K) against F(M∖K) with the diagonal, saved as PNG (matplotlib Agg)."""
-    plt = pyplot()
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    for kind, marker in (("group", "s"), ("half", "o")):
-        pts = [p for p in points if p.subset.startswith(kind)]
-        ax.scatter([p.circuit_minus_k for p in pts], [p.model_minus_k for p in pts],
-                   marker=marker, label="whole group" if kind == "group" else "random half")
-    for p in points:
-        if p.subset.startswith("group"):
-            ax.annotate(p.subset.split(":", 1)[1], (p.circuit_minus_k, p.model_minus_k),
-                        fontsize=7)
-    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
-    ax.set_xlim(-0.02, 1.02)
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_xlabel("F(C \\ K)  (circuit minus K)")
-    ax.set_ylabel("F(M \\ K)  (model minus K)")
-    ax.set_title(title or "completeness", fontsize=9)
-    ax.legend(fontsize=7)
-    return save_figure(fig, path)

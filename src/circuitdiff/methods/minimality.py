@@ -9,7 +9,7 @@ and keep ``H`` if the best effect is ≥ ``threshold`` (0.01). Candidate partner
 prefixes of ``H``'s partners ranked by *pair-drop* score ``effect(H | {H'})``, so the search is
 ``n²/2`` pair drops plus ``n · 0.3n`` prefix sets per group of ``n`` heads. Every ablation variant
 is a keep mask; they are evaluated in two batched rounds (pairs, then prefixes) with variants
-stacked along the batch dimension (:func:`circuitdiff.ablation.variant_accuracies`), never one
+stacked along the batch dimension (:func:`circuitdiff.methods.ablation.variant_accuracies`), never one
 forward per variant. Identical variants are evaluated once.
 
 "Removing H" removes it at its group's *position* (from every group read there): a head listed
@@ -25,9 +25,9 @@ from typing import Callable, Sequence
 import torch
 
 from .ablation import HeadMeans, KeepMasks, circuit_keep, variant_accuracies
-from .circuit import Circuit, CircuitGroup, Head, format_head
-from .model import LoadedModel
-from .task import Prompt
+from ..core.circuit import Circuit, CircuitGroup, Head, format_head
+from ..core.model import LoadedModel
+from ..core.task import Prompt
 
 Removal = frozenset  # of (position, layer, head)
 Evaluator = Callable[[Sequence[KeepMasks]], Sequence[float]]

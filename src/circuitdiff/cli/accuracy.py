@@ -17,8 +17,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..accuracy import evaluate_accuracy
-    from ..task import EntityTrackingTask, TaskConfig, load_jsonl
+    from ..methods.accuracy import evaluate_accuracy
+    from ..core.task import EntityTrackingTask, TaskConfig, load_jsonl
 
     loaded = load_from_args(args)
     if args.data:

@@ -8,14 +8,28 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 
-def _key_digest(settings: dict) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def settings_digest(settings, length: int = 16) -> str:
+    """Hex sha256 of ``settings`` as sorted JSON (the one digest every cache key uses)."""
+    blob = json.dumps(settings, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:length]
+
+
+def safe_name(name: str) -> str:
+    """``name`` with every character unsafe in a file name replaced by ``_``."""
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", name).strip("_") or "unnamed"
+
+
+def model_tag(name: str) -> str:
+    """A file-name-safe, collision-free tag for a model name: its last path component + hash."""
+    short = re.sub(r"[^A-Za-z0-9_.+-]+", "_", name.rstrip("/").rsplit("/", 1)[-1]).strip("_")
+    return f"{short[-60:] or 'model'}-{hashlib.sha1(name.encode()).hexdigest()[:6]}"
 
 
 class RunFolder:
@@ -63,7 +77,7 @@ class RunFolder:
     def cached(self, name: str, settings: dict, compute: Callable[[], Any]) -> Any:
         """JSON result of ``compute()``, loaded from ``name`` if saved with equal ``settings``."""
         p = self.file(name)
-        digest = _key_digest(settings)
+        digest = settings_digest(settings)
         if p.exists():
             saved = self.load_json(name)
             if isinstance(saved, dict) and saved.get("_settings_digest") == digest:

@@ -11,16 +11,16 @@ each model gets prompts generated from the same seed with its own tokenizer.
 from __future__ import annotations
 
 import gc
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
-from .ablation import model_tag, cached_means, safe_name
+from .ablation import cached_means
 from .accuracy import evaluate_accuracy
-from .circuit import Circuit
-from .faithfulness import FaithfulnessRow, evaluate_faithfulness, short_name
-from .model import LoadedModel
-from .runs import RunFolder
-from .task import EntityTrackingTask, TaskConfig
+from ..core.circuit import Circuit
+from .faithfulness import FaithfulnessRow, evaluate_faithfulness
+from ..core.model import LoadedModel
+from ..core.runs import RunFolder, model_tag, safe_name
+from ..core.task import EntityTrackingTask, TaskConfig
 
 
 def head_overlap(reference: Circuit, other: Circuit) -> dict[str, dict]:
@@ -184,15 +184,87 @@ def evaluate_matrix(circuits: dict[str, Circuit], models: Sequence[str],
     return rows
 
 
-def format_matrix(rows: Sequence[FaithfulnessRow]) -> str:
-    """Circuit (rows) x model (columns): circuit accuracy (faithfulness)."""
-    circuits = list(dict.fromkeys(r.circuit for r in rows))
-    models = list(dict.fromkeys(r.model for r in rows))
-    at = {(r.circuit, r.model): r for r in rows}
-    cell = lambda r: "-" if r is None else (  # noqa: E731
-        f"{r.circuit_accuracy:.2f} ({'undef' if r.faithfulness is None else f'{r.faithfulness:.2f}'})")
-    head = ["circuit \\ model"] + [short_name(m) for m in models]
-    body = [[c] + [cell(at.get((c, m))) for m in models] for c in circuits]
-    widths = [max(len(x) for x in col) for col in zip(head, *body)]
-    line = lambda cells: " | ".join(x.ljust(w) for x, w in zip(cells, widths))  # noqa: E731
-    return "\n".join([line(head), "-+-".join("-" * w for w in widths)] + [line(b) for b in body])
+@dataclass
+class AnalysisConfig:
+    """Optional per-model analyses run while each model is loaded (also part of cache keys)."""
+
+    completeness: bool = False
+    n_halves: int = 5
+    minimality: bool = False          # on the first model only
+    threshold: float = 0.01
+    max_partner_frac: float = 0.3
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.max_partner_frac <= 1:
+            raise ValueError(f"--max-partner-frac must be in [0, 1], got {self.max_partner_frac}")
+
+
+@dataclass
+class EvaluationResult:
+    """Faithfulness rows, and what the optional analyses found.
+
+    ``completeness[(model, circuit)]`` is a list of :class:`CompletenessPoint`;
+    ``minimality[circuit]`` is the saved minimality dict (pruned circuit, scores, variants);
+    ``overlaps["A|B"]`` is :func:`head_overlap` of circuit A (reference) and B.
+    """
+
+    rows: list[FaithfulnessRow]
+    completeness: dict[tuple[str, str], list] = field(default_factory=dict)
+    minimality: dict[str, dict] = field(default_factory=dict)
+    overlaps: dict[str, dict] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"rows": [r.to_dict() for r in self.rows],
+                "completeness": {f"{m}|{c}": [p.to_dict() for p in pts]
+                                 for (m, c), pts in self.completeness.items()},
+                "minimality": self.minimality, "overlaps": self.overlaps}
+
+
+def evaluate(circuits: dict[str, Circuit], models: Sequence[str],
+             load: Callable[[str], LoadedModel], folder: RunFolder,
+             cfg: EvalConfig | None = None, analyses: AnalysisConfig | None = None,
+             progress: bool = False) -> EvaluationResult:
+    """Every circuit on every model (:func:`evaluate_matrix`), plus completeness and minimality
+    when ``analyses`` asks, and head overlaps between circuits. Each piece is cached in
+    ``folder`` (``completeness/<model>/<circuit>.json``, ``minimality/<circuit>.json``,
+    ``pruned/<circuit>.json``, ``overlap.json``), so a rerun resumes."""
+    from .completeness import CompletenessPoint, completeness
+    from .minimality import batched_evaluator, minimality
+
+    cfg = cfg or EvalConfig()
+    an = analyses or AnalysisConfig()
+    result = EvaluationResult([])
+
+    def extra(sess: ModelSession, rows) -> None:
+        loaded = sess.loaded
+        slug = model_tag(loaded.name)
+        base = {"model": loaded.name, **cfg.key()}
+        for name, circuit in circuits.items():
+            if an.completeness:
+                s = {**base, "circuit": circuit.to_dict(), "n_halves": an.n_halves}
+                pts = folder.cached(f"completeness/{slug}/{safe_name(name)}.json", s, lambda: [
+                    p.to_dict() for p in completeness(
+                        loaded, sess.prompts, sess.means, circuit, an.n_halves, cfg.random_seed,
+                        cfg.keep_other_positions, cfg.batch_size, cfg.max_rows, progress)])
+                result.completeness[(loaded.name, name)] = [
+                    CompletenessPoint(p["subset"], p["removed"], p["circuit_minus_k"],
+                                      p["model_minus_k"]) for p in pts]
+            if an.minimality and sess.spec == models[0]:
+                s = {**base, "circuit": circuit.to_dict(), "threshold": an.threshold,
+                     "max_partner_frac": an.max_partner_frac}
+                res = folder.cached(f"minimality/{safe_name(name)}.json", s, lambda: minimality(
+                    circuit, batched_evaluator(loaded, sess.prompts, sess.means,
+                                               cfg.keep_other_positions, cfg.batch_size,
+                                               cfg.max_rows, progress=progress),
+                    an.threshold, an.max_partner_frac).to_dict())
+                Circuit.from_dict(res["pruned"]).save(folder.file(f"pruned/{safe_name(name)}.json"))
+                result.minimality[name] = res
+
+    result.rows = evaluate_matrix(circuits, models, load, folder, cfg, progress,
+                                  per_model=extra if (an.completeness or an.minimality) else None)
+    if len(circuits) > 1:
+        names = list(circuits)
+        result.overlaps = {f"{a}|{b}": head_overlap(circuits[a], circuits[b])
+                           for a in names for b in names if a != b}
+        folder.save_json("overlap.json", result.overlaps)
+    return result

@@ -26,16 +26,14 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
 
-from .accuracy import batches, last_logits
-from .arch import Architecture
-from .model import LoadedModel
-from .plotting import pyplot, save_figure
-from .task import POSITION_NAMES, Batch, Prompt
+from ..core.arch import Architecture
+from ..core.model import LoadedModel
+from ..core.metrics import correct, last_logits
+from ..core.task import POSITION_NAMES, Batch, Prompt, batches
 
 #: key names besides the per-prompt positions
 MULTI_KEYS = ("box_label", "box_object", "all", "random")
@@ -175,12 +173,6 @@ def attention_knockout(arch: Architecture, block: torch.Tensor,
             h.remove()
 
 
-def _repeat(batch: Batch, v: int) -> Batch:
-    from .ablation import _repeat as rep
-
-    return rep(batch, v)
-
-
 @dataclass
 class KnockoutCurve:
     """Accuracy with ``edge`` blocked in layers ≥ L, for each L in ``layers``."""
@@ -207,8 +199,6 @@ def knockout_curve(loaded: LoadedModel, prompts: Sequence[Prompt], edge: Edge | 
     All Ls (plus the unblocked baseline) are stacked along the batch dimension, up to
     ``max_rows`` rows per forward.
     """
-    from .ablation import _correct
-
     edge = Edge.parse(edge) if isinstance(edge, str) else edge
     n_layers = loaded.arch.n_layers
     layers = list(range(n_layers)) if layers is None else [int(l) for l in layers]
@@ -218,12 +208,12 @@ def knockout_curve(loaded: LoadedModel, prompts: Sequence[Prompt], edge: Edge | 
     starts = torch.tensor(layers + [n_layers])  # last variant: nothing blocked
     V = len(starts)
     gen = torch.Generator().manual_seed(seed)
-    correct = torch.zeros(V, len(prompts), dtype=torch.bool)
+    hits = torch.zeros(V, len(prompts), dtype=torch.bool)
     in_ctx = torch.zeros(V, len(prompts), dtype=torch.bool)
     from tqdm.auto import tqdm
 
     for i, batch in enumerate(tqdm(batches(prompts, loaded.tokenizer, batch_size),
-                                   desc=f"knockout {edge}", disable=not progress, unit="batch")):
+                                   desc=f"knockout {edge} {loaded.name}", disable=not progress, unit="batch")):
         if bool((batch.answer_ids < 0).any()):
             raise KnockoutError("knockout needs prompts whose query names a box")
         block = block_matrix(batch, edge, gen)
@@ -231,32 +221,13 @@ def knockout_curve(loaded: LoadedModel, prompts: Sequence[Prompt], edge: Edge | 
         per = max(1, max_rows // B)
         for s in range(0, V, per):
             k = min(per, V - s)
-            big = _repeat(batch, k)
+            big = batch.repeat(k)
             with attention_knockout(loaded.arch, block.repeat(k, 1, 1),
                                     starts[s:s + k].repeat_interleave(B)):
                 logits = last_logits(loaded, big)
             cols = slice(i * batch_size, i * batch_size + B)
-            correct[s:s + k, cols] = _correct(logits, big, "accuracy").view(k, B)
-            in_ctx[s:s + k, cols] = _correct(logits, big, "in_context").view(k, B)
-    acc = correct.double().mean(1).tolist()
+            hits[s:s + k, cols] = correct(logits, big, "accuracy").cpu().view(k, B)
+            in_ctx[s:s + k, cols] = correct(logits, big, "in_context").cpu().view(k, B)
+    acc = hits.double().mean(1).tolist()
     ctx = in_ctx.double().mean(1).tolist()
     return KnockoutCurve(str(edge), layers, acc[:-1], ctx[:-1], acc[-1], ctx[-1], len(prompts), seed)
-
-
-def plot_curves(curves: Sequence[KnockoutCurve], path: str | Path, title: str = "") -> Path:
-    """Accuracy against the first blocked layer, one line per edge (PNG, matplotlib Agg)."""
-    plt = pyplot()
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(6, 3.8))
-    for c in curves:
-        ax.plot(c.layers, c.accuracy, marker="o", ms=3, label=c.edge)
-    if curves:
-        ax.axhline(curves[0].baseline, color="k", ls="--", lw=0.8, label="no knockout")
-    ax.set_xlabel("attention blocked in layers ≥ L")
-    ax.set_ylabel("accuracy")
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_title(title or "attention knockout", fontsize=9)
-    ax.legend(fontsize=7)
-    return save_figure(fig, path)

@@ -16,7 +16,7 @@ one ``[layers, T, heads, head_dim]`` tensor — the whole sequence, but head out
 7-box prompt of ~50 tokens on a 32x32x128 7B model that is ~26 MB in float32), computed once
 per model and cached in the run folder.
 
-Interventions are :class:`~circuitdiff.interventions.Write` edits, one per layer, whose ``where``
+Interventions are :class:`~circuitdiff.core.interventions.Write` edits, one per layer, whose ``where``
 mask ``[B, T, H]`` is built with tensor ops (no loops over batch, heads or positions): each sample
 gets its circuit membership scattered at its own group positions. The mask is per *row*, so many
 ablation variants (minimality, completeness) run in one forward by stacking them along the batch
@@ -25,20 +25,18 @@ dimension (:func:`variant_accuracies`).
 
 from __future__ import annotations
 
-import hashlib
-import json
-import re
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import torch
 
-from .accuracy import AccuracyResult, batches, evaluate_accuracy, last_logits
-from .circuit import Circuit, Head
-from .interventions import Hook, StopAfter, Write, run
-from .model import LoadedModel
-from .runs import RunFolder
-from .task import Batch, Prompt
+from ..core.circuit import Circuit, CircuitGroup, Head
+from ..core.interventions import Hook, StopAfter, Write, run_with_edits
+from ..core.metrics import METRICS, correct, last_logits
+from ..core.model import LoadedModel
+from ..core.runs import RunFolder, model_tag, settings_digest
+from ..core.task import Batch, Prompt, batches
+from .accuracy import AccuracyResult, evaluate_accuracy
 
 #: a keep mask per position name: ``bool [L, H]`` (shared by all rows) or ``[N, L, H]`` (per row)
 KeepMasks = Mapping[str, torch.Tensor]
@@ -104,22 +102,11 @@ def compute_means(loaded: LoadedModel, prompts: Sequence[Prompt], batch_size: in
                       disable=not progress, unit="batch"):
         _check_layout(batch, "mean-ablation set", T)
         T = batch.input_ids.shape[1]
-        inputs = {k: v.to(loaded.device) for k, v in batch.model_inputs().items()}
-        run(loaded.model, inputs, hooks + [StopAfter(arch.n_layers - 1)], arch)
+        run_with_edits(loaded.model, batch.model_inputs(loaded.device),
+                       hooks + [StopAfter(arch.n_layers - 1)], arch)
         n += len(batch)
     total = torch.stack([sums[l].cpu() for l in range(arch.n_layers)])  # [L, T, H, D]
     return HeadMeans((total / n).float())
-
-
-def safe_name(name: str) -> str:
-    """``name`` with every character unsafe in a file name replaced by ``_``."""
-    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", name).strip("_") or "unnamed"
-
-
-def model_tag(name: str) -> str:
-    """A file-name-safe, collision-free tag for a model name: its last path component + hash."""
-    short = re.sub(r"[^A-Za-z0-9_.+-]+", "_", name.rstrip("/").rsplit("/", 1)[-1]).strip("_")
-    return f"{short[-60:] or 'model'}-{hashlib.sha1(name.encode()).hexdigest()[:6]}"
 
 
 def cached_means(folder: RunFolder | None, loaded: LoadedModel, prompts: Sequence[Prompt],
@@ -133,8 +120,7 @@ def cached_means(folder: RunFolder | None, loaded: LoadedModel, prompts: Sequenc
                 **settings}
     if folder is None:
         return HeadMeans(compute_means(loaded, prompts, batch_size, progress).means, settings)
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
-    name = f"means/{model_tag(loaded.name)}-{digest[:10]}.safetensors"
+    name = f"means/{model_tag(loaded.name)}-{settings_digest(settings, 10)}.safetensors"
     t = folder.cached_tensors(name, settings, lambda: {
         "means": compute_means(loaded, prompts, batch_size, progress).means})
     return HeadMeans(t["means"], settings)
@@ -152,8 +138,6 @@ def without(circuit: Circuit, removed: Mapping[str, Sequence[Head]]) -> Circuit:
     A head dropped from one group stays in the circuit at that position if another group read
     at the same position also lists it.
     """
-    from .circuit import CircuitGroup
-
     for g in removed:
         if g not in circuit.groups:
             raise AblationError(f"no group {g!r} in the circuit (groups: {list(circuit.groups)})")
@@ -224,29 +208,6 @@ def circuit_accuracy(loaded: LoadedModel, prompts: Sequence[Prompt], means: Head
         means, b, keep, keep_other_positions, loaded.device))
 
 
-def _repeat(batch: Batch, v: int) -> Batch:
-    """The batch stacked ``v`` times (variant-major: row ``i*B + b`` is variant i, sample b)."""
-    rep = lambda t: t.repeat(v, *([1] * (t.dim() - 1)))  # noqa: E731
-    return Batch(rep(batch.input_ids), rep(batch.attention_mask), rep(batch.position_ids),
-                 {k: rep(t) for k, t in batch.positions.items()}, rep(batch.answer_ids),
-                 rep(batch.object_ids))
-
-
-METRICS = ("accuracy", "in_context")
-
-
-def _correct(logits: torch.Tensor, batch: Batch, metric: str) -> torch.Tensor:
-    """Per row: argmax over the full vocabulary (``accuracy``) or over the prompt's own objects
-    (``in_context``, a finer diagnostic on weak models) equals the answer."""
-    logits = logits.cpu()
-    if metric == "accuracy":
-        return logits.argmax(-1) == batch.answer_ids
-    if metric == "in_context":
-        objs = batch.object_ids
-        return objs.gather(1, logits.gather(1, objs).argmax(-1, keepdim=True))[:, 0] == batch.answer_ids
-    raise AblationError(f"metric must be one of {METRICS}, got {metric!r}")
-
-
 def _variant_chunks(loaded: LoadedModel, prompts: Sequence[Prompt], means: HeadMeans,
                     variants: Sequence[KeepMasks], keep_other_positions: bool, batch_size: int,
                     max_rows: int, progress: bool):
@@ -269,7 +230,7 @@ def _variant_chunks(loaded: LoadedModel, prompts: Sequence[Prompt], means: HeadM
         per = max(1, max_rows // B)
         for s in range(0, V, per):
             k = min(per, V - s)
-            big = _repeat(batch, k)
+            big = batch.repeat(k)
             keep = {n: m[s:s + k].repeat_interleave(B, 0) for n, m in stacked.items()}
             logits = last_logits(loaded, big, ablation_edits(means, big, keep, keep_other_positions,
                                                               loaded.device))
@@ -315,7 +276,7 @@ def variant_correct(loaded: LoadedModel, prompts: Sequence[Prompt], means: HeadM
                                                 keep_other_positions, batch_size, max_rows, progress):
         B = len(big) // k
         start = i * batch_size
-        out[s:s + k, start:start + B] = _correct(logits, big, metric).view(k, B)
+        out[s:s + k, start:start + B] = correct(logits, big, metric).cpu().view(k, B)
     return out
 
 

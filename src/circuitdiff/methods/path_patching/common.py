@@ -1,0 +1,128 @@
+"""What every path-patching implementation shares: request validation, the resolved request,
+encoding of clean/counterfactual pairs, and head selection from scores."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ...core.arch import Architecture
+from ...core.circuit import Head, parse_head
+from ...core.model import LoadedModel
+from ...core.task import POSITION_NAMES, Batch, Prompt, encode_pair
+
+RECEIVER_KINDS = ("q", "k", "v")
+IMPLS = ("fast", "naive")
+
+
+RECEIVER_KINDS = ("q", "k", "v")
+IMPLS = ("fast", "naive")
+
+
+class PathPatchingError(ValueError):
+    """Raised for a path-patching request that cannot be computed (says what to change)."""
+
+
+# -- validation ------------------------------------------------------------------------------
+def check_position(position: str) -> None:
+    """``position`` must be one of the task's per-prompt scalar positions."""
+    if position not in POSITION_NAMES:
+        raise PathPatchingError(f"unknown position {position!r}: the task defines "
+                                f"{', '.join(POSITION_NAMES)}")
+
+
+def _norm_heads(heads: Sequence[Head | str] | None, arch: Architecture, what: str) -> list[Head]:
+    out = [parse_head(h) for h in (heads or ())]
+    for layer, head in out:
+        if not (0 <= layer < arch.n_layers and 0 <= head < arch.n_heads):
+            raise PathPatchingError(f"{what} head {layer}.{head} does not exist: the model has "
+                                    f"{arch.n_layers} layers x {arch.n_heads} heads")
+    return list(dict.fromkeys(out))
+
+
+def _check_request(arch: Architecture, senders: list[Head], receivers: list[Head],
+                   receiver_kind: str, position: str) -> None:
+    check_position(position)
+    if receivers and receiver_kind not in RECEIVER_KINDS:
+        raise PathPatchingError(f"receiver_kind must be one of {RECEIVER_KINDS}, got "
+                                f"{receiver_kind!r}")
+    if not senders:
+        raise PathPatchingError("no sender heads to score")
+    if not receivers and position != "last":
+        raise PathPatchingError(
+            f"logits receivers need position 'last' (got {position!r}): with every head frozen "
+            f"at positions >= {position}, nothing reaches the logits at last; give receivers")
+    if receivers:
+        last_recv = max(l for l, _ in receivers)
+        if min(l for l, _ in senders) >= last_recv:
+            raise PathPatchingError(
+                f"every sender is in layer >= {min(l for l, _ in senders)} but the receivers "
+                f"end at layer {last_recv}: a head cannot reach a receiver in its own or an "
+                f"earlier layer. Choose senders below layer {last_recv}.")
+
+
+@dataclass
+class _Request:
+    """One path-patching step, resolved against the architecture."""
+
+    position: str
+    senders: list[Head]
+    receivers: list[Head]           # empty = logits
+    kind: str
+
+    def recv_layers(self) -> list[int]:
+        return sorted({l for l, _ in self.receivers})
+
+    def unit_mask(self, arch: Architecture, layer: int) -> torch.Tensor:
+        """Bool ``[units]``: receiver units of ``layer`` (kv heads for k/v under GQA)."""
+        units = arch.n_heads if self.kind == "q" else arch.n_kv_heads
+        m = torch.zeros(units, dtype=torch.bool)
+        for l, h in self.receivers:
+            if l == layer:
+                m[h if self.kind == "q" else arch.kv_head_of(h)] = True
+        return m
+
+
+
+def _inputs(batch: Batch, device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.model_inputs().items()}
+
+def _encode_checked(loaded: LoadedModel, clean: Sequence[Prompt], cf: Sequence[Prompt],
+                    position: str) -> tuple[Batch, Batch]:
+    bc, bx = encode_pair(clean, cf, loaded.tokenizer)
+    if bool((bc.answer_ids < 0).any()):
+        raise PathPatchingError("path patching needs clean prompts whose query names a box "
+                                "(the metric is the clean answer's probability)")
+    if bool((bc.positions[position] < 0).any()):
+        raise PathPatchingError(f"position {position!r} is absent from some clean prompts")
+    return bc, bx
+
+
+def _check_sets(loaded: LoadedModel, clean: Sequence[Prompt], cf: Sequence[Prompt]) -> None:
+    if len(clean) == 0:
+        raise PathPatchingError("no clean prompts")
+    if len(clean) != len(cf):
+        encode_pair(clean, cf, loaded.tokenizer)  # raises the task's own error for the mismatch
+
+
+# -- public API -------------------------------------------------------------------------------
+def all_heads(arch: Architecture) -> list[Head]:
+    return [(l, h) for l in range(arch.n_layers) for h in range(arch.n_heads)]
+
+
+def top_heads(scores: torch.Tensor, k: int) -> list[Head]:
+    """The ``k`` heads with the most negative finite scores (NaN = not scored), best first."""
+    if k < 1:
+        raise PathPatchingError(f"a group needs at least one head, got size {k}")
+    flat = scores.flatten().float()
+    finite = torch.isfinite(flat)
+    if int(finite.sum()) < k:
+        raise PathPatchingError(f"asked for {k} heads but only {int(finite.sum())} were scored")
+    vals = torch.where(finite, flat, torch.full_like(flat, math.inf))
+    order = torch.argsort(vals, stable=True)[:k]
+    H = scores.shape[1]
+    return [(int(i) // H, int(i) % H) for i in order]
+

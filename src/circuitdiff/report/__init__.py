@@ -1,0 +1,1 @@
+"""Presentation: tables, figures and the study report (reads results, computes nothing new)."""

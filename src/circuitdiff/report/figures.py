@@ -1,0 +1,120 @@
+"""Every figure circuitdiff draws: headless backend, atomic writes, labelled axes, integer layer
+ticks and the number of prompts in each title."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+
+def pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
+    """Write ``fig`` to ``path`` atomically (a killed run never leaves half a PNG) and close it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=dpi)
+    pyplot().close(fig)
+    tmp.replace(path)
+    return path
+
+
+def integer_ticks(axis) -> None:
+    """Ticks on whole numbers only (layers and heads are integers)."""
+    from matplotlib.ticker import MaxNLocator
+
+    axis.set_major_locator(MaxNLocator(integer=True))
+
+
+def score_heatmap(scores: torch.Tensor, title: str, path: str | Path,
+                  heads: Sequence[tuple[int, int]] = ()) -> Path:
+    """``[layers, heads]`` scores as a diverging heatmap, chosen heads outlined."""
+    plt = pyplot()
+
+    s = scores.float().numpy()
+    lim = float(abs(scores[torch.isfinite(scores)]).max()) if torch.isfinite(scores).any() else 1.0
+    fig, ax = plt.subplots(figsize=(max(4, s.shape[1] * 0.25 + 2), max(3, s.shape[0] * 0.2 + 1)))
+    im = ax.imshow(s, cmap="RdBu", vmin=-lim or -1, vmax=lim or 1, aspect="auto",
+                   interpolation="nearest")
+    for layer, head in heads:
+        ax.add_patch(plt.Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, lw=1.2))
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, label="path-patching score")
+    integer_ticks(ax.yaxis)
+    integer_ticks(ax.xaxis)
+    return save_figure(fig, path, dpi=100)
+
+
+def plot_completeness(points: Sequence, path: str | Path,
+                      title: str = "") -> Path:
+    """Scatter of F(C∖K) against F(M∖K) with the diagonal, saved as PNG (matplotlib Agg)."""
+    plt = pyplot()
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    for kind, marker in (("group", "s"), ("half", "o")):
+        pts = [p for p in points if p.subset.startswith(kind)]
+        ax.scatter([p.circuit_minus_k for p in pts], [p.model_minus_k for p in pts],
+                   marker=marker, label="whole group" if kind == "group" else "random half")
+    for p in points:
+        if p.subset.startswith("group"):
+            ax.annotate(p.subset.split(":", 1)[1], (p.circuit_minus_k, p.model_minus_k),
+                        fontsize=7)
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("F(C \\ K)  (circuit minus K)")
+    ax.set_ylabel("F(M \\ K)  (model minus K)")
+    ax.set_title(title or "completeness", fontsize=9)
+    ax.legend(fontsize=7)
+    return save_figure(fig, path)
+
+
+def plot_knockout_curves(curves: Sequence, path: str | Path, title: str = "") -> Path:
+    """Accuracy against the first blocked layer, one line per edge (PNG, matplotlib Agg)."""
+    plt = pyplot()
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for c in curves:
+        ax.plot(c.layers, c.accuracy, marker="o", ms=3, label=c.edge)
+    if curves:
+        ax.axhline(curves[0].baseline, color="k", ls="--", lw=0.8, label="no knockout")
+    ax.set_xlabel("attention blocked in layers ≥ L")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    integer_ticks(ax.xaxis)
+    n = f" (n={curves[0].n} prompts)" if curves else ""
+    ax.set_title((title or "attention knockout") + n, fontsize=9)
+    ax.legend(fontsize=7)
+    return save_figure(fig, path)
+
+
+def discovery_heatmaps(result, out: str | Path, model_name: str) -> list[Path]:
+    """``heatmap_<group>.png`` in ``out`` for every scored group of a discovery result."""
+    n = result.circuit.settings.get("n_prompts")
+    paths = []
+    for group, g in result.circuit.groups.items():
+        if not g.heads and result.circuit.settings.get("truncated_at"):
+            continue  # a truncated (empty) group has no scores to show
+        paths.append(score_heatmap(result.scores[group],
+                                   f"{group} @ {g.position} (n={n} prompts)\n"
+                                   f"{Path(model_name).name}",
+                                   Path(out) / f"heatmap_{group}.png", g.heads))
+    return paths
