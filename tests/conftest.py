@@ -64,3 +64,8 @@ def save_base_and_lora(tokenizer, folder, layers: int = 3, base_name: str = "bas
     (lora_dir / "adapter_config.json").write_text(json.dumps(cfg))
     tokenizer.save_pretrained(lora_dir)
     return base_dir, lora_dir
+
+
+@pytest.fixture()
+def saved_models(tokenizer, tmp_path):
+    return save_base_and_lora(tokenizer, tmp_path)

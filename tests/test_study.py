@@ -9,7 +9,6 @@ import pytest
 from circuitdiff.cli import main
 
 from conftest import save_base_and_lora
-from test_foundation import saved_models  # noqa: F401  (fixture)
 
 
 @pytest.fixture()
@@ -42,7 +41,7 @@ def test_study_end_to_end_and_resume(four_layer_models, tmp_path, capsys):
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")} == stamp
 
 
-def test_study_accuracy_only(saved_models, tmp_path, capsys):  # noqa: F811
+def test_study_accuracy_only(saved_models, tmp_path, capsys):
     base_dir, _ = saved_models
     out = tmp_path / "acc"
     assert main(["study", "--model", str(base_dir), "--accuracy-only", "--out", str(out),

@@ -296,11 +296,6 @@ def test_jsonl_roundtrip(tokenizer, tmp_path):
 
 
 # -- loading ------------------------------------------------------------------------------------
-@pytest.fixture()
-def saved_models(tokenizer, tmp_path):
-    return save_base_and_lora(tokenizer, tmp_path)
-
-
 def test_load_folder_adapter_and_base_from_same_weights(saved_models, tokenizer, prompts):
     base_dir, lora_dir = saved_models
     base = load_model(str(base_dir))
