@@ -1,21 +1,34 @@
 """circuitdiff: find the circuit behind entity tracking and compare how fine-tuned models run it.
 
-Data flows one way: task (prompts, counterfactuals, positions) → model (loading, architecture
-adapter) → interventions (hooks) → methods → run folder → report.
+The package reads as the pipeline, imports going one way only:
+``core`` (task and positions, model loading, architecture adapter, interventions, metrics,
+circuit, run folder) → ``methods`` (accuracy, path patching, discovery, ablation, faithfulness,
+evaluation, completeness, minimality, knockout) → ``report`` (tables, figures, markdown) →
+``study`` → ``cli``. This module exports what a notebook needs.
 """
 
-from .methods.accuracy import AccuracyResult, evaluate_accuracy
 from .core.arch import Architecture, ArchitectureError, resolve
 from .core.circuit import Circuit, CircuitGroup
 from .core.interventions import Read, StopAfter, Write, intervene, run_with_edits
+from .core.metrics import answer_prob, correct, last_logits
 from .core.model import LoadedModel, ModelSpecError, load_model
+from .core.runs import RunFolder
 from .core.task import EntityTrackingTask, Prompt, TaskConfig, TaskError, encode, encode_pair
+from .methods.accuracy import AccuracyResult, evaluate_accuracy
+from .methods.discovery import DiscoveryConfig, DiscoveryResult, discover
+from .methods.evaluation import AnalysisConfig, EvalConfig, EvaluationResult, evaluate
+from .methods.knockout import Edge, KnockoutCurve, knockout_curve
+from .methods.path_patching import attribution_scores, path_patching_scores
+from .study import StudyConfig, run_study
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AccuracyResult", "Architecture", "ArchitectureError", "Circuit", "CircuitGroup",
-    "EntityTrackingTask", "LoadedModel", "ModelSpecError", "Prompt", "Read", "StopAfter",
-    "TaskConfig", "TaskError", "Write", "encode", "encode_pair", "evaluate_accuracy", "intervene",
-    "load_model", "resolve", "run",
+    "AccuracyResult", "AnalysisConfig", "Architecture", "ArchitectureError", "Circuit",
+    "CircuitGroup", "DiscoveryConfig", "DiscoveryResult", "Edge", "EntityTrackingTask",
+    "EvalConfig", "EvaluationResult", "KnockoutCurve", "LoadedModel", "ModelSpecError", "Prompt",
+    "Read", "RunFolder", "StopAfter", "StudyConfig", "TaskConfig", "TaskError", "Write",
+    "answer_prob", "attribution_scores", "correct", "discover", "encode", "encode_pair",
+    "evaluate", "evaluate_accuracy", "intervene", "knockout_curve", "last_logits", "load_model",
+    "path_patching_scores", "resolve", "run_study", "run_with_edits",
 ]

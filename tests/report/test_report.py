@@ -1,0 +1,43 @@
+"""The study's markdown summary and the text tables are built from saved results alone."""
+
+from __future__ import annotations
+
+from circuitdiff.report.markdown import study_report
+from circuitdiff.report.tables import format_overlaps
+
+
+def _summary():
+    return {
+        "models": ["m0", "m1"],
+        "config": {"evaluation": {"n_boxes": 3, "n_prompts": 8, "seed": 0}},
+        "circuit": {"n_layers": 2, "n_heads": 2, "model": "m0", "settings": {},
+                    "groups": {"value_fetcher": {"position": "last", "heads": ["1.0"]},
+                               "structure_reader": {"position": "prev_query_label",
+                                                    "heads": []}}},
+        "knockout": {"last->correct_object": {"baseline": 0.5, "layers": [0, 1],
+                                              "accuracy": [0.1, 0.4]}},
+        "faithfulness": [{"model": "m0", "circuit": "base_circuit", "full": 0.5,
+                          "circuit_accuracy": 0.25, "random_mean": 0.0, "random_sd": 0.0,
+                          "faithfulness": 0.5, "n": 8, "random": [0.0]}],
+    }
+
+
+def test_study_report_sections():
+    md = study_report(_summary())
+    assert "3 boxes, 8 evaluation prompts, seed 0" in md
+    assert "**value_fetcher** (last): 1.0" in md
+    assert "**structure_reader** (prev_query_label): (empty)" in md
+    assert "L=0: 0.10, L=1: 0.40" in md
+    assert "| 0.50" in md and "0.25" in md
+
+
+def test_accuracy_only_report():
+    s = {"models": ["m0"], "config": {"evaluation": {"n_boxes": 7, "n_prompts": 4, "seed": 1}},
+         "accuracy": {"m0": {"accuracy": 0.25, "in_context_accuracy": 0.5, "n": 4}}}
+    assert "m0: 7-box accuracy 0.250 (in-context 0.500, n=4)" in study_report(s)
+
+
+def test_format_overlaps():
+    ov = {"a|b": {"all": {"intersection": 1, "n_reference": 2, "precision": 0.5,
+                          "recall": None}}}
+    assert format_overlaps(ov) == "overlap a (reference) vs b: all 1/2 (P 0.50 R -)"
