@@ -109,8 +109,9 @@ def test_cli_organisms_list_and_train(tmp_path, capsys):
     assert all(f"organism:{n}" in listed for n in ORGANISMS)
     # the CLI reaches the same recipe (a tiny scale keeps this a smoke run)
     assert main(["organisms", "train", "--out", str(tmp_path), "--scale", "0.0005",
-                 "--quiet"]) == 0
-    assert "base  7-box accuracy" in capsys.readouterr().out
+                 "--json"]) == 0
+    out = capsys.readouterr().out
+    assert set(json.loads(out)["accuracy"]) == {"base", "lora", "full", "chat"}
     assert (tmp_path / "lora" / "adapter_config.json").exists()
 
 

@@ -1,14 +1,57 @@
-"""``circuitdiff`` command line: a thin layer over the Python API, one module per command."""
+"""``circuitdiff`` command line: a thin layer over the Python API, one module per command.
+
+Every command gets ``--threads``, ``--json`` and ``--quiet``; every command that writes a run
+folder gets ``--out`` (default ``runs/<command>``), checked and locked before any work starts
+(:func:`circuitdiff.core.runs.open_run_folder`). A command's ``run(args)`` returns a JSON-able
+dict (its result; printed by ``--json``) or an exit code. Bad input is one line on stderr and exit
+code 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import json
+import os
 import sys
 
 #: command modules; each defines ``register(subparsers)`` which sets ``func`` on its parser
 #: (``accuracy`` registers the ``eval`` command)
 COMMANDS = ("study", "data", "accuracy", "discover", "evaluate", "knockout", "organisms")
+#: models below this many parameters run faster on one thread on a shared 2-core CPU (their
+#: ops are too small to split; measured, see bench/threads.py and the README "Threads")
+SMALL_MODEL_PARAMS = 20_000_000
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (``prog: error: ...``) and exit code 2."""
+
+    def error(self, message: str):  # noqa: D401 - argparse's hook
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
+def nonnegative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {v}")
+    return v
 
 
 def add_model_options(p: argparse.ArgumentParser, multiple: bool = False) -> None:
@@ -17,58 +60,146 @@ def add_model_options(p: argparse.ArgumentParser, multiple: bool = False) -> Non
         p.add_argument("--model", action="append", required=False, metavar="SPEC",
                        help="model spec (repeatable): organism:NAME, HF folder or hub id, "
                             "a .gguf file, or an adapter folder")
+        p.add_argument("--adapter", default=None,
+                       help="peft LoRA adapter folder to attach to the first --model")
     else:
         p.add_argument("--model", metavar="SPEC", default=None,
                        help="organism:NAME, HF folder or hub id, a .gguf file, or an adapter folder "
                             "(default: the embedded default model)")
         p.add_argument("--adapter", default=None, help="peft LoRA adapter folder to attach")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cpu)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype the model computes in (default float32)")
     p.add_argument("--device-map", default=None, help="accelerate device_map, e.g. auto")
 
 
 def add_task_options(p: argparse.ArgumentParser, n: int = 500) -> None:
-    p.add_argument("--n-boxes", type=int, default=7, help="boxes per prompt (default 7)")
-    p.add_argument("-n", "--n-prompts", type=int, default=n, help=f"prompts (default {n})")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=32)
+    """--n-boxes/-n/--seed/--batch-size: the task and how its prompts are batched."""
+    p.add_argument("--n-boxes", type=positive_int, default=7, help="boxes per prompt (default 7)")
+    p.add_argument("-n", "--n-prompts", type=positive_int, default=n,
+                   help=f"prompts (default {n})")
+    p.add_argument("--seed", type=int, default=0, help="seed of the prompts (default 0)")
+    p.add_argument("--batch-size", type=positive_int, default=32,
+                   help="prompts per forward (default 32)")
+
+
+def add_out_option(p: argparse.ArgumentParser, command: str, what: str = "run folder") -> None:
+    """--out with the rule every command shares: default ``runs/<command>``."""
+    p.add_argument("--out", default=f"runs/{command}",
+                   help=f"{what} (default runs/{command}); results are saved as they are made and "
+                        f"a rerun resumes from them")
+
+
+def _add_common_options(p: argparse.ArgumentParser) -> None:
+    have = p._option_string_actions  # noqa: SLF001 - only to avoid redefining an option
+    if "--threads" not in have:
+        p.add_argument("--threads", type=positive_int, default=None,
+                       help="torch CPU threads (default: 1 for models under 20M parameters, "
+                            "else every core)")
+    if "--json" not in have:
+        p.add_argument("--json", action="store_true",
+                       help="print only the result, as one JSON object")
+    if "--quiet" not in have:
+        p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+
+
+def set_threads(args, loaded=None) -> None:
+    """Apply ``--threads``, or the default rule once the model is known."""
+    import torch
+
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    elif loaded is not None:
+        n_params = sum(p.numel() for p in loaded.model.parameters())
+        torch.set_num_threads(1 if n_params < SMALL_MODEL_PARAMS else (os.cpu_count() or 1))
 
 
 def load_from_args(args, spec: str | None = None, adapter: str | None = None):
+    """Load the model the options name (``spec`` overrides ``--model``) and set the threads."""
     from ..core.model import default_model_spec, load_model
 
     spec = spec or getattr(args, "model", None) or default_model_spec()
-    return load_model(spec, adapter if adapter is not None else getattr(args, "adapter", None),
-                      device=args.device, dtype=args.dtype, device_map=args.device_map)
+    if isinstance(spec, list):
+        spec = spec[0]
+    loaded = load_model(spec, adapter if adapter is not None else getattr(args, "adapter", None),
+                        device=args.device, dtype=args.dtype, device_map=args.device_map)
+    set_threads(args, loaded)
+    return loaded
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="circuitdiff",
-        description="Find the circuit behind entity tracking and compare fine-tuned models.")
+    from .. import __version__
+
+    parser = Parser(prog="circuitdiff",
+                    description="Find the circuit behind entity tracking and compare fine-tuned "
+                                "models.")
+    parser.add_argument("--version", action="version", version=f"circuitdiff {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
         importlib.import_module(f"{__name__}.{name}").register(sub)
+    for p in sub.choices.values():
+        _add_common_options(p)
+        for action in p._subparsers._group_actions if p._subparsers else ():  # noqa: SLF001
+            for q in action.choices.values():  # nested commands (organisms list|train)
+                _add_common_options(q)
     return parser
+
+
+@contextlib.contextmanager
+def _no_progress_bars():
+    """Silence tqdm bars (ours and transformers') for the block, then restore the setting."""
+    from transformers.utils import logging as hf_logging
+
+    old = os.environ.get("TQDM_DISABLE")
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    os.environ["TQDM_DISABLE"] = "1"
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = old
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def main(argv: list[str] | None = None) -> int:
     from ..core.arch import ArchitectureError
     from ..core.interventions import InterventionError
     from ..core.model import ModelSpecError
+    from ..core.runs import open_run_folder
     from ..core.task import TaskError
 
     args = build_parser().parse_args(argv)
+    quiet = args.json or args.quiet
+    set_threads(args)
+    name = args.command
     try:
-        return int(args.func(args) or 0)
+        with contextlib.ExitStack() as stack:
+            if quiet:
+                stack.enter_context(_no_progress_bars())
+            out = getattr(args, "out", None)
+            if out is not None and getattr(args, "writes_out", True):
+                stack.enter_context(open_run_folder(out))
+            if quiet:
+                stack.enter_context(contextlib.redirect_stdout(open(os.devnull, "w")))
+            result = args.func(args)
     except (ModelSpecError, TaskError, ArchitectureError, InterventionError, FileNotFoundError,
             ValueError) as e:
-        print(f"circuitdiff {args.command}: error: {e}", file=sys.stderr)
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"circuitdiff {name}: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"circuitdiff {args.command}: interrupted; saved results are kept and a rerun "
-              f"resumes from them", file=sys.stderr)
+        print(f"circuitdiff {name}: interrupted; saved results are kept and a rerun resumes "
+              f"from them", file=sys.stderr)
         return 130
+    if isinstance(result, dict):
+        if args.json:
+            print(json.dumps(result, default=str))
+        return 0
+    return int(result or 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import add_model_options, add_task_options, load_from_args
+from . import add_model_options, add_out_option, add_task_options, load_from_args, positive_int
 
 DEFAULT_EDGES = ("last:correct_object", "query_label:prev_query_label", "random")
 
@@ -21,9 +21,9 @@ def register(sub) -> None:
                         f"last:random (a control). Default: {' '.join(DEFAULT_EDGES)}")
     p.add_argument("--layers", default=None,
                    help="first blocked layers to try, e.g. 0-15 or 0,4,8 (default: all)")
-    p.add_argument("--max-rows", type=int, default=256,
+    p.add_argument("--max-rows", type=positive_int, default=256,
                    help="rows per forward when the L variants are stacked (default 256)")
-    p.add_argument("--out", default="runs/knockout", help="run folder (default runs/knockout)")
+    add_out_option(p, "knockout")
     p.set_defaults(func=run)
 
 
@@ -34,12 +34,19 @@ def parse_layers(spec: str | None) -> list[int] | None:
     try:
         for part in spec.split(","):
             if "-" in part:
-                a, b = part.split("-")
-                out += list(range(int(a), int(b) + 1))
+                a, b = (int(x) for x in part.split("-"))
+                if b < a:
+                    raise ValueError(f"--layers {spec!r}: the range {part} is empty; write it low-high, "
+                                     f"e.g. {b}-{a}")
+                out += list(range(a, b + 1))
             elif part.strip():
                 out.append(int(part))
-    except ValueError:
+    except ValueError as e:
+        if "--layers" in str(e):
+            raise
         raise ValueError(f"--layers {spec!r} is not a list like 0-15 or 0,4,8") from None
+    if not out or min(out) < 0:
+        raise ValueError(f"--layers {spec!r} names no layer >= 0; e.g. 0-15 or 0,4,8")
     return out
 
 
@@ -48,15 +55,22 @@ def run(args) -> int:
     from ..methods.knockout import Edge, KnockoutCurve, knockout_curve
     from ..report.figures import plot_knockout_curves
     from ..report.tables import short_name
-    from ..core.task import EntityTrackingTask, TaskConfig
+    from ..core.model import default_model_spec, load_tokenizer
+    from ..core.task import EntityTrackingTask, TaskConfig, encode
+    from ..methods.knockout import block_matrix
 
     edges = [Edge.parse(e) for e in (args.edge or DEFAULT_EDGES)]
     layers = parse_layers(args.layers)
     folder = RunFolder(args.out)
+    # check every edge blocks something on these prompts before a model is loaded
+    tok = load_tokenizer(args.model or default_model_spec())
+    task = EntityTrackingTask(tok, TaskConfig(n_boxes=args.n_boxes), seed=args.seed)
+    prompts = task.sample(args.n_prompts)
+    probe = encode(prompts[:args.batch_size], tok)
+    for edge in edges:
+        block_matrix(probe, edge)
     loaded = load_from_args(args)
     print(f"model: {loaded.name} ({loaded.arch.describe()})")
-    task = EntityTrackingTask(loaded.tokenizer, TaskConfig(n_boxes=args.n_boxes), seed=args.seed)
-    prompts = task.sample(args.n_prompts)
     slug = model_tag(loaded.name)
     curves = []
     for edge in edges:
@@ -73,4 +87,4 @@ def run(args) -> int:
                                 f"attention knockout: {short_name(loaded.name)}")
     folder.save_json(f"knockout/{slug}/curves.json", [c.to_dict() for c in curves])
     print(f"plot {png}; curves {folder.file(f'knockout/{slug}/curves.json')}")
-    return 0
+    return {"model": loaded.name, "curves": [c.to_dict() for c in curves], "plot": str(png)}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from . import add_out_option, positive_int
+
 
 def register(sub) -> None:
     p = sub.add_parser("organisms", help="list the shipped model organisms, or retrain them")
@@ -11,18 +13,18 @@ def register(sub) -> None:
     ls = osub.add_parser("list", help="where the organisms live and their recorded accuracies")
     ls.set_defaults(func=run_list)
     tr = osub.add_parser("train", help="retrain base, lora, full and chat from scratch (CPU)")
-    tr.add_argument("--out", required=True, help="output folder (gets base/ lora/ full/ chat/)")
-    tr.add_argument("--seed", type=int, default=0)
+    add_out_option(tr, "organisms", "output folder (gets base/ lora/ full/ chat/)")
+    tr.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
     tr.add_argument("--scale", type=float, default=1.0,
                     help="multiply every stage's steps (e.g. 0.01 for a smoke run)")
-    tr.add_argument("--threads", type=int, default=2,
+    tr.add_argument("--threads", type=positive_int, default=2,
                     help="torch threads (the shipped organisms were trained with 2; 1 is faster on a busy CPU)")
     tr.add_argument("--base-from", default=None, help="reuse a trained base folder")
     tr.add_argument("--quiet", action="store_true", help="no progress bars")
     tr.set_defaults(func=run_train)
 
 
-def run_list(args) -> int:
+def run_list(args) -> dict:
     from ..organisms import ORGANISMS, WEIGHTS_DIR, organism_path
 
     summary = WEIGHTS_DIR / "train_summary.json"
@@ -31,14 +33,17 @@ def run_list(args) -> int:
         a = acc.get(name)
         print(f"organism:{name:5s} {organism_path(name)}"
               + (f"  (recorded 7-box accuracy {a:.3f})" if a is not None else ""))
-    return 0
+    return {f"organism:{n}": {"path": str(organism_path(n)), "accuracy": acc.get(n)}
+            for n in ORGANISMS}
 
 
-def run_train(args) -> int:
+def run_train(args) -> dict:
     from ..organisms.train import train_all
 
+    if args.scale <= 0:
+        raise ValueError(f"--scale must be > 0, got {args.scale}")
     accs = train_all(args.out, seed=args.seed, progress=not args.quiet, scale=args.scale,
                      base_from=args.base_from, threads=args.threads)
     for name, a in accs.items():
         print(f"{name:5s} 7-box accuracy {a:.3f}")
-    return 0
+    return {"out": args.out, "accuracy": accs}

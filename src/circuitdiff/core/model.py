@@ -63,7 +63,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device | 
         if dtype not in DTYPES:
             raise ModelSpecError(f"unknown dtype {dtype!r}; choose float32, bfloat16 or float16")
         dtype = DTYPES[dtype]
-    dev = torch.device(device or "cpu")
+    dev = parse_device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ModelSpecError(f"device {device!r} requested but CUDA is not available here; "
@@ -79,6 +79,107 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device | 
         raise ModelSpecError(f"dtype {dtype} is not supported on device {dev} ({e}); "
                              f"use --dtype float32") from None
     return dtype
+
+
+def parse_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as a :class:`torch.device`; a one-line error for names torch does not know."""
+    try:
+        return torch.device(device or "cpu")
+    except (RuntimeError, TypeError):
+        raise ModelSpecError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+
+
+def check_safetensors(path: str | Path) -> None:
+    """Error unless ``path`` is a complete safetensors file (header readable, every tensor's
+    bytes present), so a truncated download fails with a clear message before loading."""
+    import struct
+
+    path = Path(path)
+    size = path.stat().st_size
+    problem = None
+    try:
+        with path.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                problem = f"only {size} bytes"
+            else:
+                (n,) = struct.unpack("<Q", head)
+                if n > size - 8:
+                    problem = f"its header claims {n} bytes but the file has {size}"
+                else:
+                    header = json.loads(f.read(n))
+                    end = max((v["data_offsets"][1] for k, v in header.items()
+                               if k != "__metadata__"), default=0)
+                    if 8 + n + end > size:
+                        problem = f"tensor data ends at byte {8 + n + end} but the file has {size}"
+    except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as e:
+        problem = f"unreadable header ({type(e).__name__})"
+    if problem:
+        raise ModelSpecError(f"weights file {path} is truncated or corrupted ({problem}); "
+                             f"re-download or re-save the model")
+
+
+def check_gguf(path: str | Path) -> None:
+    """Error unless ``path`` parses as a complete GGUF file (header and every tensor's bytes)."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+        end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
+    except (ValueError, KeyError, IndexError, OSError) as e:
+        raise ModelSpecError(f"GGUF file {path} is truncated or corrupted ({str(e)[:80]}); "
+                             f"re-download it") from None
+    if end > os.path.getsize(path):
+        raise ModelSpecError(f"GGUF file {path} is truncated (tensor data ends at byte {end}, "
+                             f"the file has {os.path.getsize(path)}); re-download it")
+
+
+def check_weights(folder: str | Path) -> None:
+    """:func:`check_safetensors` on every ``.safetensors`` file of a model or adapter folder."""
+    for f in sorted(Path(folder).expanduser().glob("*.safetensors")):
+        check_safetensors(f)
+
+
+_ORGANISM_HINT = "organism:base, organism:lora, organism:full or organism:chat"
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection within ``timeout`` seconds (and hub
+    access is not switched off with ``HF_HUB_OFFLINE``)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _check_resolvable(spec: str) -> None:
+    """Fail at once on a spec that is neither local nor cached and cannot be fetched: transformers
+    would otherwise retry the hub for about a minute before saying so."""
+    import re
+
+    if Path(spec).expanduser().exists():
+        return
+    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", spec):
+        raise ModelSpecError(f"model {spec!r} is not a local path, a .gguf file, an organism or a "
+                             f"hub id; did you mean {_ORGANISM_HINT}?")
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(spec, "config.json"), str):
+            return  # in the local hub cache: loads offline
+    except Exception:  # noqa: BLE001 - any cache-lookup failure just means "not cached"
+        pass
+    if not hub_reachable():
+        raise ModelSpecError(f"no local folder or file named {spec!r}, and the model hub cannot be "
+                             f"reached (offline?); pass a local path, a .gguf file or "
+                             f"{_ORGANISM_HINT}")
 
 
 def _organism_dir(name: str) -> Path:
@@ -160,6 +261,9 @@ def load_model(spec: str, adapter: str | None = None, *, device: str | None = No
     if spec.startswith("organism:"):
         folder = _organism_dir(spec.split(":", 1)[1])
         if (folder / "adapter_config.json").exists():
+            if adapter is not None:
+                raise ModelSpecError(f"{spec} is itself a LoRA adapter, so --adapter {adapter} would "
+                                     f"be ignored; pass --model organism:base --adapter {adapter}")
             loaded = load_model(_adapter_base(folder), adapter=str(folder), device=device,
                                 dtype=dtype, device_map=device_map)
             loaded.spec, loaded.adapter = spec, None
@@ -167,8 +271,12 @@ def load_model(spec: str, adapter: str | None = None, *, device: str | None = No
         path, gguf = str(folder), None
     else:
         path, gguf = _split_gguf(spec)
-        if gguf is None:
+        if gguf is not None:
+            check_gguf(Path(path) / gguf)
+        else:
             _check_local(path)
+            _check_resolvable(path)
+            check_weights(path)
             p = Path(path).expanduser()
             if p.is_dir() and (p / "adapter_config.json").exists() and not (p / "config.json").exists():
                 if adapter is not None:
@@ -207,6 +315,7 @@ def _attach_adapter(model: nn.Module, adapter: str) -> nn.Module:
     adir = Path(adapter).expanduser()
     if not (adir / "adapter_config.json").exists():
         raise ModelSpecError(f"adapter {adapter} does not exist or holds no adapter_config.json")
+    check_weights(adir)
     _check_adapter_matches(adir, model)
     try:
         return PeftModel.from_pretrained(model, str(adir), is_trainable=False)
@@ -223,6 +332,7 @@ def load_tokenizer(spec: str):
     path, gguf = _split_gguf(spec)
     if gguf is None:
         _check_local(path)
+        _check_resolvable(path)
     try:
         return AutoTokenizer.from_pretrained(path, **({"gguf_file": gguf} if gguf else {}))
     except OSError as e:

@@ -1,16 +1,22 @@
 """Run folders: every result a method produces, saved as it is made, so a killed run resumes.
 
-A step is saved atomically (write to a temporary name, then rename) under a key; calling a step
-whose key is already saved with the same settings loads it instead of recomputing it.
+A step is saved atomically (write to a uniquely named temporary file, then rename) under a key;
+calling a step whose key is already saved with the same settings loads it instead of recomputing
+it. :func:`open_run_folder` checks a folder is writable and locks it for one run at a time: a
+second run on the same folder waits, then resumes from what the first saved.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import re
+import sys
+import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -32,6 +38,87 @@ def model_tag(name: str) -> str:
     return f"{short[-60:] or 'model'}-{hashlib.sha1(name.encode()).hexdigest()[:6]}"
 
 
+class RunFolderError(ValueError):
+    """A run folder that cannot be used (a file, not writable); the message names the fix."""
+
+
+def temp_path(path: str | Path) -> Path:
+    """A temporary name beside ``path``, unique to this process and call (no two writers race)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically: a killed run never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def check_out_folder(path: str | Path) -> None:
+    """Error (before any work) unless ``path`` is, or can become, a writable folder."""
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise RunFolderError(f"--out {path} is a file, not a folder; pass a folder path")
+    probe = p if p.exists() else next((q for q in p.parents if q.exists()), Path("."))
+    if not probe.is_dir():
+        raise RunFolderError(f"--out {path}: {probe} is a file, not a folder; pass a folder path")
+    try:  # os.access is not enough (root, read-only mounts): really write a probe file
+        fd, name = _probe_file(probe)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        raise RunFolderError(f"--out {path} is not writable ({e.strerror}); pass a folder you "
+                             f"can write to") from None
+
+
+def _probe_file(folder: Path) -> tuple[int, str]:
+    import tempfile
+
+    return tempfile.mkstemp(prefix=".circuitdiff-probe-", dir=folder)
+
+
+@contextlib.contextmanager
+def open_run_folder(path: str | Path, wait: bool = True) -> Iterator[Path]:
+    """Check ``path``, create it, and hold an exclusive lock on it for the block.
+
+    A second run on the same folder waits for the first (``wait``) or fails with a message; it
+    then resumes from the first run's saved results. A folder this call created is removed again
+    if the block fails and left it empty (bad input leaves nothing behind).
+    """
+    import fcntl
+
+    check_out_folder(path)
+    p = Path(path).expanduser()
+    created = not p.exists()
+    p.mkdir(parents=True, exist_ok=True)
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not wait:
+                raise RunFolderError(f"another circuitdiff run is using {path}; wait for it or "
+                                     f"pass another --out") from None
+            print(f"another circuitdiff run is using {path}; waiting for it to finish...",
+                  file=sys.stderr)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            yield p
+        except BaseException:
+            if created and not any(p.iterdir()):
+                p.rmdir()
+            raise
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
 class RunFolder:
     """A folder of JSON and safetensors results, each tagged with the settings that made it."""
 
@@ -44,12 +131,7 @@ class RunFolder:
 
     # -- JSON -------------------------------------------------------------------------------
     def save_json(self, name: str, obj: Any) -> Path:
-        p = self.file(name)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_suffix(p.suffix + ".tmp")
-        tmp.write_text(json.dumps(obj, indent=2, default=str))
-        tmp.replace(p)
-        return p
+        return atomic_write_text(self.file(name), json.dumps(obj, indent=2, default=str))
 
     def load_json(self, name: str) -> Any:
         return json.loads(self.file(name).read_text())
@@ -61,11 +143,14 @@ class RunFolder:
 
         p = self.file(name)
         p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(p.name + ".tmp")
+        tmp = temp_path(p)
         meta = {"settings": json.dumps(settings or {}, sort_keys=True, default=str)}
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
-                  metadata=meta)
-        tmp.replace(p)
+        try:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+                      metadata=meta)
+            tmp.replace(p)
+        finally:
+            tmp.unlink(missing_ok=True)
         return p
 
     def load_tensors(self, name: str) -> dict[str, torch.Tensor]:

@@ -107,6 +107,10 @@ def block_matrix(batch: Batch, edge: Edge, generator: torch.Generator | None = N
         keys = torch.zeros(B, T, dtype=torch.bool)
         keys[rows[:, None], k] = True
     keys &= t[None] != q[:, None]  # never block attention to itself
+    if edge.key != "all" and not bool((keys & (t[None] <= q[:, None])).any()):
+        raise KnockoutError(f"edge {edge} blocks nothing: {edge.key} comes after {edge.query} in "
+                            f"every prompt and causal attention never looks ahead; block "
+                            f"{edge.key}:{edge.query} instead")
     out = torch.zeros(B, T, T, dtype=torch.bool)
     out[rows, q] = keys
     return out

@@ -8,6 +8,8 @@ from typing import Sequence
 
 import torch
 
+from ..core.runs import temp_path
+
 
 def pyplot():
     """matplotlib.pyplot on the non-interactive Agg backend (no display needed)."""
@@ -24,10 +26,13 @@ def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=dpi)
-    pyplot().close(fig)
-    tmp.replace(path)
+    tmp = temp_path(path)
+    try:
+        fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png")
+        tmp.replace(path)
+    finally:
+        pyplot().close(fig)
+        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -6,7 +6,7 @@ import csv
 import io
 from typing import Sequence
 
-from ..core.runs import RunFolder
+from ..core.runs import RunFolder, atomic_write_text
 from ..methods.faithfulness import FaithfulnessRow
 
 
@@ -47,10 +47,7 @@ def table_csv(rows: Sequence[FaithfulnessRow]) -> str:
 def save_table(folder: RunFolder, rows: Sequence[FaithfulnessRow], name: str = "faithfulness"):
     """Write ``name.json`` and ``name.csv`` into the run folder; returns both paths."""
     pj = folder.save_json(f"{name}.json", [r.to_dict() for r in rows])
-    pc = folder.file(f"{name}.csv")
-    tmp = pc.with_name(pc.name + ".tmp")
-    tmp.write_text(table_csv(rows))
-    tmp.replace(pc)
+    pc = atomic_write_text(folder.file(f"{name}.csv"), table_csv(rows))
     return pj, pc
 
 
