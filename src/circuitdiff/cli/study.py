@@ -20,7 +20,8 @@ def register(sub) -> None:
                         "the paper used 20,5,10,5 on Llama-7B)")
     p.add_argument("--n-discovery", type=int, default=100, help="prompts for path patching")
     p.add_argument("--n-mean", type=int, default=200, help="mean-ablation prompts")
-    p.add_argument("--random-draws", type=int, default=10)
+    p.add_argument("--random-draws", type=int, default=10,
+                   help="random circuits of the same group sizes (default 10)")
     p.add_argument("--no-knockout", action="store_true", help="skip attention knockout")
     p.add_argument("--accuracy-only", action="store_true",
                    help="only measure accuracy of the first model")

