@@ -10,7 +10,8 @@ import circuitdiff
 
 PKG = Path(circuitdiff.__file__).parent
 #: layer of each top-level part; a module may import only parts of its own layer or below
-LAYERS = {"core": 0, "organisms": 0, "methods": 1, "report": 2, "study": 3, "cli": 4}
+LAYERS = {"core": 0, "organisms": 0, "methods": 1, "report": 2, "study": 3, "cli": 4,
+          "__main__": 4}
 
 
 def _part(module_path: Path) -> str:
