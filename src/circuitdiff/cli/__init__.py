@@ -59,9 +59,8 @@ def add_model_options(p: argparse.ArgumentParser, multiple: bool = False) -> Non
     if multiple:
         p.add_argument("--model", action="append", required=False, metavar="SPEC",
                        help="model spec (repeatable): organism:NAME, HF folder or hub id, "
-                            "a .gguf file, or an adapter folder")
-        p.add_argument("--adapter", default=None,
-                       help="peft LoRA adapter folder to attach to the first --model")
+                            "a .gguf file, or a LoRA adapter folder (loads its base plus the "
+                            "adapter, un-merged)")
     else:
         p.add_argument("--model", metavar="SPEC", default=None,
                        help="organism:NAME, HF folder or hub id, a .gguf file, or an adapter folder "
