@@ -129,6 +129,29 @@ def test_two_runs_on_one_folder_end_cleanly(saved_models, tmp_path):
     assert sum(r.endswith("curves.json") for r in results) == 1, results
 
 
+def test_a_run_waits_for_the_lock(saved_models, tmp_path):
+    """While another run holds the folder, a new run waits (says so, writes nothing) and then
+    finishes once the folder is free."""
+    import time
+
+    from circuitdiff.core.runs import open_run_folder
+
+    base_dir, _ = saved_models
+    out = tmp_path / "held"
+    cmd = [sys.executable, "-m", "circuitdiff", "knockout", "--model", str(base_dir),
+           "--n-boxes", "3", "-n", "4", "--out", str(out), "--quiet"]
+    with open_run_folder(out):
+        proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                stderr=subprocess.PIPE, text=True)
+        time.sleep(8)
+        assert proc.poll() is None  # still waiting
+        assert not list(out.rglob("*.json"))
+    err = proc.communicate(timeout=300)[1]
+    assert proc.returncode == 0, err
+    assert "waiting for it to finish" in err
+    assert list(out.rglob("curves.json"))
+
+
 def test_lock_refuses_when_asked_not_to_wait(tmp_path):
     from circuitdiff.core.runs import RunFolderError, open_run_folder
 
