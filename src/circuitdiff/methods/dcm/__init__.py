@@ -147,7 +147,8 @@ class DCMResult:
     config: dict
     rows: list[DesideratumResult]
     empty_groups: list[str] = field(default_factory=list)
-    seconds: dict[str, float] = field(default_factory=dict)   # per group (0 when loaded)
+    seconds: dict[str, float] = field(default_factory=dict)   # wall time per group (small
+                                                              # when loaded from the run folder)
 
     def selection(self, group: str, desideratum: str) -> DesideratumResult:
         for r in self.rows:
@@ -298,6 +299,21 @@ def _eval_sets(loaded: LoadedModel, plan: DCMPlan, group: CircuitGroup, name: st
     return acc.tolist()
 
 
+def _shared_reads(loaded: LoadedModel, counterfactuals: Sequence, position: str,
+                  heads: Sequence[Head], batch_size: int) -> list[torch.Tensor]:
+    """:func:`counterfactual_values` of each batch, read once per distinct batch (the paper's
+    three desiderata share their counterfactual prompts)."""
+    out: list[torch.Tensor] = []
+    for i, cf in enumerate(counterfactuals):
+        same = next((j for j in range(i) if counterfactuals[j].input_ids.shape == cf.input_ids.shape
+                     and torch.equal(counterfactuals[j].input_ids, cf.input_ids)
+                     and torch.equal(counterfactuals[j].positions[position],
+                                     cf.positions[position])), None)
+        out.append(out[same] if same is not None else
+                   counterfactual_values(loaded, cf, position, heads, batch_size))
+    return out
+
+
 def _dcm_group(loaded: LoadedModel, plan: DCMPlan, name: str, group: CircuitGroup,
                progress: bool = False) -> list[DesideratumResult]:
     cfg = plan.config
@@ -308,9 +324,9 @@ def _dcm_group(loaded: LoadedModel, plan: DCMPlan, name: str, group: CircuitGrou
         encs = [plan.data[d] for d in fam]
         tr = plan.split("train")
         base_train = take(encs[0].base, tr)
-        vals = {s: torch.stack([counterfactual_values(loaded, take(e.counterfactual, plan.split(s)),
-                                                      group.position, heads, cfg.batch_size)
-                                for e in encs]) for s in ("train", "val", "test")}
+        vals = {s: torch.stack(_shared_reads(loaded, [take(e.counterfactual, plan.split(s))
+                                                      for e in encs], group.position, heads,
+                                             cfg.batch_size)) for s in ("train", "val", "test")}
         tgts = {s: torch.stack([e.targets[plan.split(s)] for e in encs])
                 for s in ("train", "val", "test")}
         masks = train_masks(loaded, base_train, group.position, heads, vals["train"],
@@ -376,7 +392,9 @@ def dcm(loaded: LoadedModel, circuit: Circuit, config: DCMConfig | None = None,
     desideratum). With ``folder``, each group is cached under ``dcm/<model>/<group>.json`` keyed
     by the model, the group and the config, so a rerun resumes. ``plan`` may pass the prompts
     already prepared (:func:`prepare`) from the tokenizer."""
-    config = config or DCMConfig()
+    if plan is not None and config is not None and plan.config.key() != config.key():
+        raise ValueError("the prepared plan was made with another DCM config than the one given")
+    config = plan.config if plan is not None else (config or DCMConfig())
     circuit.validate(loaded.arch)
     plan = plan or prepare(loaded.tokenizer, circuit, config)
     rows: list[DesideratumResult] = []
