@@ -289,8 +289,11 @@ def test_cli_on_tiny_saved_models(saved_models, tmp_path, capsys):
     base, lora = saved_models
     out = tmp_path / "run"
     circuit = write_circuit(tmp_path, small_circuit())
-    assert main(cli_args(circuit, [base, lora], out, "--desiderata",
-                         "object_value,position,no_commas")) == 0
+    # lr 1 and tiny λ: one Adam step takes every mask that helps the target to 0, so even a
+    # random tiny model selects heads and functional patching runs
+    run = cli_args(circuit, [base, lora], out, "--desiderata", "object_value,position,no_commas",
+                   "--lambdas", "0.0001,0.001", "--lr", "1.0")
+    assert main(run) == 0
     text = capsys.readouterr().out
     assert "(empty group)" in text and "readers" in text
     table = json.loads((out / "dcm_table.json").read_text())
@@ -298,15 +301,16 @@ def test_cli_on_tiny_saved_models(saved_models, tmp_path, capsys):
     assert (out / "dcm_table.csv").read_text().startswith("group,position,desideratum")
     pngs = sorted(p.name for p in out.glob("dcm/*/*.png"))
     assert pngs == ["detectors_lambda.png", "movers_lambda.png"]
-    if (out / "functional.json").exists():
-        fun = json.loads((out / "functional.json").read_text())
-        assert {r["model"] for r in fun} == {str(base), str(lora)}
-        assert (out / "functional.png").exists()
-    cached = sorted(out.glob("dcm/*/movers.json"))[0]
-    stamp = cached.stat().st_mtime_ns
-    assert main(cli_args(circuit, [base, lora], out, "--desiderata",
-                         "object_value,position,no_commas")) == 0
-    assert cached.stat().st_mtime_ns == stamp  # resumed, not recomputed
+    fun = json.loads((out / "functional.json").read_text())
+    selected = {(r["group"], r["desideratum"]) for r in table["rows"] if r["selected"]}
+    assert selected and {(r["group"], r["desideratum"]) for r in fun} == selected
+    assert [r["model"] for r in fun] == [str(base)] * len(selected) + [str(lora)] * len(selected)
+    assert (out / "functional.csv").exists() and (out / "functional.png").exists()
+    assert "functional patching" in text
+    cached = [sorted(out.glob("dcm/*/movers.json"))[0], sorted(out.glob("functional/*/*.json"))[0]]
+    stamps = [p.stat().st_mtime_ns for p in cached]
+    assert main(run) == 0
+    assert [p.stat().st_mtime_ns for p in cached] == stamps  # resumed, not recomputed
 
 
 @pytest.mark.parametrize("change, message", [
