@@ -156,6 +156,8 @@ SURFACE = {
     "extra_box_before_correct": lambda b, c: len(c.objects) == len(b.objects) + 1,
     "altered_box_object_order": lambda b, c: c.text.startswith("Box "),
     "no_commas": lambda b, c: "," not in c.text,
+    "altered_association": lambda b, c: sorted(c.objects) == sorted(b.objects) and all(
+        c.objects[k] != b.objects[k] and c.labels[k] != b.labels[k] for k in range(len(b.objects))),
     "comma_after_object": lambda b, c: all(f"{o}," in c.text for o in c.objects),
 }
 

@@ -11,8 +11,10 @@ These three share one counterfactual per base prompt (``EntityTrackingTask.dcm_c
 whose three targets are three different tokens). The *robustness* set asks whether the position
 information survives changes of the counterfactual's surface form: random text at its start or
 before its query, extra tokens inside every segment, an extra segment at the start, at the end or
-right before the queried one, the other wording ("Box F contains the apple"), no commas, a comma
-after each object. In all of them the base prompt is the task's plain prompt and only the
+right before the queried one, the other wording ("Box F contains the apple"), the base's own
+objects and labels bound differently, no commas, a comma after each object. (The original code's
+"query about a different segment index" is the position desideratum itself: its counterfactual
+always queries another index than the base.) In all of them the base prompt is the task's plain prompt and only the
 counterfactual changes; the target is the base object at the counterfactual's queried segment
 *ordinal* (its index among the counterfactual's segments, added segments included), which never
 equals the base answer, and the counterfactual's labels avoid the base's labels where the alphabet
@@ -49,8 +51,8 @@ ALTERED_TEMPLATE = "Box {label} contains the {object}"
 PAPER_DESIDERATA: tuple[str, ...] = ("object_value", "position", "box_label")
 ROBUSTNESS_DESIDERATA: tuple[str, ...] = (
     "random_text_start", "random_text_end", "tokens_between_box_and_object", "extra_segment_start",
-    "extra_segment_end", "extra_box_before_correct", "altered_box_object_order", "no_commas",
-    "comma_after_object")
+    "extra_segment_end", "extra_box_before_correct", "altered_box_object_order",
+    "altered_association", "no_commas", "comma_after_object")
 
 
 class DesiderataError(ValueError):
@@ -482,6 +484,29 @@ def extra_box_before_correct(task: EntityTrackingTask, base: Prompt, rng: random
              "apple'", _all_of(_needs_boxes(3), _other_wording))
 def altered_box_object_order(task: EntityTrackingTask, base: Prompt, rng: random.Random) -> Example:
     return _position_variant(task, base, rng, segment_template=ALTERED_TEMPLATE)
+
+
+def _derangement(n: int, rng: random.Random) -> list[int]:
+    """A permutation of ``range(n)`` that moves every index (n >= 2)."""
+    while True:
+        perm = rng.sample(range(n), n)
+        if all(p != i for i, p in enumerate(perm)):
+            return perm
+
+
+@desideratum("altered_association", "counterfactual with the base's own objects and labels, "
+             "each moved to another segment", _needs_boxes(3))
+def altered_association(task: EntityTrackingTask, base: Prompt, rng: random.Random) -> Example:
+    """Objects and labels are both deranged, so at the queried ordinal ``j`` the counterfactual's
+    object and label differ from the base's: the position target ``base.objects[j]`` differs from
+    the value target and from the box-label target."""
+    n, i = base.n_boxes, base.query_index
+    j = rng.choice([x for x in range(n) if x != i])
+    objs = [base.objects[k] for k in _derangement(n, rng)]
+    labs = [base.labels[k] for k in _derangement(n, rng)]
+    cf = render(objs, labs, j, segment_template=base.segment_template,
+                query_template=base.query_template)
+    return Example(from_prompt(base), cf, "base", j)
 
 
 @desideratum("no_commas", "position counterfactual with segments separated by spaces only",

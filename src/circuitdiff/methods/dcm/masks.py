@@ -11,10 +11,10 @@ Speed:
 * counterfactual activations are read only at the group's position and only for the heads in
   ``U`` (``[N, |U|, head_dim]``), the forward stopped after the last layer needed;
 * many mask rows share one base prompt (rows are sample-major: row ``b * K + k`` is mask ``k`` on
-  sample ``b``): the tokens before the earliest patched position are identical for all ``K`` rows,
-  so they run once per sample without gradients and their keys/values are repeated for the rows;
-  only the suffix from the patched position on (one token for a group at ``last``) runs with
-  gradients, ``K`` times.
+  sample ``b``): the tokens before the patched position are identical for all ``K`` rows, so they
+  run once per sample without gradients and their keys/values are repeated for the rows; only the
+  suffix from the patched position on (one token for a group at ``last``) runs with gradients,
+  ``K`` times. Samples are grouped by patched position, so each runs its own shortest suffix.
 """
 
 from __future__ import annotations
@@ -73,10 +73,13 @@ def patched_last_logits(loaded: LoadedModel, base: Batch, position: str, heads: 
     ``values`` ``[R, |U|, head_dim]`` and ``masks`` ``[R, |U|]`` are per row, ``R = B * repeats``,
     sample-major (row ``b * repeats + k`` runs sample ``b``). ``base`` must be left-padded (its
     *last* is the final column, as :func:`~circuitdiff.core.task.encode` makes it).
-    ``prefix_cache`` runs the tokens before the earliest patched position once per sample (no
-    gradient) and reuses their keys/values for the ``repeats`` rows.
+
+    ``prefix_cache``: samples are grouped by their patched position ``p`` (one group for *last*;
+    one per queried box for the previous query label); in each group the tokens before ``p`` run
+    once per sample without gradient and their keys/values serve all ``repeats`` rows, so only
+    tokens ``p..last`` run per row. The groups' logits are put back in row order (one autograd
+    graph, so a loss over all rows is the same as without grouping).
     """
-    model, arch, dev = loaded.model, loaded.arch, loaded.device
     B, T = base.input_ids.shape
     R = B * repeats
     if values.shape[:2] != (R, len(heads)) or masks.shape != (R, len(heads)):
@@ -87,7 +90,28 @@ def patched_last_logits(loaded: LoadedModel, base: Batch, position: str, heads: 
     pos = base.positions[position]
     if bool((pos < 0).any()):
         raise DCMError(f"some base prompts have no {position} token")
-    split = int(pos.min()) if prefix_cache else 0
+    if not prefix_cache:
+        return _patched_suffix(loaded, base, position, heads, values, masks, repeats, 0)
+    parts, order = [], []
+    for split in pos.unique().tolist():
+        samples = (pos == split).nonzero()[:, 0]
+        rows = (samples[:, None] * repeats + torch.arange(repeats)).reshape(-1)
+        parts.append(_patched_suffix(loaded, take(base, samples), position, heads, values[rows],
+                                     masks[rows], repeats, int(split)))
+        order.append(rows)
+    inverse = torch.empty(R, dtype=torch.long)
+    inverse[torch.cat(order)] = torch.arange(R)
+    return torch.cat(parts)[inverse.to(parts[0].device)]
+
+
+def _patched_suffix(loaded: LoadedModel, base: Batch, position: str, heads: Sequence[Head],
+                    values: torch.Tensor, masks: torch.Tensor, repeats: int,
+                    split: int) -> torch.Tensor:
+    """:func:`patched_last_logits` for samples whose patched positions are all >= ``split``:
+    tokens before ``split`` run once per sample (no gradient) into a key/value cache repeated for
+    the rows; tokens from ``split`` on run per row with the edits."""
+    model, arch, dev = loaded.model, loaded.arch, loaded.device
+    R = len(base) * repeats
     ids, attn, pids = (t.to(dev) for t in (base.input_ids, base.attention_mask, base.position_ids))
     rows = lambda t: t.repeat_interleave(repeats, 0)  # noqa: E731
     cache = None
@@ -96,7 +120,7 @@ def patched_last_logits(loaded: LoadedModel, base: Batch, position: str, heads: 
             cache = model(input_ids=ids[:, :split], attention_mask=attn[:, :split],
                           position_ids=pids[:, :split], use_cache=True).past_key_values
         cache.batch_repeat_interleave(repeats)
-    rel = rows(pos.to(dev) - split)
+    rel = rows(base.positions[position].to(dev) - split)
     edits = []
     for layer, units, slots in _layer_plan(heads):
         units, slots = units.to(dev), slots.to(dev)
