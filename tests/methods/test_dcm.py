@@ -11,14 +11,13 @@ import torch
 
 from circuitdiff.cli import main
 from circuitdiff.core.circuit import Circuit, CircuitGroup
-from circuitdiff.core.interventions import Read, StopAfter, Write, run_with_edits
+from circuitdiff.core.interventions import Read, Write, run_with_edits
 from circuitdiff.core.metrics import last_logits
-from circuitdiff.core.task import EntityTrackingTask, TaskConfig, encode, locate
+from circuitdiff.core.task import EntityTrackingTask, TaskConfig, locate
 from circuitdiff.methods.dcm import (DCMConfig, DCMError, choose_lambda, dcm,
                                      functional_patching, prepare, random_head_sets)
 from circuitdiff.methods.dcm import desiderata as D
-from circuitdiff.methods.dcm.masks import (counterfactual_values, patched_last_logits, take,
-                                           train_masks)
+from circuitdiff.methods.dcm.masks import counterfactual_values, patched_last_logits, train_masks
 
 torch.set_num_threads(1)
 

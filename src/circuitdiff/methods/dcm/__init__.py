@@ -31,6 +31,7 @@ remains consistent across models" table.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import statistics
 import time
@@ -468,17 +469,8 @@ def functional_patching(result: DCMResult, plan: DCMPlan, models: Sequence[str],
             selected = [parse_head(h) for h in r.selected]
             randoms = random_head_sets(len(selected), loaded.arch.n_layers, loaded.arch.n_heads,
                                        cfg.n_random, cfg.random_seed)
-
-            def compute() -> dict:
-                accs = _eval_sets(loaded, plan, group, r.desideratum, [[], selected] + randoms,
-                                  "test")
-                rnd = accs[2:]
-                return FunctionalRow(
-                    loaded.name, r.group, r.desideratum, r.selected, accs[1], accs[0],
-                    statistics.fmean(rnd) if rnd else None,
-                    statistics.stdev(rnd) if len(rnd) > 1 else (0.0 if rnd else None), rnd,
-                    cfg.n_test).to_dict()
-
+            compute = functools.partial(_functional_row, loaded, plan, r.group, r.desideratum,
+                                        selected, randoms)
             if folder is None:
                 d = compute()
             else:
@@ -497,3 +489,15 @@ def functional_patching(result: DCMResult, plan: DCMPlan, models: Sequence[str],
         del loaded
         gc.collect()
     return rows
+
+
+def _functional_row(loaded: LoadedModel, plan: DCMPlan, group: str, desideratum: str,
+                    selected: list[Head], randoms: list[list[Head]]) -> dict:
+    """Target accuracy on the test split: unpatched, ``selected`` patched, each random set."""
+    accs = _eval_sets(loaded, plan, plan.groups[group], desideratum, [[], selected] + randoms,
+                      "test")
+    rnd = accs[2:]
+    return FunctionalRow(loaded.name, group, desideratum, [format_head(h) for h in selected],
+                         accs[1], accs[0], statistics.fmean(rnd) if rnd else None,
+                         statistics.stdev(rnd) if len(rnd) > 1 else (0.0 if rnd else None), rnd,
+                         plan.config.n_test).to_dict()

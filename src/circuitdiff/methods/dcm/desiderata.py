@@ -36,6 +36,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+import torch
+
 from ...core.task import (DEFAULT_QUERY, DEFAULT_TEMPLATE, POSITION_NAMES, Batch,
                           EntityTrackingTask, Located, Prompt, _encode, _token_at, make_batch,
                           pad_token_id, single_token_words)
@@ -261,14 +263,12 @@ class EncodedExamples:
     name: str
     base: Batch
     counterfactual: Batch
-    targets: "torch.Tensor"  # noqa: F821  [N] long
+    targets: torch.Tensor            # [N] long
     target_words: list[str] = field(default_factory=list)
 
 
 def encode_examples(name: str, examples: Sequence[Example], tokenizer) -> EncodedExamples:
     """Locate every prompt and read each target's token id from the prompt that holds it."""
-    import torch
-
     if not examples:
         raise DesiderataError(f"desideratum {name!r} has no examples")
     pad = pad_token_id(tokenizer)
