@@ -250,6 +250,8 @@ def test_dcm_and_functional_patching_on_a_tiny_model(tiny, tiny_lora, tmp_path):
                     batch_size=4)
     folder = RunFolder(tmp_path)
     res = dcm(tiny, small_circuit(), cfg, folder)
+    # weights frozen while masks train (no gradient reached them), and unfrozen again after
+    assert all(p.grad is None and p.requires_grad for p in tiny.model.parameters())
     assert res.empty_groups == ["readers"]
     assert {(r.group, r.desideratum) for r in res.rows} == {
         (g, d) for g in ("movers", "detectors") for d in D.PAPER_DESIDERATA}
@@ -300,6 +302,8 @@ def test_cli_on_tiny_saved_models(saved_models, tmp_path, capsys):
     table = json.loads((out / "dcm_table.json").read_text())
     assert len(table["rows"]) == 2 * 3 and table["empty_groups"] == ["readers"]
     assert (out / "dcm_table.csv").read_text().startswith("group,position,desideratum")
+    curve = (out / "dcm_table_curve.csv").read_text().splitlines()
+    assert len(curve) == 1 + 2 * 3 * 2  # header + groups x desiderata x λ
     pngs = sorted(p.name for p in out.glob("dcm/*/*.png"))
     assert pngs == ["detectors_lambda.png", "movers_lambda.png"]
     fun = json.loads((out / "functional.json").read_text())

@@ -52,6 +52,20 @@ def dcm_csv(rows: Sequence[DesideratumResult]) -> str:
     return buf.getvalue()
 
 
+def curve_csv(rows: Sequence[DesideratumResult]) -> str:
+    """Every point of every λ sweep: one line per (group, desideratum, λ)."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["group", "desideratum", "lambda", "chosen", "n_selected", "fraction",
+                "val_accuracy", "test_accuracy", "selected", "mask"])
+    for r in rows:
+        for c in r.curve:
+            w.writerow([r.group, r.desideratum, c["lambda"], c["lambda"] == r.chosen_lambda,
+                        c["n_selected"], c["fraction"], c["val_accuracy"], c["test_accuracy"],
+                        " ".join(c["selected"]), " ".join(str(x) for x in c["mask"])])
+    return buf.getvalue()
+
+
 def format_functional_table(rows: Sequence[FunctionalRow]) -> str:
     """(group, desideratum) rows × model columns: target accuracy (random mean)."""
     models = list(dict.fromkeys(r.model for r in rows))
@@ -93,9 +107,11 @@ def _write_text(folder: RunFolder, name: str, text: str) -> Path:
 
 def save_dcm_tables(folder: RunFolder, rows: Sequence[DesideratumResult],
                     empty_groups: Sequence[str], stem: str) -> tuple[Path, Path]:
-    """``<stem>.json`` (rows + empty groups) and ``<stem>.csv`` in the run folder."""
+    """``<stem>.json`` (rows with their λ curves + empty groups), ``<stem>.csv`` (the chosen λ
+    per row) and ``<stem>_curve.csv`` (every λ) in the run folder."""
     pj = folder.save_json(f"{stem}.json", {"rows": [r.to_dict() for r in rows],
                                            "empty_groups": list(empty_groups)})
+    _write_text(folder, f"{stem}_curve.csv", curve_csv(rows))
     return pj, _write_text(folder, f"{stem}.csv", dcm_csv(rows))
 
 
