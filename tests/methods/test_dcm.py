@@ -236,6 +236,13 @@ def test_choose_lambda_uses_validation_only():
     assert choose_lambda([0.001, 0.01], [0.3, 0.1], 0.0) == 0
 
 
+def test_config_expands_desiderata_and_rejects_bad_lambda():
+    assert DCMConfig(desiderata="paper").desiderata == D.PAPER_DESIDERATA
+    assert DCMConfig(desiderata=("robustness",)).desiderata[0] == "position"
+    with pytest.raises(ValueError, match="λ must be > 0"):
+        DCMConfig(lambdas=(0.01, -1.0))
+
+
 def test_random_head_sets_are_seeded_and_without_replacement():
     a = random_head_sets(5, 3, 4, 10, seed=1)
     assert a == random_head_sets(5, 3, 4, 10, seed=1)

@@ -83,6 +83,8 @@ class DCMConfig:
     prefix_cache: bool = True
 
     def __post_init__(self) -> None:
+        if isinstance(self.desiderata, str):  # "paper" or "object_value,position"
+            self.desiderata = tuple(x.strip() for x in self.desiderata.split(",") if x.strip())
         self.desiderata = tuple(resolve_names(self.desiderata))
         self.lambdas = tuple(float(x) for x in self.lambdas)
         if not self.lambdas:
