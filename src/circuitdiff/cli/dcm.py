@@ -1,0 +1,108 @@
+"""``circuitdiff dcm``: what each circuit group encodes (DCM), and the same heads in every model."""
+
+from __future__ import annotations
+
+from . import add_model_options, add_out_option, load_from_args, nonnegative_int, positive_int
+
+
+def _floats(spec: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in spec.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"--lambdas {spec!r} is not a comma-separated list of numbers "
+                         f"like 0.001,0.01,0.1") from None
+
+
+def register(sub) -> None:
+    from ..methods.dcm import DEFAULT_LAMBDAS
+
+    p = sub.add_parser(
+        "dcm", help="DCM: learn which heads of each circuit group carry the object value, the "
+                    "position or the box label; patch them in every --model",
+        description="Per non-empty group and desideratum, learn one mask per head (patched = "
+                    "m*base + (1-m)*counterfactual at the group's position); heads with m < 0.5 "
+                    "are selected. The first --model is the one DCM trains on; the selected heads "
+                    "are then patched in every --model (functional patching) with random head "
+                    "sets of equal size as a baseline. Results are saved in --out as they are "
+                    "made; a rerun resumes.")
+    p.add_argument("--circuit", required=True, metavar="JSON", help="circuit file")
+    add_model_options(p, multiple=True)
+    p.add_argument("--desiderata", default="paper",
+                   help="comma-separated names, or paper (object_value,position,box_label), "
+                        "robustness (position + its robustness set) or all (default paper)")
+    p.add_argument("--n-boxes", type=positive_int, default=7, help="boxes per prompt (default 7)")
+    p.add_argument("--n-train", type=positive_int, default=200, help="training prompts (paper 1000)")
+    p.add_argument("--n-val", type=positive_int, default=100, help="validation prompts (paper 500)")
+    p.add_argument("--n-test", type=positive_int, default=100, help="test prompts (paper 500)")
+    p.add_argument("--lambdas", default=",".join(f"{x:g}" for x in DEFAULT_LAMBDAS),
+                   help="λ sweep; the default λ is chosen on validation (paper: 0.01)")
+    p.add_argument("--tolerance", type=float, default=0.02,
+                   help="choose the largest λ whose validation accuracy is within this of the "
+                        "best (default 0.02)")
+    p.add_argument("--lr", type=float, default=0.1, help="Adam learning rate (paper 0.1)")
+    p.add_argument("--epochs", type=positive_int, default=2, help="epochs (paper 2)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the prompts (default 0)")
+    p.add_argument("--random-draws", type=nonnegative_int, default=10,
+                   help="random head sets of the selected size (default 10)")
+    p.add_argument("--random-seed", type=int, default=0,
+                   help="seed of the random head sets (default 0)")
+    p.add_argument("--batch-size", type=positive_int, default=32,
+                   help="prompts per forward (default 32)")
+    add_out_option(p, "dcm")
+    p.set_defaults(func=run)
+
+
+def run(args) -> dict:
+    from ..core.circuit import Circuit
+    from ..core.model import default_model_spec, load_tokenizer
+    from ..core.runs import RunFolder, model_tag, safe_name
+    from ..methods.dcm import DCMConfig, check_tokenizers, dcm, functional_patching, prepare
+    from ..report.dcm import (format_dcm_table, format_functional_table, plot_functional_bars,
+                              plot_lambda_curve, save_dcm_tables, save_functional_tables)
+    from ..report.tables import short_name
+
+    # every input error is raised here, before a model is loaded and before --out is written
+    models = args.model or [default_model_spec()]
+    config = DCMConfig(desiderata=tuple(x.strip() for x in args.desiderata.split(",") if x.strip()),
+                       n_train=args.n_train, n_val=args.n_val, n_test=args.n_test,
+                       lambdas=_floats(args.lambdas), tolerance=args.tolerance, lr=args.lr,
+                       epochs=args.epochs, seed=args.seed, n_boxes=args.n_boxes,
+                       n_random=args.random_draws, random_seed=args.random_seed,
+                       batch_size=args.batch_size)
+    circuit = Circuit.load(args.circuit)
+    if len(models) > 1:
+        check_tokenizers(models)
+    plan = prepare(load_tokenizer(models[0]), circuit, config)
+
+    folder = RunFolder(args.out)
+    loaded = load_from_args(args, spec=models[0])
+    print(f"DCM on {loaded.name} ({loaded.arch.describe()}); groups "
+          f"{', '.join(f'{g} ({len(x.heads)} heads @ {x.position})' for g, x in plan.groups.items())}"
+          + (f"; empty: {', '.join(plan.empty_groups)}" if plan.empty_groups else ""), flush=True)
+    result = dcm(loaded, circuit, config, folder, plan, progress=True)
+    slug = model_tag(loaded.name)
+    del loaded
+    result.save(folder, f"dcm/{slug}/result.json")
+    pj, pc = save_dcm_tables(folder, result.rows, result.empty_groups, "dcm_table")
+    for group in plan.groups:
+        rows = [r for r in result.rows if r.group == group]
+        png = plot_lambda_curve(rows, folder.file(f"dcm/{slug}/{safe_name(group)}_lambda.png"),
+                                f"DCM {group} @ {rows[0].position}: {short_name(result.model)}")
+        print(f"λ curve {group}: {png} ({result.seconds.get(group, 0):.1f} s)")
+    print(format_dcm_table(result.rows, result.empty_groups))
+    print(f"table: {pj} and {pc}")
+
+    fun = functional_patching(result, plan, models, lambda s: load_from_args(args, spec=s),
+                              folder, progress=True)
+    if not fun:
+        print("functional patching: no group selected any head; nothing to patch")
+        return {"dcm": result.to_dict(), "functional": []}
+    fj, fc = save_functional_tables(folder, fun)
+    png = plot_functional_bars(fun, folder.file("functional.png"),
+                               f"DCM heads of {short_name(result.model)} patched in each model")
+    print()
+    print("functional patching (target accuracy with the selected heads patched; random = "
+          "same number of random heads):")
+    print(format_functional_table(fun))
+    print(f"table: {fj} and {fc}; plot {png}")
+    return {"dcm": result.to_dict(), "functional": [r.to_dict() for r in fun]}
