@@ -28,6 +28,18 @@ STEPS = {
     "position_detector": ("query_label", [(2, 1), (2, 0), (1, 2)], "v"),
     "structure_reader": ("prev_query_label", [(1, 0), (2, 3)], "v"),
 }
+# the automatic chain's edges at non-`last` roles, several covering many tokens per prompt:
+# k/v computed at every box's label (the lookback's key and value), q at every object, and an
+# offset role
+AUTO_EDGES = {
+    "k_at_labels": ("labels", [(2, 1), (1, 2)], "k"),
+    "v_at_labels": ("labels", [(2, 0), (1, 3)], "v"),
+    "q_at_labels": ("labels", [(2, 2), (1, 0)], "q"),
+    "v_at_offset": ("prev_query_label+1", [(2, 3), (1, 1)], "v"),
+    "k_at_multi_offset": ("objects+1", [(2, 3), (1, 1)], "k"),
+    "v_at_separators": ("separators", [(2, 2)], "v"),
+}
+STEPS.update(AUTO_EDGES)
 
 
 def _sharpen(loaded: LoadedModel, factor: float = 4.0) -> LoadedModel:
@@ -76,7 +88,8 @@ def test_fast_equals_naive_sdpa(tiny, tokenizer, step):
     _check_equal(loaded, clean, cf, step)
 
 
-@pytest.mark.parametrize("step", ["value_fetcher", "position_detector"])
+@pytest.mark.parametrize("step", ["value_fetcher", "position_detector", "k_at_labels",
+                                  "v_at_labels"])
 def test_fast_equals_naive_under_lora(tiny_lora, tokenizer, step):
     loaded = _sharpen(tiny_lora)
     clean, cf = _prompts(tokenizer, seed=3)
@@ -307,10 +320,11 @@ def test_bad_input(tiny, tokenizer):
     clean, cf = _prompts(tokenizer, n=3)
     with pytest.raises(PathPatchingError, match="earlier layer"):
         path_patching_scores(tiny, clean, cf, "last", [(1, 0)], "q", senders=[(1, 2), (2, 0)])
-    with pytest.raises(PathPatchingError, match="unknown position"):
+    with pytest.raises(PathPatchingError, match="unknown role 'query'.*defines: last, "
+                                                "query_label.*labels, objects, separators"):
         path_patching_scores(tiny, clean, cf, "query", [(2, 0)], "v")
-    with pytest.raises(PathPatchingError, match="box_label"):
-        path_patching_scores(tiny, clean, cf, "box_label", [(2, 0)], "v")
+    with pytest.raises(PathPatchingError, match="leaves the prompt"):
+        path_patching_scores(tiny, clean, cf, "last+1", [(2, 0)], "v")
     with pytest.raises(PathPatchingError, match="logits receivers need position"):
         path_patching_scores(tiny, clean, cf, "query_label")
     with pytest.raises(PathPatchingError, match="receiver_kind"):
