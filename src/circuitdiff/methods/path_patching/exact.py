@@ -309,7 +309,8 @@ def _pass2(model: nn.Module, rep: "_Replay", inputs: dict, pc: "_PrefixCache | N
 
 def _fast_batch(loaded: LoadedModel, rep: _Replay, bc: Batch, bx: Batch, req: _Request,
                 max_rows: int, bar=None) -> torch.Tensor:
-    """Sum over this batch's samples of the score of every sender: ``[len(senders)]``."""
+    """Per-sample score of every sender on this batch: ``[len(senders), B]`` (0 for senders at
+    or after the last receiver layer)."""
     model, arch, dev = loaded.model, loaded.arch, loaded.device
     c = _capture(loaded, bc, bx, req.position)
     err = max(_replay_error(rep, c), _logits_error(rep, c, bc.positions["last"]))
@@ -319,7 +320,7 @@ def _fast_batch(loaded: LoadedModel, rep: _Replay, bc: Batch, bx: Batch, req: _R
     answers = bc.answer_ids.to(dev)
     B = len(bc)
     order = sorted(range(len(req.senders)), key=lambda i: req.senders[i])
-    out = torch.zeros(len(req.senders), dtype=torch.float32)
+    out = torch.zeros(len(req.senders), len(bc), dtype=torch.float32)
     recv_layers = req.recv_layers()
     last_recv = max(recv_layers) if recv_layers else arch.n_layers
     live = [i for i in order if req.senders[i][0] < last_recv]  # others score exactly 0
@@ -354,7 +355,7 @@ def _fast_batch(loaded: LoadedModel, rep: _Replay, bc: Batch, bx: Batch, req: _R
                     model, rep, sub, cache, s, c.p[rows], req,
                     {lr: v.view(len(idx), B, P, *v.shape[2:])[:, rows] for lr, v in recv.items()},
                     active, answers[rows], last[rows])
-        score = ((probs - c.p_clean[None]) / c.p_clean[None]).sum(1)
+        score = (probs - c.p_clean[None]) / c.p_clean[None]
         out[torch.tensor(idx)] = score.float().cpu()
         if bar is not None:
             bar.update(len(idx) * B)
@@ -382,7 +383,9 @@ def path_patching_scores(loaded: LoadedModel, clean: Sequence[Prompt],
                          receivers: Sequence[Head | str] = (), receiver_kind: str = "q",
                          senders: Sequence[Head | str] | None = None, impl: str = "fast",
                          batch_size: int = 32, max_rows: int | None = None,
-                         progress: bool = False, desc: str = "path patching") -> torch.Tensor:
+                         progress: bool = False, desc: str = "path patching",
+                         return_se: bool = False
+                         ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Path-patching score of every sender head: a float32 ``[n_layers, n_heads]`` tensor.
 
     ``receivers`` are query heads ``(layer, head)`` (or ``"layer.head"``) whose ``receiver_kind``
@@ -390,7 +393,9 @@ def path_patching_scores(loaded: LoadedModel, clean: Sequence[Prompt],
     logits. ``senders`` defaults to every head; heads not scored are 0. ``impl="naive"`` is the
     oracle. ``max_rows`` bounds the rows (sender x sample x suffix token) of one batched forward
     (default 16384 on CPU, 131072 on CUDA).
-    Scores are means over samples; the most negative heads matter most.
+    Scores are means over samples; the most negative heads matter most. ``return_se`` also
+    returns each mean's standard error over samples (``[n_layers, n_heads]``, 0 where not scored):
+    the spread significance tests compare a score with.
     """
     if impl not in IMPLS:
         raise PathPatchingError(f"impl must be one of {IMPLS}, got {impl!r}")
@@ -413,22 +418,28 @@ def path_patching_scores(loaded: LoadedModel, clean: Sequence[Prompt],
                           f"the naive path", stacklevel=2)
     from tqdm.auto import tqdm
 
-    total = torch.zeros(len(send), dtype=torch.float32)
+    per_sample: list[torch.Tensor] = []  # [senders, B] per batch
     with tqdm(total=len(send) * len(clean), desc=desc, unit="run", disable=not progress) as bar:
         for i in range(0, len(clean), batch_size):
             bc, bx = _encode_checked(loaded, clean[i:i + batch_size],
                                      counterfactual[i:i + batch_size], position)
             if rep is not None:
                 try:
-                    total += _fast_batch(loaded, rep, bc, bx, req, max_rows, bar)
+                    per_sample.append(_fast_batch(loaded, rep, bc, bx, req, max_rows, bar))
                     continue
                 except _Unsupported as e:
                     warnings.warn(f"fast path patching unsupported: {e}; using the naive path",
                                   stacklevel=2)
                     rep = None
-            total += _naive_batch(loaded, bc, bx, req, bar)
+            per_sample.append(_naive_batch(loaded, bc, bx, req, bar))
+    samples = torch.cat(per_sample, 1).double()
     scores = torch.zeros(arch.n_layers, arch.n_heads, dtype=torch.float32)
     idx = torch.tensor(send)
-    scores[idx[:, 0], idx[:, 1]] = total / len(clean)
-    return scores
+    scores[idx[:, 0], idx[:, 1]] = samples.mean(1).float()
+    if not return_se:
+        return scores
+    se = torch.zeros_like(scores)
+    if samples.shape[1] > 1:
+        se[idx[:, 0], idx[:, 1]] = (samples.std(1) / samples.shape[1] ** 0.5).float()
+    return scores, se
 

@@ -19,7 +19,8 @@ from .common import _Request, role_positions
 
 def _naive_batch(loaded: LoadedModel, bc: Batch, bx: Batch, req: _Request, bar=None
                  ) -> torch.Tensor:
-    """The faithful oracle: pass 1 and pass 2 as full forwards, one sender at a time."""
+    """The faithful oracle: pass 1 and pass 2 as full forwards, one sender at a time.
+    Returns per-sample scores ``[senders, B]``."""
     model, arch, dev = loaded.model, loaded.arch, loaded.device
     L, H = arch.n_layers, arch.n_heads
     inputs_c, inputs_x = bc.model_inputs(dev), bx.model_inputs(dev)
@@ -35,7 +36,7 @@ def _naive_batch(loaded: LoadedModel, bc: Batch, bx: Batch, req: _Request, bar=N
     from_p = (t >= p.min(1).values[:, None])[:, :, None].expand(-1, -1, H)
     at_p = torch.zeros(len(p), T, dtype=torch.bool, device=dev).scatter_(1, p, True)
     recv_layers = req.recv_layers()
-    out = torch.zeros(len(req.senders), dtype=torch.float32)
+    out = torch.zeros(len(req.senders), len(bc), dtype=torch.float32)
     for i, (ls, hs) in enumerate(req.senders):
         edits = []
         for l in range(L):
@@ -54,7 +55,7 @@ def _naive_batch(loaded: LoadedModel, bc: Batch, bx: Batch, req: _Request, bar=N
         else:
             logits = logits_at_last(model, inputs_c, last, edits, arch)
         probs = answer_prob(logits, answers)
-        out[i] = float(((probs - p_clean) / p_clean).sum())
+        out[i] = ((probs - p_clean) / p_clean).float().cpu()
         if bar is not None:
             bar.update(len(bc))
     return out
