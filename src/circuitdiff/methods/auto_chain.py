@@ -292,8 +292,22 @@ def discover_auto(loaded: LoadedModel, out: str | Path, cfg, *,
         rec["receiver"] = renamed.get(rec["receiver"], rec["receiver"])
         rec["sender_groups"] = [renamed[s] for s in rec.get("sender_groups", [])]
 
-    # 5. size by faithfulness on the held-out prompts
-    chosen_units, curve, sizing = _size(loaded, held_out, means, groups, cfg, full, all_roles)
+    # 5. size by faithfulness on the held-out prompts (cached: the slowest step after the scan)
+    size_settings = {**base, **held, "n_mean": cfg.n_mean, "target": cfg.target,
+                     "sizes": None if cfg.sizes is None else list(cfg.sizes),
+                     "on_unreachable": cfg.on_unreachable,
+                     "groups": {k: [g.role, [format_head(h) for h in g.heads], g.scores]
+                                for k, g in groups.items()}}
+
+    def run_size() -> dict:
+        units, curve, summary = _size(loaded, held_out, means, groups, cfg, full, all_roles)
+        return {"units": [[g, format_head(h)] for g, h in units], "curve": curve,
+                "summary": summary}
+    sized = folder.cached("sizing.json", size_settings, run_size)
+    if sized["summary"].get("unreachable"):
+        raise TargetUnreachable(sized["summary"]["message"])
+    chosen_units = [(g, parse_head(h)) for g, h in sized["units"]]
+    curve, sizing = sized["curve"], sized["summary"]
     result.curve, result.sizing = curve, sizing
     kept = {k: [h for g, h in chosen_units if g == k] for k in groups}
     final_groups = {k: CircuitGroup(kept[k], g.role, g.function)
@@ -396,35 +410,39 @@ def _size(loaded: LoadedModel, prompts: Sequence[Prompt], means: HeadMeans,
                f"({', '.join(all_roles)}) reaches {ceiling_f:.2f} (full model accuracy "
                f"{full:.2f} on {len(prompts)} held-out prompts = faithfulness 1.00). Lower "
                f"--target or give fixed --sizes.")
-        if cfg.on_unreachable == "error":
-            raise TargetUnreachable(msg)
         units = candidates
         return units, curve, _summary(loaded, prompts, means, masks(units), full, units, roles,
-                                      cfg, ev, fs[-2], message=msg, ceiling=ceiling_f)
+                                      cfg, ev, fs[-2], message=msg, ceiling=ceiling_f,
+                                      unreachable=cfg.on_unreachable == "error")
     units = prefixes[reach[0]]
-    # prune: drop the heads whose removal keeps the target (the longest such set)
+    # prune: single removals that keep the target, then the longest run of them (in order of
+    # least harm) that still keeps it, found by bisection over the run's length
     drop_f = faith(variant_accuracies(loaded, prompts, means,
                                       [masks([u for u in units if u != v]) for v in units], **ev))
     removable = sorted((i for i, f in enumerate(drop_f) if f >= cfg.target),
                        key=lambda i: -drop_f[i])
-    if removable:
-        trials = [[u for j, u in enumerate(units) if j not in set(removable[:n])]
-                  for n in range(1, len(removable) + 1)]
-        tf = faith(variant_accuracies(loaded, prompts, means, [masks(t) for t in trials], **ev))
-        ok = [n for n, f in enumerate(tf) if f >= cfg.target]
-        for n, (t, f) in enumerate(zip(trials, tf)):
-            curve.append({"units": n_units(t), "removed": f"{units[removable[n]][0]}:"
-                          f"{format_head(units[removable[n]][1])}", "faithfulness": f,
-                          "accuracy": f * full, "step": "prune"})
-        if ok:
-            units = trials[max(ok)]
+
+    def without_first(n: int) -> list[tuple[str, Head]]:
+        gone = set(removable[:n])
+        return [u for j, u in enumerate(units) if j not in gone]
+
+    lo, hi = 0, len(removable)  # invariant: removing the first lo keeps the target
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        trial = without_first(mid)
+        f = faith(variant_accuracies(loaded, prompts, means, [masks(trial)], **ev))[0]
+        gone = [f"{units[i][0]}:{format_head(units[i][1])}" for i in removable[:mid]]
+        curve.append({"units": n_units(trial), "removed": gone, "accuracy": f * full,
+                      "faithfulness": f, "step": "prune"})
+        lo, hi = (mid, hi) if f >= cfg.target else (lo, mid - 1)
+    units = without_first(lo)
     final_f = faith(variant_accuracies(loaded, prompts, means, [masks(units)], **ev))[0]
     return units, curve, _summary(loaded, prompts, means, masks(units), full, units, roles,
                                   cfg, ev, final_f, ceiling=ceiling_f)
 
 
 def _summary(loaded, prompts, means, keep, full, units, roles, cfg, ev, faith_paper: float,
-             message: str = "", ceiling: float | None = None) -> dict:
+             message: str = "", ceiling: float | None = None, unreachable: bool = False) -> dict:
     """Faithfulness of the chosen units on the held-out prompts under both protocols."""
     kept_acc = variant_accuracies(loaded, prompts, means, [keep], keep_other_positions=True,
                                   **ev)[0]
@@ -435,7 +453,7 @@ def _summary(loaded, prompts, means, keep, full, units, roles, cfg, ev, faith_pa
             "faithfulness_keep_other_positions": faithfulness(full, kept_acc),
             "units": n_units, "roles": sorted({roles[g] for g, _ in units}),
             "unit_fraction": n_units / (L * H * max(1, len({roles[g] for g, _ in units}))),
-            "ceiling_faithfulness": ceiling, "message": message}
+            "ceiling_faithfulness": ceiling, "message": message, "unreachable": unreachable}
 
 
 __all__ = ["DiscoveryError", "NoCircuitError", "TargetUnreachable", "attention_sources",

@@ -2,9 +2,32 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 from ..core.circuit import Circuit
-from ..methods.faithfulness import FaithfulnessRow
-from .tables import format_table
+from ..methods.faithfulness import PROTOCOLS, FaithfulnessRow
+from .tables import fmt, format_table, short_name
+
+
+def format_protocols(rows: Sequence[FaithfulnessRow]) -> str:
+    """Circuit accuracy and faithfulness of every row under both ablation protocols (paper:
+    every head outside the circuit's roles ablated; keep-other-positions: those positions left
+    intact), with the rows' disagreement warnings below."""
+    head = ["model", "circuit"] + [f"{p} acc (F)" for p in PROTOCOLS]
+    body = []
+    for r in rows:
+        cells = []
+        for p in PROTOCOLS:
+            d = r.by_protocol.get(p)
+            cells.append("-" if d is None else
+                         f"{fmt(d['circuit_accuracy'])} ({fmt(d['faithfulness'])})")
+        body.append([short_name(r.model), r.circuit] + cells)
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    line = lambda cells: " | ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    warn = [f"warning: {short_name(r.model)} / {r.circuit}: {r.warning}" for r in rows
+            if r.warning]
+    return "\n".join([line(head), "-+-".join("-" * w for w in widths)] +
+                     [line(b) for b in body] + warn)
 
 
 def study_report(summary: dict) -> str:
