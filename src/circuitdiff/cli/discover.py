@@ -26,7 +26,7 @@ def register(sub) -> None:
                    help="heads kept per group: paper chain VF,PT,PD,SR (default 20,5,10,5 as in "
                         "the paper); auto chain: fixed sizes per group in discovery order "
                         "instead of --target (the last one repeats)")
-    p.add_argument("--n-validate", type=int, default=100,
+    p.add_argument("--n-validate", type=int, default=200,
                    help="auto chain: held-out prompts (seed --seed + 1) for the scan and sizing")
     p.add_argument("--n-mean", type=int, default=100,
                    help="auto chain: mean-ablation prompts (seed --seed + 2)")

@@ -44,11 +44,15 @@ from ..core.circuit import Circuit, CircuitEdge, CircuitGroup, Head, format_head
 from ..core.model import LoadedModel
 from ..core.runs import RunFolder
 from ..core.task import (PARTITION_ROLES, EntityTrackingTask, Prompt, TaskConfig, encode)
-from .ablation import HeadMeans, cached_means, role_mask, variant_accuracies
+from .ablation import HeadMeans, cached_means, role_mask, variant_accuracies, variant_correct
 from .accuracy import evaluate_accuracy
 from .faithfulness import faithfulness
 from .path_patching import PathPatchingError
-from .scan import ScanResult, position_scan
+from .scan import ScanResult, default_scan_roles, position_scan
+
+
+#: the growth step: every GROW_STEP-th prefix first, then every prefix of the last step
+GROW_STEP = 4
 
 
 class DiscoveryError(PathPatchingError):
@@ -81,6 +85,8 @@ class _Group:
     heads: list[Head]
     scores: list[float]
     function: str = ""
+    extra: list[Head] = field(default_factory=list)         # non-significant senders, score < 0
+    extra_scores: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -194,8 +200,11 @@ def discover_auto(loaded: LoadedModel, out: str | Path, cfg, *,
     held = {"n_validate": cfg.n_validate, "validate_seed": cfg.seed + 1, "n_boxes": n_boxes}
 
     # 1. is there anything to find?
-    full = folder.cached("validate_accuracy.json", {**base, **held}, lambda: evaluate_accuracy(
-        loaded, held_out, cfg.batch_size).to_dict())["accuracy"]
+    def validate() -> dict:
+        res = evaluate_accuracy(loaded, held_out, cfg.batch_size)
+        return {**res.to_dict(), "correct": res.correct}
+    checked = folder.cached("validate_accuracy.json", {**base, **held}, validate)
+    full, full_correct = checked["accuracy"], torch.tensor(checked["correct"])
     chance = 1.0 / n_boxes
     if full <= chance:
         raise NoCircuitError(
@@ -207,11 +216,14 @@ def discover_auto(loaded: LoadedModel, out: str | Path, cfg, *,
                          cfg.batch_size, progress)
 
     # 2. the position scan on the held-out prompts
-    scan_settings = {**base, **held, "n_mean": cfg.n_mean, "kind": "scan"}
+    scan_settings = {**base, **held, "n_mean": cfg.n_mean, "n_scan": cfg.n_scan, "kind": "scan"}
 
     def run_scan() -> dict:
-        res = position_scan(loaded, held_out, means, None, cfg.batch_size, cfg.max_rows,
-                            progress, baseline=full)
+        scan_prompts = held_out[:cfg.n_scan]
+        roles = [r for r in default_scan_roles(scan_prompts, loaded.tokenizer)
+                 if r in PARTITION_ROLES]  # disjoint roles: the ones edges are traced at
+        res = position_scan(loaded, scan_prompts, means, roles, cfg.batch_size, cfg.max_rows,
+                            progress, baseline=float(full_correct[:cfg.n_scan].double().mean()))
         res.settings = scan_settings
         return res.to_dict()
     scan = ScanResult.from_dict(folder.cached("scan.json", scan_settings, run_scan))
@@ -246,6 +258,7 @@ def discover_auto(loaded: LoadedModel, out: str | Path, cfg, *,
         result.scores[name] = scores
         chosen = significant_senders(scores, se, eligible, cfg.z_threshold, cfg.min_score)
         rec = {"edge": name, "receiver": receiver or "logits", "kind": kind, "role": role,
+               "receivers": [format_head(h) for h in recv_heads],
                "significant": [format_head(h) for h in chosen]}
         traced.append(rec)
         if not chosen:
@@ -255,12 +268,16 @@ def discover_auto(loaded: LoadedModel, out: str | Path, cfg, *,
         senders = list(dict.fromkeys(already[h] for h in chosen if h in already))
         if new and len(groups) < cfg.max_groups:
             key = f"g{len(groups)}"
-            groups[key] = _Group(key, role, new, [float(scores[h]) for h in new])
+            rest = [(int(l), int(h)) for l, h in (eligible & (scores < 0)).nonzero().tolist()]
+            rest = sorted((h for h in rest if h not in chosen and h not in already),
+                          key=lambda h: float(scores[h]))
+            groups[key] = _Group(key, role, new, [float(scores[h]) for h in new], "", rest,
+                                 [float(scores[h]) for h in rest])
             senders.append(key)
             # trace the new group's own inputs: q at its role, k/v at the relevant roles
             top = max(l for l, _ in new)
             queue.append((key, "q", role))
-            for r in scan.relevant_roles(top, cfg.scan_min_drop * full):
+            for r in scan.relevant_roles(top, cfg.scan_min_drop * scan.baseline):
                 if r in partition and r != role:
                     queue += [(key, "k", r), (key, "v", r)]
         for s in senders:
@@ -283,8 +300,8 @@ def discover_auto(loaded: LoadedModel, out: str | Path, cfg, *,
                                  partition)
         g.function = _name(g, g.key in writes, mass, partition)
         renamed[g.key] = _key(g.function, taken)
-    groups = {renamed[k]: _Group(renamed[k], g.role, g.heads, g.scores, g.function)
-              for k, g in groups.items()}
+    groups = {renamed[k]: _Group(renamed[k], g.role, g.heads, g.scores, g.function, g.extra,
+                                 g.extra_scores) for k, g in groups.items()}
     edges = list(dict.fromkeys(CircuitEdge(renamed.get(e.sender, e.sender),
                                            renamed.get(e.receiver, e.receiver), e.kind)
                                for e in edges))
@@ -294,13 +311,16 @@ def discover_auto(loaded: LoadedModel, out: str | Path, cfg, *,
 
     # 5. size by faithfulness on the held-out prompts (cached: the slowest step after the scan)
     size_settings = {**base, **held, "n_mean": cfg.n_mean, "target": cfg.target,
+                     "size_z": cfg.size_z,
                      "sizes": None if cfg.sizes is None else list(cfg.sizes),
                      "on_unreachable": cfg.on_unreachable,
-                     "groups": {k: [g.role, [format_head(h) for h in g.heads], g.scores]
+                     "groups": {k: [g.role, [format_head(h) for h in g.heads], g.scores,
+                                    [format_head(h) for h in g.extra], g.extra_scores]
                                 for k, g in groups.items()}}
 
     def run_size() -> dict:
-        units, curve, summary = _size(loaded, held_out, means, groups, cfg, full, all_roles)
+        units, curve, summary = _size(loaded, held_out, means, groups, cfg, full_correct,
+                                      all_roles)
         return {"units": [[g, format_head(h)] for g, h in units], "curve": curve,
                 "summary": summary}
     sized = folder.cached("sizing.json", size_settings, run_size)
@@ -325,6 +345,8 @@ def discover_auto(loaded: LoadedModel, out: str | Path, cfg, *,
          "scan_min_drop": cfg.scan_min_drop,
          "candidates": {k: {format_head(h): s for h, s in zip(g.heads, g.scores)}
                         for k, g in groups.items()},
+         "extra_candidates": {k: {format_head(h): s for h, s in zip(g.extra, g.extra_scores)}
+                              for k, g in groups.items()},
          "validation": sizing},
         final_edges)
     result.scan = scan
@@ -362,83 +384,134 @@ def _edge_scores(loaded: LoadedModel, folder: RunFolder, clean, counterfactual, 
 
 
 def _size(loaded: LoadedModel, prompts: Sequence[Prompt], means: HeadMeans,
-          groups: dict[str, _Group], cfg, full: float, all_roles: list[str]
+          groups: dict[str, _Group], cfg, full_correct: torch.Tensor, all_roles: list[str]
           ) -> tuple[list[tuple[str, Head]], list[dict], dict]:
     """Choose the circuit's (group, head) units: fixed ``cfg.sizes`` per group, or the smallest
-    score-ordered prefix reaching ``cfg.target`` faithfulness, then pruned. Returns the units,
-    the curve and a summary (faithfulness of the result under both protocols)."""
+    score-ordered prefix whose faithfulness *lower bound* (``cfg.size_z`` paired standard errors
+    below the estimate: a circuit chosen on noise would not hold on other prompts) reaches
+    ``cfg.target``, then pruned under the same criterion. Returns the units, the curve and a
+    summary (faithfulness of the result under both protocols)."""
     L, H = loaded.arch.n_layers, loaded.arch.n_heads
     roles = {k: g.role for k, g in groups.items()}
     ev = dict(batch_size=cfg.batch_size, max_rows=cfg.max_rows)
+    full_c = full_correct.double()
+    full = float(full_c.mean())
 
     def masks(units):
         return _masks(units, roles, L, H, all_roles)
 
-    def faith(accs: list[float]) -> list[float]:
-        return [faithfulness(full, a) for a in accs]
+    def measure(variants: list[dict], n: int | None = None) -> list[tuple[float, float, float]]:
+        """(accuracy, faithfulness, its lower bound) of each variant (on the first ``n``
+        prompts)."""
+        n = len(prompts) if n is None else n
+        c = variant_correct(loaded, prompts[:n], means, variants, **ev).double()  # [V, n]
+        base = full_c[:n]
+        acc = c.mean(1)
+        ref = float(base.mean())
+        se = (base[None] - c).std(1) / n ** 0.5 / ref
+        f = acc / ref
+        return [(float(a), float(x), float(x - cfg.size_z * e)) for a, x, e in zip(acc, f, se)]
 
     def n_units(units) -> int:
         return len({(roles[g], h) for g, h in units})
 
+    def point(units, step: str, **extra) -> dict:
+        return {"units": n_units(units), "step": step, **extra}
+
     if cfg.sizes is not None:
         units = [(k, h) for i, (k, g) in enumerate(groups.items())
                  for h in g.heads[:cfg.sizes[min(i, len(cfg.sizes) - 1)]]]
-        acc = variant_accuracies(loaded, prompts, means, [masks(units)], **ev)[0]
-        curve = [{"units": n_units(units), "accuracy": acc, "faithfulness": faith([acc])[0],
-                  "step": "fixed sizes"}]
+        (acc, f, lb), = measure([masks(units)])
+        curve = [point(units, "fixed sizes", accuracy=acc, faithfulness=f, lower_bound=lb)]
         return units, curve, _summary(loaded, prompts, means, masks(units), full, units, roles,
-                                      cfg, ev, curve[0]["faithfulness"])
-    # every group's heads by relative score, every group's best first
-    order = sorted(((k, h, s / min(g.scores)) for k, g in groups.items()
-                    for h, s in zip(g.heads, g.scores)), key=lambda x: -x[2])
-    candidates = [(k, h) for k, h, _ in order]
-    ceiling = {r: torch.ones(L, H, dtype=torch.bool) if r in all_roles else None
-               for r in all_roles}
+                                      cfg, ev, f)
+
+    # every group's significant heads by relative score (every group's best first), then its
+    # other senders with a negative score, also by relative score
+    def by_relative(pairs) -> list[tuple[str, Head]]:
+        order = sorted(((k, h, s / min(groups[k].scores)) for k, h, s in pairs),
+                       key=lambda x: -x[2])
+        return [(k, h) for k, h, _ in order]
+    candidates = by_relative((k, h, s) for k, g in groups.items()
+                             for h, s in zip(g.heads, g.scores)) + \
+        by_relative((k, h, s) for k, g in groups.items()
+                    for h, s in zip(g.extra, g.extra_scores))
+    ceiling = {r: torch.ones(L, H, dtype=torch.bool) for r in all_roles}
     prefixes = [candidates[:i] for i in range(1, len(candidates) + 1)]
-    accs = variant_accuracies(loaded, prompts, means,
-                              [masks(p) for p in prefixes] + [ceiling], **ev)
-    fs = faith(accs)
-    curve = [{"units": n_units(p), "added": f"{p[-1][0]}:{format_head(p[-1][1])}",
-              "accuracy": a, "faithfulness": f, "step": "grow"}
-             for p, a, f in zip(prefixes, accs, fs)]
-    ceiling_f = fs[-1]
-    reach = [i for i, f in enumerate(fs[:-1]) if f >= cfg.target]
+    # grow coarse to fine: every GROW_STEP-th prefix (stacked, a chunk at a time, stopping at the
+    # first chunk where one reaches the target), then every prefix inside the last step
+    measured: dict[int, tuple[float, float, float]] = {}
+    coarse = list(range(GROW_STEP - 1, len(prefixes), GROW_STEP))
+    if not coarse or coarse[-1] != len(prefixes) - 1:
+        coarse.append(len(prefixes) - 1)
+    chunk = max(1, cfg.max_rows // max(1, min(len(prompts), cfg.batch_size)))
+    for i in range(0, len(coarse), chunk):
+        todo = coarse[i:i + chunk]
+        measured.update(zip(todo, measure([masks(prefixes[j]) for j in todo])))
+        if any(measured[j][2] >= cfg.target for j in todo):
+            break
+    first = min((j for j in measured if measured[j][2] >= cfg.target), default=None)
+    if first is not None:
+        fine = [j for j in range(max(0, first - GROW_STEP + 1), first) if j not in measured]
+        measured.update(zip(fine, measure([masks(prefixes[j]) for j in fine])))
+    order = sorted(measured)
+    grown = [measured[j] for j in order]
+    curve = [point(prefixes[j], "grow", added=f"{prefixes[j][-1][0]}:"
+                   f"{format_head(prefixes[j][-1][1])}", accuracy=a, faithfulness=f,
+                   lower_bound=lb) for j, (a, f, lb) in zip(order, grown)]
+    ceiling_f = None
+    reach = [order[i] for i, (_, _, lb) in enumerate(grown) if lb >= cfg.target]
+    note = ""
     if not reach:
-        msg = (f"target faithfulness {cfg.target:.2f} is unreachable: all {len(candidates)} "
-               f"candidate heads ({n_units(candidates)} head x role units) reach "
-               f"{fs[-2]:.2f}, and keeping every head at the circuit's roles "
-               f"({', '.join(all_roles)}) reaches {ceiling_f:.2f} (full model accuracy "
-               f"{full:.2f} on {len(prompts)} held-out prompts = faithfulness 1.00). Lower "
-               f"--target or give fixed --sizes.")
-        units = candidates
-        return units, curve, _summary(loaded, prompts, means, masks(units), full, units, roles,
-                                      cfg, ev, fs[-2], message=msg, ceiling=ceiling_f,
-                                      unreachable=cfg.on_unreachable == "error")
+        ceiling_f = measure([ceiling])[0][1]
+        if max(f for _, f, _ in grown) < cfg.target:
+            msg = (f"target faithfulness {cfg.target:.2f} is unreachable: all {len(candidates)} "
+                   f"candidate heads ({n_units(candidates)} head x role units: every sender with "
+                   f"a negative score on the traced edges) reach {grown[-1][1]:.2f}, and keeping "
+                   f"every head at the circuit's roles ({', '.join(all_roles)}) reaches "
+                   f"{ceiling_f:.2f} (full model accuracy {full:.2f} on {len(prompts)} held-out "
+                   f"prompts = faithfulness 1.00). Lower --target or give fixed --sizes.")
+            units = candidates
+            return units, curve, _summary(loaded, prompts, means, masks(units), full, units,
+                                          roles, cfg, ev, grown[-1][1], message=msg,
+                                          ceiling=ceiling_f,
+                                          unreachable=cfg.on_unreachable == "error")
+        best = max(order, key=lambda j: (measured[j][2], -j))
+        note = (f"faithfulness {cfg.target:.2f} is reached as an estimate but not with "
+                f"{cfg.size_z:g} standard errors to spare on {len(prompts)} held-out prompts; "
+                f"kept the prefix with the best lower bound ({measured[best][2]:.2f}); use more "
+                f"--n-validate prompts for a firmer size")
+        reach = [best]
     units = prefixes[reach[0]]
-    # prune: single removals that keep the target, then the longest run of them (in order of
-    # least harm) that still keeps it, found by bisection over the run's length
-    drop_f = faith(variant_accuracies(loaded, prompts, means,
-                                      [masks([u for u in units if u != v]) for v in units], **ev))
-    removable = sorted((i for i, f in enumerate(drop_f) if f >= cfg.target),
-                       key=lambda i: -drop_f[i])
+    ok = lambda lb: lb >= min(cfg.target, measured[reach[0]][2])  # noqa: E731
+    # prune: single removals that keep the criterion, then the longest run of them (least harm
+    # first) that still keeps it, found by bisection over the run's length
+    # (single removals are screened on the first half of the prompts; every accepted removal
+    # set is then checked on all of them)
+    half = max(1, len(prompts) // 2)
+    drops = measure([masks([u for u in units if u != v]) for v in units], half)
+    removable = sorted((i for i, (_, f, _) in enumerate(drops) if f >= cfg.target),
+                       key=lambda i: -drops[i][1])
 
     def without_first(n: int) -> list[tuple[str, Head]]:
         gone = set(removable[:n])
         return [u for j, u in enumerate(units) if j not in gone]
 
-    lo, hi = 0, len(removable)  # invariant: removing the first lo keeps the target
+    lo, hi = 0, len(removable)  # invariant: removing the first lo keeps the criterion
     while lo < hi:
         mid = (lo + hi + 1) // 2
         trial = without_first(mid)
-        f = faith(variant_accuracies(loaded, prompts, means, [masks(trial)], **ev))[0]
-        gone = [f"{units[i][0]}:{format_head(units[i][1])}" for i in removable[:mid]]
-        curve.append({"units": n_units(trial), "removed": gone, "accuracy": f * full,
-                      "faithfulness": f, "step": "prune"})
-        lo, hi = (mid, hi) if f >= cfg.target else (lo, mid - 1)
+        (a, f, lb), = measure([masks(trial)])
+        curve.append(point(trial, "prune", accuracy=a, faithfulness=f, lower_bound=lb,
+                           removed=[f"{units[i][0]}:{format_head(units[i][1])}"
+                                    for i in removable[:mid]]))
+        lo, hi = (mid, hi) if ok(lb) else (lo, mid - 1)
     units = without_first(lo)
-    final_f = faith(variant_accuracies(loaded, prompts, means, [masks(units)], **ev))[0]
-    return units, curve, _summary(loaded, prompts, means, masks(units), full, units, roles,
-                                  cfg, ev, final_f, ceiling=ceiling_f)
+    (_, final_f, final_lb), = measure([masks(units)])
+    out = _summary(loaded, prompts, means, masks(units), full, units, roles, cfg, ev, final_f,
+                   message=note, ceiling=ceiling_f)
+    out["lower_bound"] = final_lb
+    return units, curve, out
 
 
 def _summary(loaded, prompts, means, keep, full, units, roles, cfg, ev, faith_paper: float,

@@ -91,7 +91,9 @@ class DiscoveryConfig:
 
     Automatic chain: ``target`` faithfulness on ``n_validate`` held-out prompts (seed
     ``seed + 1``; means over ``n_mean`` prompts of seed ``seed + 2``) decides the size, unless
-    ``sizes`` fixes heads per group; a sender is significant when its robust z-score against
+    ``sizes`` fixes heads per group — a size counts as reaching the target when the estimate
+    minus ``size_z`` paired standard errors does; the position scan uses the first ``n_scan``
+    held-out prompts; a sender is significant when its robust z-score against
     the spread of all scored senders is ``<= -z_threshold`` and its score ``<= -min_score``;
     roles whose scan drop (below the group's layers) reaches ``scan_min_drop`` of the model's
     accuracy get their k and v traced; ``on_unreachable`` = ``"error"`` stops with a message
@@ -110,7 +112,9 @@ class DiscoveryConfig:
     truncate: bool = False
     chain: str = "auto"
     target: float = 0.9
-    n_validate: int = 100
+    n_validate: int = 200
+    n_scan: int = 100
+    size_z: float = 1.0
     n_mean: int = 100
     z_threshold: float = 3.0
     min_score: float = 0.01
@@ -135,7 +139,7 @@ class DiscoveryConfig:
         if self.on_unreachable not in ("error", "keep-all"):
             raise PathPatchingError(f"on_unreachable must be 'error' or 'keep-all', got "
                                     f"{self.on_unreachable!r}")
-        for name in ("n_prompts", "n_validate", "n_mean", "batch_size", "max_groups"):
+        for name in ("n_prompts", "n_validate", "n_scan", "n_mean", "batch_size", "max_groups"):
             if getattr(self, name) < 1:
                 raise PathPatchingError(f"{name} must be >= 1, got {getattr(self, name)}")
 
