@@ -193,6 +193,7 @@ def test_significance_and_protocol_warning():
     assert significant_senders(scores, se, eligible, 1.5, 0.01) == [(0, 0)]
     assert significant_senders(scores, se, eligible, 1.5, 0.01, best_fraction=0.01) == \
         [(0, 0), (0, 1)]
+    assert significant_senders(scores, se, eligible, 3.0, 0.01, best_fraction=0.01) == [(0, 0)]
     assert significant_senders(-scores.abs() * 0, se, eligible, 3.0, 0.01) == []
     both = lambda a, b: {"paper": {"faithfulness": a},  # noqa: E731
                          "keep-other-positions": {"faithfulness": b}}
