@@ -33,7 +33,7 @@ from .report.tables import format_table, save_table
 
 #: the shipped organisms, in the paper's table order (Llama, Vicuna, Goat, FLoat analogues)
 ORGANISM_STUDY = ("organism:base", "organism:chat", "organism:lora", "organism:full")
-KNOCKOUT_EDGES = ("last:correct_object", "query_label:prev_query_label", "random")
+KNOCKOUT_EDGES = ("last:correct_object", "query_label:prev_query_label", "labels:objects", "random")
 #: knockout runs on at most this many of the evaluation prompts (its curves need many forwards)
 KNOCKOUT_MAX_PROMPTS = 100
 
