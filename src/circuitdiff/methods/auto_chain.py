@@ -18,13 +18,16 @@
    "value reader @ last": heads at ``last`` that write the answer while attending to the
    context), or plainly ``heads @ role`` when the evidence is not clear.
 5. **Size by faithfulness.** Candidates are ordered by score relative to their group's best
-   (every group's best head first) and prefixes of that order are evaluated — stacked along the
-   batch dimension — by mean ablation on the held-out prompts (paper protocol: every head at
-   positions outside the circuit's roles ablated). The smallest prefix reaching ``target`` is
-   kept, then pruned: heads whose removal keeps the target are dropped (longest such removal
-   set). The curve (units vs faithfulness) is saved. If even every candidate misses the target
-   the run stops with a message giving that faithfulness and the ceiling of the circuit's roles
-   (every head kept there) — no search without end.
+   (every group's best head first; then the senders that were not significant but scored below
+   zero) and prefixes of that order are evaluated — stacked along the batch dimension, every
+   ``GROW_STEP``-th prefix first, then every prefix of the step that crossed — by mean ablation on
+   the held-out prompts (paper protocol: every head at positions outside the circuit's roles
+   ablated). The smallest prefix whose faithfulness minus ``size_z`` paired standard errors
+   reaches ``target`` is kept (a size chosen on noise would not hold on other prompts), then
+   pruned: heads whose removal keeps that criterion are dropped (longest such removal set, by
+   bisection). The curve (units vs faithfulness) is saved. If even every candidate misses the
+   target the run stops with a message giving that faithfulness and the ceiling of the circuit's
+   roles (every head kept there) — no search without end.
 
 Every scored edge, the scan and the curve are cached in the run folder, so a rerun resumes.
 """
