@@ -19,11 +19,13 @@ def four_layer_models(tokenizer, tmp_path):
 
 
 def test_study_end_to_end_and_resume(four_layer_models, tmp_path, capsys):
+    """The paper chain's study on random tiny models (the automatic chain would rightly find
+    them at chance; see test_study_at_chance_says_no_circuit)."""
     base_dir, lora_dir = four_layer_models
     out = tmp_path / "study"
     args = ["study", "--model", str(base_dir), "--model", str(lora_dir), "--out", str(out),
             "-n", "8", "--n-discovery", "6", "--n-mean", "8", "--random-draws", "2",
-            "--sizes", "2,2,2,1", "--n-boxes", "3", "--batch-size", "8"]
+            "--sizes", "2,2,2,1", "--n-boxes", "3", "--batch-size", "8", "--chain", "paper"]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "faithfulness" in printed.lower()
@@ -39,6 +41,16 @@ def test_study_end_to_end_and_resume(four_layer_models, tmp_path, capsys):
     assert stamp
     assert main(args) == 0  # resumes: nothing recomputed
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")} == stamp
+
+
+def test_study_at_chance_says_no_circuit(four_layer_models, tmp_path, capsys):
+    base_dir, _ = four_layer_models
+    out = tmp_path / "chance"
+    assert main(["study", "--model", str(base_dir), "--out", str(out), "-n", "8",
+                 "--n-discovery", "6", "--n-mean", "8", "--n-boxes", "3", "--batch-size",
+                 "8"]) == 0
+    assert "no circuit to find" in capsys.readouterr().out
+    assert "no circuit to find" in (out / "report.md").read_text()
 
 
 def test_study_accuracy_only(saved_models, tmp_path, capsys):

@@ -17,6 +17,7 @@ from circuitdiff.core.task import (EntityTrackingTask, Prompt, TaskConfig, TaskE
                               encode_pair, load_jsonl, locate, save_jsonl)
 
 from conftest import add_lora, save_base_and_lora, tiny_llama
+from test_roles import check_roles
 
 
 @pytest.fixture()
@@ -253,6 +254,7 @@ def test_positions_smollm2_tokenizer(smollm2_path):
 
     tok = load_tokenizer(smollm2_path)
     _check_positions(tok, EntityTrackingTask(tok, TaskConfig(n_boxes=7), seed=0))
+    check_roles(tok)  # the whole position schema (tests/core/test_roles.py), same tokenizer
 
 
 def test_positions_gemma3_tokenizer(gemma3_path):
@@ -261,6 +263,7 @@ def test_positions_gemma3_tokenizer(gemma3_path):
     tok = load_tokenizer(gemma3_path)
     assert tok.bos_token is not None  # positions must survive a leading special token
     _check_positions(tok, EntityTrackingTask(tok, TaskConfig(n_boxes=7), seed=0))
+    check_roles(tok)  # the whole position schema, with a `prefix` role for the BOS token
 
 
 def test_label_matching_is_by_token_not_substring(tokenizer):

@@ -124,9 +124,11 @@ def test_random_edge_avoids_named_positions_and_is_seeded(tiny, prompts):
 
 
 def test_bad_edges_and_masks(tiny, prompts):
-    for bad in ("last", "last:nowhere", "box_label:last", "last:last", "a:b:c"):
+    for bad in ("last", "last:nowhere", "lables:last", "last:last", "a:b:c", "all:last"):
         with pytest.raises(KnockoutError):
             Edge.parse(bad)
+    with pytest.raises(KnockoutError, match="unknown role 'nowhere'.*the task defines: last"):
+        Edge.parse("last:nowhere")
     with pytest.raises(KnockoutError, match="layer 7"):
         knockout_curve(tiny, prompts, "last:correct_object", layers=[7])
     hidden = torch.zeros(2, 5, 8)
@@ -161,3 +163,20 @@ def test_cli_knockout(tmp_path, tokenizer, capsys):
     assert next(out.glob("knockout/*/knockout.png")).read_bytes()[:4] == b"\x89PNG"
     assert main(argv[:-2] + ["--edge", "last:nowhere"]) == 2
     assert "nowhere" in capsys.readouterr().err
+
+
+def test_edges_between_schema_roles(tiny, prompts):
+    """Any role of the schema, several tokens or an offset, on either side of an edge."""
+    b = encode(prompts, tiny.tokenizer)
+    blk = block_matrix(b, Edge.parse("labels:objects"))
+    expect = torch.zeros_like(blk)
+    for i in range(len(b)):  # the slow, obvious way
+        for q in b.role("labels")[i].tolist():
+            for k in b.role("objects")[i].tolist():
+                expect[i, q, k] = True
+    assert torch.equal(blk, expect)
+    off = block_matrix(b, Edge.parse("last:prev_query_label+1"))
+    rows = torch.arange(len(b))
+    assert off[rows, b.role("last"), b.role("prev_query_label") + 1].all() and off.sum() == len(b)
+    curve = knockout_curve(tiny, prompts, "labels:objects", layers=[0, 1])
+    assert curve.edge == "labels:objects" and len(curve.accuracy) == 2

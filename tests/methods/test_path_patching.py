@@ -28,6 +28,18 @@ STEPS = {
     "position_detector": ("query_label", [(2, 1), (2, 0), (1, 2)], "v"),
     "structure_reader": ("prev_query_label", [(1, 0), (2, 3)], "v"),
 }
+# the automatic chain's edges at non-`last` roles, several covering many tokens per prompt:
+# k/v computed at every box's label (the lookback's key and value), q at every object, and an
+# offset role
+AUTO_EDGES = {
+    "k_at_labels": ("labels", [(2, 1), (1, 2)], "k"),
+    "v_at_labels": ("labels", [(2, 0), (1, 3)], "v"),
+    "q_at_labels": ("labels", [(2, 2), (1, 0)], "q"),
+    "v_at_offset": ("prev_query_label+1", [(2, 3), (1, 1)], "v"),
+    "k_at_multi_offset": ("objects+1", [(2, 3), (1, 1)], "k"),
+    "v_at_separators": ("separators", [(2, 2)], "v"),
+}
+STEPS.update(AUTO_EDGES)
 
 
 def _sharpen(loaded: LoadedModel, factor: float = 4.0) -> LoadedModel:
@@ -76,7 +88,8 @@ def test_fast_equals_naive_sdpa(tiny, tokenizer, step):
     _check_equal(loaded, clean, cf, step)
 
 
-@pytest.mark.parametrize("step", ["value_fetcher", "position_detector"])
+@pytest.mark.parametrize("step", ["value_fetcher", "position_detector", "k_at_labels",
+                                  "v_at_labels"])
 def test_fast_equals_naive_under_lora(tiny_lora, tokenizer, step):
     loaded = _sharpen(tiny_lora)
     clean, cf = _prompts(tokenizer, seed=3)
@@ -236,7 +249,7 @@ def test_discover_chain_saves_and_resumes(tokenizer, tmp_path, monkeypatch, meth
     loaded = _deep_tiny(tokenizer)
     clean, cf = _prompts(tokenizer, n=4, boxes=3)
     out = tmp_path / "run"
-    cfg = DiscoveryConfig(sizes=(3, 2, 2, 1), method=method, compare_exact=True)
+    cfg = DiscoveryConfig(sizes=(3, 2, 2, 1), method=method, compare_exact=True, chain="paper")
     res = discover(loaded, out, cfg, clean=clean, counterfactual=cf)
     discovery_heatmaps(res, out, loaded.name)
     c = Circuit.load(out / "circuit.json")
@@ -271,11 +284,12 @@ def test_discover_chain_saves_and_resumes(tokenizer, tmp_path, monkeypatch, meth
 def test_chain_stops_when_a_group_is_all_in_layer_0(tokenizer, tmp_path):
     clean, cf = _prompts(tokenizer, n=4, boxes=3)
     with pytest.raises(PathPatchingError, match="position_detector head found is in layer 0"):
-        discover(_deep_tiny(tokenizer, seed=0), tmp_path, DiscoveryConfig(sizes=(3, 2, 2, 1)),
+        discover(_deep_tiny(tokenizer, seed=0), tmp_path,
+                 DiscoveryConfig(sizes=(3, 2, 2, 1), chain="paper"),
                  clean=clean, counterfactual=cf)
     res = discover(_deep_tiny(tokenizer, seed=0), tmp_path / "t",
-                   DiscoveryConfig(sizes=(3, 2, 2, 1), truncate=True), clean=clean,
-                   counterfactual=cf)
+                   DiscoveryConfig(sizes=(3, 2, 2, 1), truncate=True, chain="paper"),
+                   clean=clean, counterfactual=cf)
     assert res.circuit.settings["truncated_at"] == "structure_reader"
     assert res.circuit.groups["structure_reader"].heads == []
     assert all(l == 0 for l, _ in res.circuit.groups["position_detector"].heads)
@@ -291,13 +305,15 @@ def test_cli_discover(tokenizer, tmp_path, capsys):
     tokenizer.save_pretrained(folder)
     out = tmp_path / "run"
     rc = main(["discover", "--model", str(folder), "--out", str(out), "-n", "4", "--n-boxes",
-               "3", "--sizes", "3,2,2,1", "--method", "hybrid", "--compare-exact"])
+               "3", "--sizes", "3,2,2,1", "--method", "hybrid", "--compare-exact", "--chain",
+               "paper"])
     assert rc == 0
     text = capsys.readouterr().out
     assert "value_fetcher @ last" in text and "structure_reader @ prev_query_label" in text
     assert "Spearman" in text
     assert Circuit.load(out / "circuit.json").settings["n_prompts"] == 4
-    rc = main(["discover", "--model", str(folder), "--out", str(out), "--sizes", "3,0,2,1"])
+    rc = main(["discover", "--model", str(folder), "--out", str(out), "--sizes", "3,0,2,1",
+               "--chain", "paper"])
     assert rc == 2
     assert "at least one head" in capsys.readouterr().err
 
@@ -307,10 +323,11 @@ def test_bad_input(tiny, tokenizer):
     clean, cf = _prompts(tokenizer, n=3)
     with pytest.raises(PathPatchingError, match="earlier layer"):
         path_patching_scores(tiny, clean, cf, "last", [(1, 0)], "q", senders=[(1, 2), (2, 0)])
-    with pytest.raises(PathPatchingError, match="unknown position"):
+    with pytest.raises(PathPatchingError, match="unknown role 'query'.*defines: last, "
+                                                "query_label.*labels, objects, separators"):
         path_patching_scores(tiny, clean, cf, "query", [(2, 0)], "v")
-    with pytest.raises(PathPatchingError, match="box_label"):
-        path_patching_scores(tiny, clean, cf, "box_label", [(2, 0)], "v")
+    with pytest.raises(PathPatchingError, match="leaves the prompt"):
+        path_patching_scores(tiny, clean, cf, "last+1", [(2, 0)], "v")
     with pytest.raises(PathPatchingError, match="logits receivers need position"):
         path_patching_scores(tiny, clean, cf, "query_label")
     with pytest.raises(PathPatchingError, match="receiver_kind"):
@@ -335,7 +352,8 @@ def test_empty_group_and_multitoken_answers(tiny, tokenizer, tmp_path):
     from circuitdiff.core.model import LoadedModel as LM
 
     with pytest.raises(PathPatchingError, match="at least one head"):
-        discover(tiny, tmp_path / "a", DiscoveryConfig(n_prompts=2, n_boxes=3, sizes=(2, 0, 1, 1)))
+        discover(tiny, tmp_path / "a", DiscoveryConfig(n_prompts=2, n_boxes=3, sizes=(2, 0, 1, 1),
+                                                       chain="paper"))
     # a tokenizer that splits every object into characters: answers are multi-token
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -346,7 +364,8 @@ def test_empty_group_and_multitoken_answers(tiny, tokenizer, tmp_path):
     char_tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>")
     loaded = LM(tiny.model, char_tok, tiny.arch, "char")
     with pytest.raises(TaskError, match="single tokens"):
-        discover(loaded, tmp_path / "b", DiscoveryConfig(n_prompts=2, n_boxes=3, sizes=(1, 1, 1, 1)))
+        discover(loaded, tmp_path / "b", DiscoveryConfig(n_prompts=2, n_boxes=3, sizes=(1, 1, 1, 1),
+                                                         chain="paper"))
 
 
 def test_unsupported_layer_falls_back_to_naive(tiny, tokenizer):

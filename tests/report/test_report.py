@@ -25,8 +25,8 @@ def _summary():
 def test_study_report_sections():
     md = study_report(_summary())
     assert "3 boxes, 8 evaluation prompts, seed 0" in md
-    assert "**value_fetcher** (last): 1.0" in md
-    assert "**structure_reader** (prev_query_label): (empty)" in md
+    assert "**value_fetcher** @ `last`: 1.0" in md
+    assert "**structure_reader** @ `prev_query_label`: (empty)" in md
     assert "L=0: 0.10, L=1: 0.40" in md
     assert "| 0.50" in md and "0.25" in md
 

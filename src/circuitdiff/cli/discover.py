@@ -1,4 +1,9 @@
-"""``circuitdiff discover``: find the four head groups by path patching and save the circuit."""
+"""``circuitdiff discover``: find the circuit by path patching and save it with its figures.
+
+Default (``--chain auto``): trace the model's own circuit back from the logits — positions as well
+as heads — and size it to ``--target`` faithfulness on held-out prompts. ``--chain paper`` runs the
+paper's fixed four-group chain (VF → PT → PD → SR) with fixed ``--sizes``.
+"""
 
 from __future__ import annotations
 
@@ -6,26 +11,41 @@ from . import add_model_options, add_task_options, load_from_args
 
 
 def register(sub) -> None:
-    p = sub.add_parser("discover", help="circuit discovery by path patching (VF → PT → PD → SR)")
+    p = sub.add_parser("discover", help="circuit discovery by path patching: the model's own "
+                                        "circuit (default) or the paper's four-group chain")
     add_model_options(p)
     add_task_options(p, n=100)
     p.add_argument("--out", required=True, help="run folder (resumes from saved steps)")
-    p.add_argument("--sizes", default="20,5,10,5",
-                   help="heads kept per group, VF,PT,PD,SR (default 20,5,10,5 as in the paper)")
+    p.add_argument("--chain", default="auto", choices=["auto", "paper"],
+                   help="auto (default): trace q/k/v back from the logits at every role the "
+                        "position scan marks, size to --target; paper: VF → PT → PD → SR at the "
+                        "paper's positions with fixed --sizes")
+    p.add_argument("--target", type=float, default=0.9,
+                   help="auto chain: faithfulness to reach on held-out prompts (default 0.9)")
+    p.add_argument("--sizes", default=None,
+                   help="heads kept per group: paper chain VF,PT,PD,SR (default 20,5,10,5 as in "
+                        "the paper); auto chain: fixed sizes per group in discovery order "
+                        "instead of --target (the last one repeats)")
+    p.add_argument("--n-validate", type=int, default=200,
+                   help="auto chain: held-out prompts (seed --seed + 1) for the scan and sizing")
+    p.add_argument("--n-mean", type=int, default=100,
+                   help="auto chain: mean-ablation prompts (seed --seed + 2)")
+    p.add_argument("--z-threshold", type=float, default=3.0,
+                   help="auto chain: a sender is significant at <= -Z standard errors (3)")
     p.add_argument("--method", default="exact", choices=["exact", "attribution", "hybrid"],
                    help="exact path patching (default), gradient attribution, or attribution "
                         "then exact scores for the top candidates")
     p.add_argument("--hybrid-k", type=int, default=None,
                    help="candidates scored exactly by --method hybrid (default 3 x group size)")
     p.add_argument("--compare-exact", action="store_true",
-                   help="compute both exact and attribution scores and print the attribution's "
-                        "Spearman rank correlation and top-k recall per group")
+                   help="paper chain: compute both exact and attribution scores and print the "
+                        "attribution's Spearman rank correlation and top-k recall per group")
     p.add_argument("--naive", action="store_true",
                    help="use the slow reference implementation (for checking; same scores)")
-    p.add_argument("--no-heatmaps", action="store_true", help="skip the heatmap PNGs")
+    p.add_argument("--no-heatmaps", action="store_true", help="skip the PNG figures")
     p.add_argument("--truncate", action="store_true",
-                   help="if a group lies wholly in layer 0, leave the later groups empty "
-                        "instead of stopping with an error")
+                   help="paper chain: if a group lies wholly in layer 0, leave the later groups "
+                        "empty instead of stopping with an error")
     p.set_defaults(func=run)
 
 
@@ -33,23 +53,53 @@ def run(args) -> int:
     from ..core.circuit import format_head
     from ..methods.discovery import DiscoveryConfig, discover
     from ..report.figures import discovery_heatmaps
+    from ..report.scan import auto_discovery_figures
 
     cfg = DiscoveryConfig(n_prompts=args.n_prompts, sizes=args.sizes, method=args.method,
                           n_boxes=args.n_boxes, seed=args.seed, batch_size=args.batch_size,
                           hybrid_k=args.hybrid_k, compare_exact=args.compare_exact,
-                          impl="naive" if args.naive else "fast", truncate=args.truncate)
+                          impl="naive" if args.naive else "fast", truncate=args.truncate,
+                          chain=args.chain, target=args.target, n_validate=args.n_validate,
+                          n_mean=args.n_mean, z_threshold=args.z_threshold)
     loaded = load_from_args(args)  # bad sizes/method failed above, before loading a model
     res = discover(loaded, args.out, cfg, progress=True)
-    if not args.no_heatmaps:
-        discovery_heatmaps(res, args.out, loaded.name)
     c = res.circuit
     print(f"{loaded.name} ({loaded.arch.describe()}), n={c.settings['n_prompts']}, "
-          f"method {args.method}")
-    for name, g in c.groups.items():
-        s = res.scores[name]
-        heads = ", ".join(f"{format_head(h)} ({float(s[h]):+.3f})" for h in g.heads)
-        print(f"  {name} @ {g.position}: {heads}")
-        if name in res.comparisons:
-            print(f"    attribution vs exact: {res.comparisons[name]}")
-    print(f"saved {args.out}: circuit.json, per-group scores (safetensors) and heatmaps")
+          f"chain {cfg.chain}, method {args.method}")
+    if cfg.chain == "paper":
+        if not args.no_heatmaps:
+            discovery_heatmaps(res, args.out, loaded.name)
+        for name, g in c.groups.items():
+            s = res.scores[name]
+            heads = ", ".join(f"{format_head(h)} ({float(s[h]):+.3f})" for h in g.heads)
+            print(f"  {name} @ {g.position}: {heads}")
+            if name in res.comparisons:
+                print(f"    attribution vs exact: {res.comparisons[name]}")
+        print(f"saved {args.out}: circuit.json, per-group scores (safetensors) and heatmaps")
+        return 0
+    print(print_auto(res))
+    if not args.no_heatmaps:
+        auto_discovery_figures(res, args.out, loaded.name)
+    print(f"saved {args.out}: circuit.json, scan.json, curve.json, discovery.json, scores per "
+          f"traced edge (safetensors)" + ("" if args.no_heatmaps else
+                                          ", scan.png, circuit_graph.png, curve.png"))
     return 0
+
+
+def print_auto(res) -> str:
+    """The automatic chain's circuit, edges and held-out faithfulness as text."""
+    from ..core.circuit import format_head
+
+    c, s = res.circuit, res.sizing
+    lines = ["groups (heads x role):"]
+    for name, g in c.groups.items():
+        lines.append(f"  {name}: {g.function or name} — {' '.join(format_head(h) for h in g.heads)}")
+    lines.append("edges: " + "; ".join(str(e) for e in c.edges))
+    lines.append(f"held-out faithfulness (n={s['n_validate']}, full accuracy "
+                 f"{s['full_accuracy']:.2f}): {s['faithfulness_paper']:.2f} paper protocol, "
+                 f"{s['faithfulness_keep_other_positions']:.2f} keep-other-positions; "
+                 f"{s['units']} (head, role) units = {s['unit_fraction']:.0%} of "
+                 f"{len(s['roles'])} roles x {c.n_layers * c.n_heads} heads")
+    if s.get("message"):
+        lines.append(s["message"])
+    return "\n".join(lines)

@@ -26,8 +26,9 @@ def register(sub) -> None:
                    help="random circuits of the same group sizes (default 10)")
     p.add_argument("--random-seed", type=int, default=0, help="seed of the random circuits (default 0)")
     p.add_argument("--keep-other-positions", action="store_true",
-                   help="leave positions outside the circuit's groups intact instead of "
-                        "ablating every head there")
+                   help="make keep-other-positions (positions outside the circuit's roles left "
+                        "intact) the main protocol of the table and random baseline; both "
+                        "protocols are always reported")
     p.add_argument("--per-model-tokenization", action="store_true",
                    help="allow models with different tokenizers: each gets its own prompts "
                         "from the same seed")
@@ -79,6 +80,7 @@ def run(args) -> int:
     from ..core.runs import RunFolder, model_tag, safe_name
     from ..methods.evaluation import AnalysisConfig, EvalConfig, evaluate
     from ..report.figures import plot_completeness
+    from ..report.markdown import format_protocols
     from ..report.tables import format_matrix, format_overlaps, format_table, save_table, short_name
 
     if not args.model:
@@ -113,6 +115,9 @@ def run(args) -> int:
               f"{sizes}; pruned circuit {folder.file(f'pruned/{safe_name(name)}.json')}")
     pj, pc = save_table(folder, res.rows)
     print(format_table(res.rows))
+    print("both ablation protocols (paper: every head outside the circuit's roles ablated; "
+          "keep-other-positions: those positions intact):")
+    print(format_protocols(res.rows))
     if args.matrix or len(circuits) > 1:
         print()
         print("circuit accuracy (faithfulness), circuit x model:")

@@ -15,9 +15,15 @@ def register(sub) -> None:
     add_model_options(p, multiple=True)
     add_task_options(p, n=200)
     p.add_argument("--out", default="runs/study", help="run folder (default runs/study)")
+    p.add_argument("--chain", default="auto", choices=["auto", "paper"],
+                   help="auto (default): the model's own circuit (positions and heads, sized to "
+                        "--target), with the paper chain's circuit evaluated beside it; paper: "
+                        "only the paper's four-group chain")
+    p.add_argument("--target", type=float, default=0.9,
+                   help="auto chain: faithfulness to reach on held-out prompts (default 0.9)")
     p.add_argument("--sizes", default="6,3,4,2",
-                   help="heads kept per group VF,PT,PD,SR (default 6,3,4,2 for the organisms; "
-                        "the paper used 20,5,10,5 on Llama-7B)")
+                   help="paper chain: heads kept per group VF,PT,PD,SR (default 6,3,4,2 for the "
+                        "organisms; the paper used 20,5,10,5 on Llama-7B)")
     p.add_argument("--n-discovery", type=int, default=100, help="prompts for path patching")
     p.add_argument("--n-mean", type=int, default=200, help="mean-ablation prompts")
     p.add_argument("--random-draws", type=int, default=10,
@@ -42,10 +48,15 @@ def run(args) -> int:
             models = list(ORGANISM_STUDY)
         else:  # no organisms in this install: the pretrained fallback is at chance on the task
             models, accuracy_only = [default], True
+    paper = DiscoveryConfig(n_prompts=args.n_discovery, sizes=args.sizes, n_boxes=args.n_boxes,
+                            seed=args.seed + 100, batch_size=args.batch_size, truncate=True,
+                            chain="paper")
+    auto = DiscoveryConfig(n_prompts=args.n_discovery, n_boxes=args.n_boxes,
+                           seed=args.seed + 100, batch_size=args.batch_size, chain="auto",
+                           target=args.target, on_unreachable="keep-all")
     cfg = StudyConfig(
-        discovery=DiscoveryConfig(n_prompts=args.n_discovery, sizes=args.sizes,
-                                  n_boxes=args.n_boxes, seed=args.seed + 100,
-                                  batch_size=args.batch_size, truncate=True),
+        discovery=auto if args.chain == "auto" else paper,
+        paper_discovery=paper if args.chain == "auto" else None,
         evaluation=EvalConfig(n_prompts=args.n_prompts, seed=args.seed, n_boxes=args.n_boxes,
                               n_mean=args.n_mean, n_random=args.random_draws,
                               batch_size=args.batch_size),

@@ -1,7 +1,13 @@
-"""The ``Circuit``: named head groups, each read at one named token position.
+"""The ``Circuit``: named head groups, each read at one role of the position schema, and the
+edges between them.
 
-Saved as JSON (``groups`` → heads as ``"layer.head"`` strings, position, plus the settings that
-produced it) so it can be read by people, diffed, and evaluated on another model.
+A group is heads × one role (:mod:`circuitdiff.core.task`: ``last``, ``labels``,
+``prev_query_label+1`` …; a multi-position role covers several tokens of every prompt). Edges
+``sender --q|k|v--> receiver`` record which input of the receiver group the sender group writes
+(``logits`` as receiver: the sender writes the answer at ``last``). Saved as JSON (``groups`` →
+heads as ``"layer.head"`` strings, position, function; ``edges``; the settings that produced it)
+so it can be read by people, diffed, and evaluated on another model. Circuit JSON written before
+roles and edges existed (four groups at scalar positions, no edges) still loads.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from typing import Iterable
 import torch
 
 from .arch import Architecture, ArchitectureError
+from .task import check_role
 
 Head = tuple[int, int]
 
@@ -44,15 +51,43 @@ def format_head(h: Head) -> str:
 
 @dataclass
 class CircuitGroup:
-    """A set of heads that matter at one position."""
+    """A set of heads that matter at one role (``position``: a schema role name, possibly
+    covering several tokens); ``function`` says what the group does, when known."""
 
     heads: list[Head]
     position: str
+    function: str = ""
 
     def __post_init__(self) -> None:
         self.heads = [parse_head(h) for h in self.heads]
+        check_role(self.position)
         if len(set(self.heads)) != len(self.heads):
             raise ValueError(f"group at {self.position} lists a head twice")
+
+
+#: receiver inputs an edge can write: a head's query, key or value, or the logits
+EDGE_KINDS: tuple[str, ...] = ("q", "k", "v", "logits")
+
+
+@dataclass(frozen=True)
+class CircuitEdge:
+    """``sender --kind--> receiver``: group ``sender``'s outputs feed ``kind`` of the
+    ``receiver`` group's heads (computed at the sender's role), or the logits
+    (``receiver == "logits"``, ``kind == "logits"``)."""
+
+    sender: str
+    receiver: str
+    kind: str
+
+    def __post_init__(self) -> None:
+        if self.kind not in EDGE_KINDS:
+            raise ValueError(f"edge kind must be one of {EDGE_KINDS}, got {self.kind!r}")
+
+    def to_dict(self) -> dict:
+        return {"sender": self.sender, "receiver": self.receiver, "kind": self.kind}
+
+    def __str__(self) -> str:
+        return f"{self.sender} --{self.kind}--> {self.receiver}"
 
 
 @dataclass
@@ -64,6 +99,18 @@ class Circuit:
     n_heads: int
     model: str = ""
     settings: dict = field(default_factory=dict)
+    edges: list[CircuitEdge] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for e in self.edges:
+            for end in (e.sender, e.receiver):
+                if end != "logits" and end not in self.groups:
+                    raise ValueError(f"edge {e} names group {end!r}, which the circuit lacks "
+                                     f"(groups: {', '.join(self.groups)})")
+
+    def n_units(self) -> int:
+        """Distinct (head, role) pairs: a head kept at two roles counts twice."""
+        return sum(len(self.heads_at(p)) for p in self.positions())
 
     def heads(self) -> list[Head]:
         """All unique heads, in group order."""
@@ -98,16 +145,21 @@ class Circuit:
 
     def to_dict(self) -> dict:
         return {"model": self.model, "n_layers": self.n_layers, "n_heads": self.n_heads,
-                "groups": {k: {"position": g.position, "heads": [format_head(h) for h in g.heads]}
+                "groups": {k: {"position": g.position, "heads": [format_head(h) for h in g.heads],
+                               **({"function": g.function} if g.function else {})}
                            for k, g in self.groups.items()},
+                "edges": [e.to_dict() for e in self.edges],
                 "settings": self.settings}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Circuit":
         try:
-            groups = {k: CircuitGroup(v["heads"], v["position"]) for k, v in d["groups"].items()}
+            groups = {k: CircuitGroup(v["heads"], v["position"], v.get("function", ""))
+                      for k, v in d["groups"].items()}
+            edges = [CircuitEdge(e["sender"], e["receiver"], e["kind"])
+                     for e in d.get("edges", [])]
             return cls(groups, int(d["n_layers"]), int(d["n_heads"]), d.get("model", ""),
-                       d.get("settings", {}))
+                       d.get("settings", {}), edges)
         except (KeyError, TypeError) as e:
             raise ValueError(f"not a circuitdiff circuit: missing {e}") from None
 

@@ -4,9 +4,22 @@ A prompt lists ``n_boxes`` (object, box label) pairs and asks for the object in 
 
     The apple is in Box F, the book is in Box C, the map is in Box D. Box C contains the  -> " book"
 
-Every token position a method needs (last, query label, previous query label, correct object,
-each box's label and object) is computed from the tokenizer's own offsets for *this* prompt —
-never from padded lengths or hard-coded offsets — so the same code is right for any tokenizer.
+Every token position a method needs is a named **role** computed from the tokenizer's own
+offsets for *this* prompt — never from padded lengths or hard-coded offsets — so the same code is
+right for any tokenizer. The position schema (:data:`SCALAR_ROLES`, :data:`MULTI_ROLES`,
+:func:`role_names`) covers every token of the template:
+
+* one token per prompt: ``last``, ``query_label``, ``prev_query_label`` (the queried box's label
+  in the context), ``correct_object``, and each box's ``label_i``, ``object_i``, ``separator_i``
+  (the ``,``/``.`` token closing segment ``i``);
+* several tokens per prompt: ``labels``, ``objects``, ``separators`` (every box), ``fillers``
+  (the template's other context words: ``the``, ``is``, ``in``, ``Box``), ``query_words`` (query
+  tokens other than the query label and ``last``) and ``prefix`` (special tokens before the text,
+  e.g. BOS; only defined for tokenizers that add one);
+* any role with an offset, ``prev_query_label+1``, ``labels-1`` (every position shifted).
+
+:meth:`Batch.role` resolves a role name (offset included) to ``[B]`` or ``[B, P]`` indices; an
+unknown role or an offset that leaves the prompt is a :class:`TaskError` naming the defined roles.
 Objects and labels are kept only if they are a single token (with the leading space) for the
 tokenizer at hand.
 """
@@ -15,6 +28,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import string
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,8 +54,51 @@ DEFAULT_LABELS: tuple[str, ...] = tuple(string.ascii_uppercase)
 DEFAULT_TEMPLATE = "the {object} is in Box {label}"
 DEFAULT_QUERY = "Box {label} contains the"
 
-#: names of the per-prompt scalar positions every prompt carries
+#: names of the per-prompt scalar positions every prompt carries (the paper's four)
 POSITION_NAMES: tuple[str, ...] = ("last", "query_label", "prev_query_label", "correct_object")
+#: per-box scalar roles: ``label_i``, ``object_i``, ``separator_i`` for box ``i``
+BOX_ROLES: tuple[str, ...] = ("label", "object", "separator")
+#: roles that cover several tokens of every prompt (one or more per box, or template words)
+MULTI_ROLES: tuple[str, ...] = ("labels", "objects", "separators", "fillers", "query_words",
+                                "prefix")
+#: disjoint roles that together cover every token of a prompt (the scan's default rows)
+PARTITION_ROLES: tuple[str, ...] = ("prefix", "objects", "labels", "separators", "fillers",
+                                    "query_words", "query_label", "last")
+#: legacy names of the per-box position matrices (same as ``labels`` / ``objects``)
+LEGACY_ALIASES: dict[str, str] = {"box_label": "labels", "box_object": "objects"}
+_OFFSET = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*?)(?:([+-])(\d+))?$")
+
+
+def role_names(n_boxes: int) -> list[str]:
+    """Every role name of the schema for prompts with ``n_boxes`` boxes (without offsets)."""
+    per_box = [f"{r}_{i}" for i in range(n_boxes) for r in BOX_ROLES]
+    return list(POSITION_NAMES) + per_box + list(MULTI_ROLES)
+
+
+def split_role(name: str) -> tuple[str, int]:
+    """``"prev_query_label+1"`` → ``("prev_query_label", 1)``; ``"labels"`` → ``("labels", 0)``."""
+    m = _OFFSET.match(name.replace(" ", "")) if isinstance(name, str) else None
+    if m is None:
+        raise TaskError(f"role {name!r} is not NAME or NAME+K / NAME-K (e.g. prev_query_label+1)")
+    base, sign, k = m.groups()
+    return base, (0 if sign is None else int(k) * (1 if sign == "+" else -1))
+
+
+def check_role(name: str, n_boxes: int | None = None) -> str:
+    """``name`` if it is a schema role (offset allowed), else a one-line :class:`TaskError`
+    listing the defined roles. Without ``n_boxes`` any ``label_i``/``object_i``/``separator_i``
+    passes (the box count is checked when a batch resolves the role)."""
+    base, _ = split_role(name)
+    base = LEGACY_ALIASES.get(base, base)
+    box = re.match(r"^(label|object|separator)_(\d+)$", base)
+    if base in POSITION_NAMES or base in MULTI_ROLES:
+        return name
+    if box and (n_boxes is None or int(box.group(2)) < n_boxes):
+        return name
+    shown = role_names(n_boxes) if n_boxes is not None else \
+        list(POSITION_NAMES) + ["label_I", "object_I", "separator_I"] + list(MULTI_ROLES)
+    raise TaskError(f"unknown role {name!r}; the task defines: {', '.join(shown)} "
+                    f"(any of them with an offset, e.g. prev_query_label+1)")
 
 
 class TaskError(ValueError):
@@ -125,6 +182,7 @@ class Located:
     box_object_positions: list[int]
     object_ids: list[int]              # token id of each box's object
     answer_id: int | None
+    roles: dict[str, list[int]] = field(default_factory=dict)  # every schema role -> indices
 
 
 def _spans(prompt: Prompt) -> tuple[list[tuple[int, int]], list[tuple[int, int]], tuple[int, int]]:
@@ -193,8 +251,38 @@ def locate(prompt: Prompt, tokenizer) -> Located:
         "correct_object": obj_pos[qi] if qi is not None else -1,
     }
     object_ids = [ids[p] for p in obj_pos]
+    roles = _roles(text, offsets, positions, lab_pos, obj_pos)
     return Located(prompt, ids, positions, lab_pos, obj_pos, object_ids,
-                   object_ids[qi] if qi is not None else None)
+                   object_ids[qi] if qi is not None else None, roles)
+
+
+def _roles(text: str, offsets: Sequence[tuple[int, int]], positions: dict[str, int],
+           lab_pos: list[int], obj_pos: list[int]) -> dict[str, list[int]]:
+    """Every schema role of one located prompt, as lists of token indices (scalar roles have
+    one entry, or ``[-1]`` when absent from this prompt)."""
+    roles = {name: [pos] for name, pos in positions.items()}
+    # the separator closing segment i is the token covering the first ',' or '.' after its
+    # last word (label or object, whichever the template puts last)
+    seps = []
+    for lab, obj in zip(lab_pos, obj_pos):
+        end = offsets[max(lab, obj)][1]
+        cut = min((i for i in (text.find(",", end), text.find(".", end)) if i >= 0), default=-1)
+        hit = [i for i, (a, b) in enumerate(offsets) if a <= cut < b] if cut >= 0 else []
+        if not hit:
+            raise TaskError(f"no ',' or '.' token closes the segment ending at character {end} "
+                            f"of {text!r}")
+        seps.append(hit[0])
+    for i, (lab, obj, sep) in enumerate(zip(lab_pos, obj_pos, seps)):
+        roles[f"label_{i}"], roles[f"object_{i}"], roles[f"separator_{i}"] = [lab], [obj], [sep]
+    named = set(lab_pos) | set(obj_pos) | set(seps) | {positions["last"], positions["query_label"]}
+    real = [i for i, (a, b) in enumerate(offsets) if b > a]
+    first_real = real[0]
+    roles.update(
+        labels=list(lab_pos), objects=list(obj_pos), separators=seps,
+        fillers=[i for i in real if i not in named and i < seps[-1]],
+        query_words=[i for i in real if i not in named and seps[-1] < i < positions["last"]],
+        prefix=[i for i in range(first_real)])
+    return roles
 
 
 def single_token_words(tokenizer, words: Iterable[str], kind: str = "object") -> list[str]:
@@ -339,9 +427,43 @@ class Batch:
     input_ids: torch.Tensor        # [B, T]
     attention_mask: torch.Tensor   # [B, T]
     position_ids: torch.Tensor     # [B, T]
-    positions: dict[str, torch.Tensor]  # name -> [B] (or [B, n_boxes] for box_* entries)
+    positions: dict[str, torch.Tensor]  # role -> [B] (scalar roles) or [B, P] (multi roles)
     answer_ids: torch.Tensor       # [B] (-1 where the prompt has no answer)
     object_ids: torch.Tensor       # [B, n_boxes] (-1 pads prompts with fewer boxes)
+
+    def role_names(self) -> list[str]:
+        """The schema roles these prompts define (multi roles covering no token left out)."""
+        return [n for n, t in self.positions.items()
+                if n not in LEGACY_ALIASES and t.numel() > 0 and bool((t >= 0).any())]
+
+    def role(self, name: str) -> torch.Tensor:
+        """Token indices of role ``name`` (offset allowed: ``prev_query_label+1``): ``[B]`` for a
+        scalar role, ``[B, P]`` for a multi role (``-1`` pads rows with fewer tokens, and marks a
+        scalar role absent from a prompt). Unknown roles and offsets that leave a prompt raise a
+        :class:`TaskError` naming the defined roles."""
+        base, k = split_role(name)
+        if base not in self.positions or base not in self.role_names() and base not in \
+                LEGACY_ALIASES:
+            if base in self.positions:
+                raise TaskError(f"role {name!r} covers no token of these prompts; defined: "
+                                f"{', '.join(self.role_names())}")
+            check_role(name, self.object_ids.shape[1])  # raises with the role list if unknown
+            raise TaskError(f"role {name!r} is not defined for these prompts; defined: "
+                            f"{', '.join(self.role_names())}")
+        pos = self.positions[base]
+        if k == 0:
+            return pos
+        shifted = pos + k
+        present = pos >= 0
+        T = self.input_ids.shape[1]
+        inside = (shifted >= 0) & (shifted < T)
+        rows = torch.arange(len(pos)).view(-1, *([1] * (pos.dim() - 1))).expand_as(pos)
+        real = torch.zeros_like(present)
+        real[inside] = self.attention_mask[rows[inside], shifted[inside]].bool()
+        if bool((present & ~real).any()):
+            raise TaskError(f"role {name!r} leaves the prompt: {base} shifted by {k:+d} falls "
+                            f"outside some prompts' tokens")
+        return torch.where(present, shifted, pos)
 
     def model_inputs(self, device=None) -> dict[str, torch.Tensor]:
         """The model's keyword inputs (ids, attention mask, position ids), on ``device``."""
@@ -382,18 +504,26 @@ def make_batch(located: Sequence[Located], pad_id: int, padding_side: str = "lef
         mask[b, off:off + n] = 1
         shift[b] = off
     pos_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    positions = {}
-    for name in POSITION_NAMES:
-        raw = torch.tensor([l.positions[name] for l in located])
-        positions[name] = torch.where(raw >= 0, raw + shift, raw)
     n_box = max(len(l.object_ids) for l in located)
-    padded = lambda rows: torch.tensor([r + [-1] * (n_box - len(r)) for r in rows])  # noqa: E731
-    for name, rows in (("box_label", [l.box_label_positions for l in located]),
-                       ("box_object", [l.box_object_positions for l in located])):
-        raw = padded(rows)
-        positions[name] = torch.where(raw >= 0, raw + shift[:, None], raw)
+
+    def padded(rows: list[list[int]], width: int) -> torch.Tensor:
+        return torch.tensor([r + [-1] * (width - len(r)) for r in rows], dtype=torch.long
+                            ).view(len(rows), width)
+
+    positions = {}
+    names = list(dict.fromkeys(n for l in located for n in l.roles))
+    for name in names:
+        rows = [l.roles.get(name, [-1]) for l in located]
+        if name in MULTI_ROLES:
+            raw = padded(rows, max(len(r) for r in rows))
+            positions[name] = torch.where(raw >= 0, raw + shift[:, None], raw)
+        else:
+            raw = torch.tensor([r[0] for r in rows])
+            positions[name] = torch.where(raw >= 0, raw + shift, raw)
+    for legacy, name in LEGACY_ALIASES.items():
+        positions[legacy] = positions[name]
     answers = torch.tensor([-1 if l.answer_id is None else l.answer_id for l in located])
-    objects = padded([l.object_ids for l in located])
+    objects = padded([l.object_ids for l in located], n_box)
     return Batch(ids, mask, pos_ids, positions, answers, objects)
 
 
@@ -439,7 +569,7 @@ def encode_pair(clean: Sequence[Prompt], counterfactual: Sequence[Prompt], token
     bc = make_batch(lc, pad, padding_side)
     bx = make_batch(lx, pad, padding_side)
     for name, t in bx.positions.items():
-        if t.dim() == 1:
+        if name in bc.positions and t.shape == bc.positions[name].shape:
             bx.positions[name] = torch.where(t >= 0, t, bc.positions[name])
     return bc, bx
 

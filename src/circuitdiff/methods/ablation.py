@@ -26,7 +26,7 @@ dimension (:func:`variant_accuracies`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -35,7 +35,7 @@ from ..core.interventions import Hook, StopAfter, Write, run_with_edits
 from ..core.metrics import METRICS, correct, last_logits
 from ..core.model import LoadedModel
 from ..core.runs import RunFolder, model_tag, settings_digest
-from ..core.task import Batch, Prompt, batches
+from ..core.task import Batch, Prompt, TaskError, batches
 from .accuracy import AccuracyResult, evaluate_accuracy
 
 #: a keep mask per position name: ``bool [L, H]`` (shared by all rows) or ``[N, L, H]`` (per row)
@@ -144,53 +144,71 @@ def without(circuit: Circuit, removed: Mapping[str, Sequence[Head]]) -> Circuit:
     groups = {}
     for name, g in circuit.groups.items():
         drop = set(map(tuple, removed.get(name, ())))
-        groups[name] = CircuitGroup([h for h in g.heads if h not in drop], g.position)
-    return Circuit(groups, circuit.n_layers, circuit.n_heads, circuit.model, dict(circuit.settings))
+        groups[name] = CircuitGroup([h for h in g.heads if h not in drop], g.position, g.function)
+    return Circuit(groups, circuit.n_layers, circuit.n_heads, circuit.model, dict(circuit.settings),
+                   list(circuit.edges))
+
+
+def role_mask(batch: Batch, role: str) -> torch.Tensor:
+    """Bool ``[B, T]``: the tokens of ``role`` (scalar or multi-position, offset allowed) in each
+    sample. Padding entries (``-1``) of a multi role are skipped; a scalar role absent from a
+    prompt is an error (circuit evaluation needs prompts whose query names a box)."""
+    try:
+        pos = batch.role(role)
+    except TaskError as e:
+        raise AblationError(f"circuit position: {e}") from None
+    B, T = batch.input_ids.shape
+    pos = pos[:, None] if pos.dim() == 1 else pos
+    if bool((pos < 0).all(1).any()):
+        raise AblationError(f"position {role!r} is absent from some prompts; circuit "
+                            f"evaluation needs prompts whose query names a box")
+    at = torch.zeros(B, T + 1, dtype=torch.bool)
+    at.scatter_(1, torch.where(pos >= 0, pos, T), True)  # padding lands in the spare column
+    return at[:, :T]
 
 
 def ablate_where(batch: Batch, keep: KeepMasks, n_layers: int, n_heads: int,
                  keep_other_positions: bool = False) -> torch.Tensor:
     """Bool ``[L, B, T, H]``: True where a head output is replaced by its mean.
 
-    ``keep[name]`` (``[L, H]`` or per row ``[B, L, H]``) lists the heads kept at each sample's
-    position ``name``; every other position is fully ablated, or fully kept with
-    ``keep_other_positions``. Position names resolving to the same token OR their masks.
+    ``keep[role]`` (``[L, H]`` or per row ``[B, L, H]``) lists the heads kept at each token of
+    ``role`` in each sample (a multi-position role such as ``labels`` keeps them at every token it
+    covers); every other position is fully ablated, or fully kept with ``keep_other_positions``.
+    Roles covering the same token OR their masks.
     """
     B, T = batch.input_ids.shape
-    rows = torch.arange(B)
     member = torch.zeros(B, T, n_layers, n_heads, dtype=torch.bool)
     is_group = torch.zeros(B, T, dtype=torch.bool)
-    for name, m in keep.items():  # a handful of names; no loop over samples, heads or positions
-        if name not in batch.positions or batch.positions[name].dim() != 1:
-            raise AblationError(f"circuit position {name!r} is not a per-prompt position "
-                                f"(known: last, query_label, prev_query_label, correct_object)")
-        pos = batch.positions[name]
-        if bool((pos < 0).any()):
-            raise AblationError(f"position {name!r} is absent from some prompts; circuit "
-                                f"evaluation needs prompts whose query names a box")
+    for name, m in keep.items():  # a handful of roles; no loop over samples, heads or positions
+        at = role_mask(batch, name)
         m = m.to(torch.bool).cpu()
         if m.shape[-2:] != (n_layers, n_heads):
             raise AblationError(f"keep mask for {name!r} has shape {tuple(m.shape)}, expected "
                                 f"[..., {n_layers}, {n_heads}]")
-        member[rows, pos] = member[rows, pos] | m.expand(B, n_layers, n_heads)
-        is_group[rows, pos] = True
+        member |= at[:, :, None, None] & m.expand(B, n_layers, n_heads)[:, None]
+        is_group |= at
     keep_all = torch.where(is_group[..., None, None], member,
                            torch.tensor(bool(keep_other_positions)))
     return (~keep_all).permute(2, 0, 1, 3)  # [L, B, T, H]
 
 
-def ablation_edits(means: HeadMeans, batch: Batch, keep: KeepMasks,
-                   keep_other_positions: bool = False, device=None) -> list[Write]:
-    """One :class:`Write` per layer that has anything to ablate in this batch."""
-    _check_layout(batch, "evaluation prompts", means.seq_len)
-    L, _, H, _ = means.means.shape
-    where = ablate_where(batch, keep, L, H, keep_other_positions)
+def where_edits(means: HeadMeans, where: torch.Tensor, device=None) -> list[Write]:
+    """One :class:`Write` per layer of ``where`` (bool ``[L, B, T, H]``, True = take the mean)
+    that has anything to ablate."""
     edits = []
-    for l in range(L):
+    for l in range(where.shape[0]):
         if bool(where[l].any()):
             edits.append(Write(l, means.means[l][None], where=where[l] if device is None
                                else where[l].to(device)))
     return edits
+
+
+def ablation_edits(means: HeadMeans, batch: Batch, keep: KeepMasks,
+                   keep_other_positions: bool = False, device=None) -> list[Write]:
+    """The mean-ablation edits of one circuit (``keep`` masks per role) on ``batch``."""
+    _check_layout(batch, "evaluation prompts", means.seq_len)
+    L, _, H, _ = means.means.shape
+    return where_edits(means, ablate_where(batch, keep, L, H, keep_other_positions), device)
 
 
 # -- accuracy under ablation ----------------------------------------------------------------
@@ -208,33 +226,54 @@ def circuit_accuracy(loaded: LoadedModel, prompts: Sequence[Prompt], means: Head
         means, b, keep, keep_other_positions, loaded.device))
 
 
+#: ``where_for(big_batch, first_variant, k)`` → bool ``[L, k*B, T, H]`` for variants
+#: ``first_variant .. first_variant + k - 1`` stacked variant-major in ``big_batch``
+WhereFor = Callable[[Batch, int, int], torch.Tensor]
+
+
+def stacked_runs(loaded: LoadedModel, prompts: Sequence[Prompt], means: HeadMeans,
+                 n_variants: int, where_for: WhereFor, batch_size: int = 32, max_rows: int = 256,
+                 progress: bool = False, desc: str = "variants"):
+    """Yield ``(batch_index, first_variant, k, big_batch, last_logits [k*B, V])`` per forward:
+    ``n_variants`` mean-ablation variants stacked along the batch dimension, up to ``max_rows``
+    rows per forward. The one batching loop behind circuit variants and the position scan."""
+    means.check(loaded)
+    from tqdm.auto import tqdm
+
+    for i, batch in enumerate(tqdm(batches(prompts, loaded.tokenizer, batch_size), desc=desc,
+                                   disable=not progress, unit="batch")):
+        if bool((batch.answer_ids < 0).any()):
+            raise AblationError("circuit evaluation needs prompts whose query names a box")
+        _check_layout(batch, "evaluation prompts", means.seq_len)
+        B = len(batch)
+        per = max(1, max_rows // B)
+        for s in range(0, n_variants, per):
+            k = min(per, n_variants - s)
+            big = batch.repeat(k)
+            logits = last_logits(loaded, big, where_edits(means, where_for(big, s, k),
+                                                           loaded.device))
+            yield i, s, k, big, logits
+
+
 def _variant_chunks(loaded: LoadedModel, prompts: Sequence[Prompt], means: HeadMeans,
                     variants: Sequence[KeepMasks], keep_other_positions: bool, batch_size: int,
                     max_rows: int, progress: bool):
-    """Yield ``(batch_index, first_variant, k, big_batch, last_logits [k*B, V])`` per forward."""
-    means.check(loaded)
+    """:func:`stacked_runs` of circuit variants given as keep masks per role."""
     names = list(variants[0])
     for v in variants:
         if list(v) != names:
             raise AblationError("all variants must give keep masks for the same positions")
-    stacked = {n: torch.stack([v[n].to(torch.bool).cpu().expand(
-        loaded.arch.n_layers, loaded.arch.n_heads) for v in variants]) for n in names}
-    V = len(variants)
-    from tqdm.auto import tqdm
+    L, H = loaded.arch.n_layers, loaded.arch.n_heads
+    stacked = {n: torch.stack([v[n].to(torch.bool).cpu().expand(L, H) for v in variants])
+               for n in names}
 
-    for i, batch in enumerate(tqdm(batches(prompts, loaded.tokenizer, batch_size), desc="variants",
-                                   disable=not progress, unit="batch")):
-        if bool((batch.answer_ids < 0).any()):
-            raise AblationError("circuit evaluation needs prompts whose query names a box")
-        B = len(batch)
-        per = max(1, max_rows // B)
-        for s in range(0, V, per):
-            k = min(per, V - s)
-            big = batch.repeat(k)
-            keep = {n: m[s:s + k].repeat_interleave(B, 0) for n, m in stacked.items()}
-            logits = last_logits(loaded, big, ablation_edits(means, big, keep, keep_other_positions,
-                                                              loaded.device))
-            yield i, s, k, big, logits
+    def where_for(big: Batch, s: int, k: int) -> torch.Tensor:
+        B = len(big) // k
+        keep = {n: m[s:s + k].repeat_interleave(B, 0) for n, m in stacked.items()}
+        return ablate_where(big, keep, L, H, keep_other_positions)
+
+    yield from stacked_runs(loaded, prompts, means, len(variants), where_for, batch_size,
+                            max_rows, progress)
 
 
 @torch.no_grad()

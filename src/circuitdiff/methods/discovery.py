@@ -1,4 +1,12 @@
-"""Circuit discovery: the paper's chain of four path-patching steps, saved to a run folder.
+"""Circuit discovery by exact path patching, saved to a run folder.
+
+Two chains:
+
+* ``chain="auto"`` (default, :mod:`.auto_chain`): start at the logits at ``last``, trace every
+  group's inputs back — q at its own role, k and v at the roles the position scan marks as
+  relevant — keep the senders whose scores stand out from the score spread, name the groups by
+  what they attend to, and size the circuit to a faithfulness target on held-out prompts.
+* ``chain="paper"``: the paper's fixed four-step chain with fixed sizes, below.
 
 Value Fetchers (receiver: logits, at last) → Position Transmitters (q of the top VF heads, last)
 → Position Detectors (v of the top PT heads, query label) → Structure Readers (v of the top PD
@@ -26,6 +34,7 @@ from ..core.circuit import PAPER_GROUPS, Circuit, CircuitGroup, Head, format_hea
 from ..core.model import LoadedModel
 from ..core.runs import RunFolder, settings_digest
 from ..core.task import EntityTrackingTask, Prompt, TaskConfig, load_jsonl, save_jsonl
+from .scan import ScanResult
 from .path_patching import (IMPLS, PathPatchingError, ScoreComparison, attribution_scores,
                             compare_scores, path_patching_scores, top_heads)
 
@@ -40,10 +49,12 @@ assert tuple((g, p) for g, p, _ in PAPER_CHAIN) == PAPER_GROUPS
 #: receivers kept from each step for the next (Prakash et al., Llama-7B)
 PAPER_SIZES: tuple[int, ...] = (20, 5, 10, 5)
 METHODS = ("exact", "attribution", "hybrid")
+CHAINS = ("auto", "paper")
 
 
-def parse_sizes(text: str | Sequence[int]) -> tuple[int, ...]:
-    """``"20,5,10,5"`` → ``(20, 5, 10, 5)``; one positive size per group."""
+def parse_sizes(text: str | Sequence[int], chain: str = "paper") -> tuple[int, ...]:
+    """``"20,5,10,5"`` → ``(20, 5, 10, 5)``; one positive size per group (the paper chain), or,
+    for the automatic chain, sizes of the groups in discovery order (the last one repeats)."""
     if isinstance(text, str):
         try:
             sizes = tuple(int(x) for x in text.split(","))
@@ -52,6 +63,10 @@ def parse_sizes(text: str | Sequence[int]) -> tuple[int, ...]:
                                     f"20,5,10,5") from None
     else:
         sizes = tuple(int(x) for x in text)
+    if chain == "auto":
+        if not sizes or min(sizes) < 1:
+            raise PathPatchingError(f"sizes {text!r}: every group needs at least one head")
+        return sizes
     if len(sizes) != len(PAPER_CHAIN):
         raise PathPatchingError(f"give {len(PAPER_CHAIN)} sizes (one per group: "
                                 f"{', '.join(g for g, _, _ in PAPER_CHAIN)}), got {len(sizes)}")
@@ -66,14 +81,27 @@ def parse_sizes(text: str | Sequence[int]) -> tuple[int, ...]:
 class DiscoveryConfig:
     """Everything that decides a discovery run.
 
-    ``hybrid_k`` (default ``3 x size``) is how many attribution candidates get exact scores;
-    ``compare_exact`` computes both exact and attribution scores for every group and reports the
-    attribution's Spearman correlation and top-``size`` recall; ``truncate`` leaves the later
-    groups empty when a group lies wholly in layer 0 (no head can send to it) instead of failing.
+    Both chains: ``n_prompts`` clean prompts (seed ``seed``) and their counterfactuals for path
+    patching; ``method`` exact / attribution / hybrid; ``hybrid_k`` (default ``3 x size``) is how
+    many attribution candidates get exact scores; ``compare_exact`` computes both exact and
+    attribution scores and reports the attribution's Spearman correlation and top-k recall.
+
+    Paper chain: ``sizes`` (default 20,5,10,5); ``truncate`` leaves the later groups empty when a
+    group lies wholly in layer 0 (no head can send to it) instead of failing.
+
+    Automatic chain: ``target`` faithfulness on ``n_validate`` held-out prompts (seed
+    ``seed + 1``; means over ``n_mean`` prompts of seed ``seed + 2``) decides the size, unless
+    ``sizes`` fixes heads per group — a size counts as reaching the target when the estimate
+    minus ``size_z`` paired standard errors does; the position scan uses the first ``n_scan``
+    held-out prompts; a sender is significant when its robust z-score against
+    the spread of all scored senders is ``<= -z_threshold`` and its score ``<= -min_score``;
+    roles whose scan drop (below the group's layers) reaches ``scan_min_drop`` of the model's
+    accuracy get their k and v traced; ``on_unreachable`` = ``"error"`` stops with a message
+    when even every candidate head misses the target, ``"keep-all"`` keeps them all.
     """
 
     n_prompts: int = 100
-    sizes: tuple[int, ...] = PAPER_SIZES
+    sizes: tuple[int, ...] | None = None
     method: str = "exact"
     n_boxes: int = 7
     seed: int = 0
@@ -82,38 +110,76 @@ class DiscoveryConfig:
     compare_exact: bool = False
     impl: str = "fast"
     truncate: bool = False
+    chain: str = "auto"
+    target: float = 0.9
+    n_validate: int = 200
+    n_scan: int = 100
+    size_z: float = 1.0
+    n_mean: int = 100
+    z_threshold: float = 3.0
+    min_score: float = 0.01
+    scan_min_drop: float = 0.1
+    max_groups: int = 16
+    on_unreachable: str = "error"
+    max_rows: int = 512
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise PathPatchingError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.impl not in IMPLS:
             raise PathPatchingError(f"impl must be one of {IMPLS}, got {self.impl!r}")
-        self.sizes = parse_sizes(self.sizes)
+        if self.chain not in CHAINS:
+            raise PathPatchingError(f"chain must be one of {CHAINS}, got {self.chain!r}")
+        if self.sizes is None and self.chain == "paper":
+            self.sizes = PAPER_SIZES
+        if self.sizes is not None:
+            self.sizes = parse_sizes(self.sizes, self.chain)
+        if not 0 < self.target <= 1:
+            raise PathPatchingError(f"target faithfulness must be in (0, 1], got {self.target}")
+        if self.on_unreachable not in ("error", "keep-all"):
+            raise PathPatchingError(f"on_unreachable must be 'error' or 'keep-all', got "
+                                    f"{self.on_unreachable!r}")
+        for name in ("n_prompts", "n_validate", "n_scan", "n_mean", "batch_size", "max_groups"):
+            if getattr(self, name) < 1:
+                raise PathPatchingError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "sizes": list(self.sizes)}
+        return {**asdict(self), "sizes": None if self.sizes is None else list(self.sizes)}
 
 
 @dataclass
 class DiscoveryResult:
-    """The circuit, each step's scores ``[layers, heads]`` and, if asked, estimate-vs-exact."""
+    """The circuit, each step's scores ``[layers, heads]`` (keyed by group for the paper chain,
+    by traced edge for the automatic one) and, if asked, estimate-vs-exact. The automatic chain
+    adds the position scan, the size-vs-faithfulness curve and its summary numbers."""
 
     circuit: Circuit
     scores: dict[str, torch.Tensor]
     attribution: dict[str, torch.Tensor] = field(default_factory=dict)
     comparisons: dict[str, ScoreComparison] = field(default_factory=dict)
+    scan: "ScanResult | None" = None
+    curve: list[dict] = field(default_factory=list)
+    sizing: dict = field(default_factory=dict)
+    edges_scored: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"circuit": self.circuit.to_dict(),
-                "comparisons": {g: c.to_dict() for g, c in self.comparisons.items()}}
+                "comparisons": {g: c.to_dict() for g, c in self.comparisons.items()},
+                "scan": None if self.scan is None else self.scan.to_dict(),
+                "curve": self.curve, "sizing": self.sizing, "edges_scored": self.edges_scored}
 
     def save(self, out: str | Path) -> None:
-        """``circuit.json`` (and ``comparison.json`` when scores were compared) in ``out``."""
+        """``circuit.json`` (and ``comparison.json`` when scores were compared; ``curve.json``
+        and ``discovery.json`` for the automatic chain) in ``out``."""
         folder = RunFolder(out)
         self.circuit.save(folder.file("circuit.json"))
         if self.comparisons:
             folder.save_json("comparison.json",
                              {g: c.to_dict() for g, c in self.comparisons.items()})
+        if self.curve:
+            folder.save_json("curve.json", {"curve": self.curve, **self.sizing})
+        if self.scan is not None:
+            folder.save_json("discovery.json", self.to_dict())
 
 
 def discovery_prompts(loaded: LoadedModel, folder: RunFolder, cfg: DiscoveryConfig
@@ -146,6 +212,7 @@ class _Step:
     size: int
     eligible: torch.Tensor          # bool [L, H]: heads below the last receiver layer
     settings: dict
+    desc: str = ""
 
     def pick(self, scores: torch.Tensor, k: int) -> list[Head]:
         masked = torch.where(self.eligible, scores, torch.full_like(scores, float("nan")))
@@ -161,7 +228,7 @@ def _score_step(loaded: LoadedModel, folder: RunFolder, clean, counterfactual,
     """Scores, chosen heads, attribution (or None) and comparison (or None) of one step."""
     kw = dict(batch_size=cfg.batch_size, progress=progress)
     args = (loaded, clean, counterfactual, step.position, step.receivers, step.kind)
-    desc = f"{step.index + 1}/{len(PAPER_CHAIN)} {step.group} {loaded.name}"
+    desc = step.desc or f"{step.index + 1}/{len(PAPER_CHAIN)} {step.group} {loaded.name}"
 
     def exact(senders=None) -> torch.Tensor:
         return path_patching_scores(*args, senders=senders, impl=cfg.impl, desc=desc, **kw)
@@ -202,19 +269,26 @@ def discover(loaded: LoadedModel, out: str | Path, config: DiscoveryConfig | Non
              clean: Sequence[Prompt] | None = None,
              counterfactual: Sequence[Prompt] | None = None,
              progress: bool = False) -> DiscoveryResult:
-    """Run the four-step chain on ``loaded``, saving everything under ``out``.
+    """Find the circuit of ``loaded`` with the config's chain, saving everything under ``out``.
 
     ``clean``/``counterfactual`` default to the config's task prompts and ``task.corrupt()`` of
-    them (saved as clean.jsonl / counterfactual.jsonl, reused on resume). Writes
-    ``scores_<group>.safetensors`` and ``circuit.json``; returns a :class:`DiscoveryResult`.
+    them (saved as clean.jsonl / counterfactual.jsonl, reused on resume). Writes the scores of
+    every step (safetensors) and ``circuit.json``; returns a :class:`DiscoveryResult`.
     """
     cfg = config or DiscoveryConfig()
-    arch = loaded.arch
-    for (g, _, _), k in zip(PAPER_CHAIN, cfg.sizes):
-        if k > arch.n_layers * arch.n_heads:
-            raise PathPatchingError(f"group {g} asks for {k} heads; the model has "
-                                    f"{arch.n_layers * arch.n_heads}")
-    folder = RunFolder(out)
+    if cfg.chain == "auto":
+        from .auto_chain import discover_auto
+
+        return discover_auto(loaded, out, cfg, clean=clean, counterfactual=counterfactual,
+                             progress=progress)
+    return _discover_paper(loaded, out, cfg, clean, counterfactual, progress)
+
+
+def _prompt_pairs(loaded: LoadedModel, folder: RunFolder, cfg: DiscoveryConfig,
+                  clean: Sequence[Prompt] | None, counterfactual: Sequence[Prompt] | None
+                  ) -> tuple[Sequence[Prompt], Sequence[Prompt], dict]:
+    """Clean and counterfactual prompts (given, or the config's, saved in ``folder``) and the
+    settings every cached score is tagged with."""
     if clean is None:
         clean, counterfactual = discovery_prompts(loaded, folder, cfg)
     elif counterfactual is None:
@@ -223,7 +297,22 @@ def discover(loaded: LoadedModel, out: str | Path, config: DiscoveryConfig | Non
         save_jsonl(folder.file("clean.jsonl"), clean)
         save_jsonl(folder.file("counterfactual.jsonl"), counterfactual)
     digest = settings_digest([p.to_dict() for p in clean] + [p.to_dict() for p in counterfactual])
-    base = {"model": loaded.name, "prompts": digest, "n": len(clean)}
+    return clean, counterfactual, {"model": loaded.name, "adapter": loaded.adapter,
+                                   "prompts": digest, "n": len(clean)}
+
+
+def _discover_paper(loaded: LoadedModel, out: str | Path, cfg: DiscoveryConfig,
+                    clean: Sequence[Prompt] | None, counterfactual: Sequence[Prompt] | None,
+                    progress: bool) -> DiscoveryResult:
+    """The paper's four-step chain with fixed sizes."""
+    arch = loaded.arch
+    for (g, _, _), k in zip(PAPER_CHAIN, cfg.sizes):
+        if k > arch.n_layers * arch.n_heads:
+            raise PathPatchingError(f"group {g} asks for {k} heads; the model has "
+                                    f"{arch.n_layers * arch.n_heads}")
+    folder = RunFolder(out)
+    clean, counterfactual, base = _prompt_pairs(loaded, folder, cfg, clean, counterfactual)
+    digest = base["prompts"]
 
     groups: dict[str, CircuitGroup] = {}
     result = DiscoveryResult(None, {})  # circuit set below
@@ -259,7 +348,8 @@ def discover(loaded: LoadedModel, out: str | Path, config: DiscoveryConfig | Non
         receivers = chosen
     result.circuit = Circuit(
         groups, arch.n_layers, arch.n_heads, loaded.name,
-        {"method": "path_patching", "scoring": cfg.method, "sizes": list(cfg.sizes),
+        {"method": "path_patching", "chain": "paper", "scoring": cfg.method,
+         "sizes": list(cfg.sizes),
          "n_prompts": len(clean), "n_boxes": clean[0].n_boxes, "seed": cfg.seed,
          "prompts": digest, "adapter": loaded.adapter,
          "hybrid_k": cfg.hybrid_k if cfg.method == "hybrid" else None,
@@ -270,5 +360,5 @@ def discover(loaded: LoadedModel, out: str | Path, config: DiscoveryConfig | Non
     return result
 
 
-__all__ = ["DiscoveryConfig", "DiscoveryResult", "METHODS", "PAPER_CHAIN", "PAPER_SIZES",
-           "discover", "discovery_prompts", "parse_sizes"]
+__all__ = ["CHAINS", "DiscoveryConfig", "DiscoveryResult", "METHODS", "PAPER_CHAIN",
+           "PAPER_SIZES", "discover", "discovery_prompts", "parse_sizes"]

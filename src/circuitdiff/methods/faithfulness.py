@@ -5,6 +5,12 @@ mean-ablated, :mod:`circuitdiff.methods.ablation`), accuracy of random circuits 
 sizes (heads drawn *without replacement* from all heads, seeded — the original code drew with
 replacement and unseeded), and faithfulness = circuit / full ("undefined", ``None``, when the full
 model scores 0). The circuit and all random draws run as variants of one batched evaluation.
+
+Both ablation protocols are always reported: ``paper`` (every head at positions outside the
+circuit's roles ablated) and ``keep-other-positions`` (those positions left intact). They answer
+different questions — does the circuit's set of (head, role) units suffice, versus do its heads
+suffice where it reads — and a circuit found at the wrong positions passes one and fails the
+other; a gap above :data:`PROTOCOL_DISAGREEMENT` comes with a warning.
 """
 
 from __future__ import annotations
@@ -19,6 +25,16 @@ from .accuracy import evaluate_accuracy
 from ..core.circuit import Circuit, CircuitGroup
 from ..core.model import LoadedModel
 from ..core.task import Prompt
+
+
+#: protocol names (``keep_other_positions`` False / True)
+PROTOCOLS: tuple[str, str] = ("paper", "keep-other-positions")
+#: faithfulness gap between the two protocols that earns a warning
+PROTOCOL_DISAGREEMENT = 0.25
+
+
+def protocol_name(keep_other_positions: bool) -> str:
+    return PROTOCOLS[1] if keep_other_positions else PROTOCOLS[0]
 
 
 def faithfulness(full: float, circuit: float) -> float | None:
@@ -47,16 +63,21 @@ def random_circuits(circuit: Circuit, n_draws: int = 10, seed: int = 0) -> list[
         heads = random.Random(seed * 1_000_003 + i).sample(grid, sum(sizes))
         groups, k = {}, 0
         for (name, g), n in zip(circuit.groups.items(), sizes):
-            groups[name] = CircuitGroup(heads[k:k + n], g.position)
+            groups[name] = CircuitGroup(heads[k:k + n], g.position, g.function)
             k += n
         out.append(Circuit(groups, circuit.n_layers, circuit.n_heads, circuit.model,
-                           {"random_draw": i, "seed": seed}))
+                           {"random_draw": i, "seed": seed}, list(circuit.edges)))
     return out
 
 
 @dataclass
 class FaithfulnessRow:
-    """One row of the paper's table (one circuit on one model)."""
+    """One row of the paper's table (one circuit on one model).
+
+    ``circuit_accuracy``/``faithfulness``/random are under ``protocol``; ``by_protocol`` gives
+    circuit accuracy and faithfulness under both protocols; ``warning`` is set when they
+    disagree by more than :data:`PROTOCOL_DISAGREEMENT`.
+    """
 
     model: str
     circuit: str
@@ -67,6 +88,13 @@ class FaithfulnessRow:
     faithfulness: float | None
     n: int
     random: list[float] = field(default_factory=list)
+    protocol: str = PROTOCOLS[0]
+    by_protocol: dict[str, dict] = field(default_factory=dict)
+    warning: str = ""
+
+    def faithfulness_under(self, protocol: str) -> float | None:
+        """Faithfulness under ``protocol`` (``None`` if undefined or not measured)."""
+        return self.by_protocol.get(protocol, {}).get("faithfulness")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -92,9 +120,29 @@ def evaluate_faithfulness(loaded: LoadedModel, prompts: Sequence[Prompt], means:
     accs = variant_accuracies(loaded, prompts, means,
                               [circuit_keep(c) for c in [circuit] + randoms],
                               keep_other_positions, batch_size, max_rows, progress)
+    other = variant_accuracies(loaded, prompts, means, [circuit_keep(circuit)],
+                               not keep_other_positions, batch_size, max_rows, progress)[0]
     rnd = accs[1:]
+    by = {protocol_name(keep_other_positions): {"circuit_accuracy": accs[0],
+                                                "faithfulness": faithfulness(full, accs[0])},
+          protocol_name(not keep_other_positions): {"circuit_accuracy": other,
+                                                    "faithfulness": faithfulness(full, other)}}
     return FaithfulnessRow(
         loaded.name, circuit_name, full, accs[0],
         statistics.fmean(rnd) if rnd else None,
         statistics.stdev(rnd) if len(rnd) > 1 else (0.0 if rnd else None),
-        faithfulness(full, accs[0]), len(prompts), rnd)
+        faithfulness(full, accs[0]), len(prompts), rnd, protocol_name(keep_other_positions),
+        {p: by[p] for p in PROTOCOLS}, protocol_warning(by))
+
+
+def protocol_warning(by_protocol: dict[str, dict]) -> str:
+    """A warning when the two protocols' faithfulness differ by more than
+    :data:`PROTOCOL_DISAGREEMENT` (empty otherwise)."""
+    a, b = (by_protocol[p]["faithfulness"] for p in PROTOCOLS)
+    if a is None or b is None or abs(a - b) <= PROTOCOL_DISAGREEMENT:
+        return ""
+    why = ("the circuit needs heads at positions outside its roles" if b > a else
+           "heads outside the circuit's positions are needed only when its own positions are "
+           "ablated too; the circuit's roles carry what it needs")
+    return (f"protocols disagree: faithfulness {a:.2f} (paper: every head outside the circuit's "
+            f"roles ablated) vs {b:.2f} (keep-other-positions); {why}")

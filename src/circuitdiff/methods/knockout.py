@@ -1,7 +1,8 @@
 """Attention knockout: stop one position from attending to another in layers ≥ L.
 
-An *edge* ``query:key`` names two positions of each prompt (``last:correct_object``,
-``query_label:prev_query_label``...). Blocking it in layers ≥ L, for every L, gives an accuracy
+An *edge* ``query:key`` names two roles of the task's position schema in each prompt
+(``last:correct_object``, ``query_label:prev_query_label``, ``labels:objects`` — every label token
+blocked from every object token —, ``last:prev_query_label+1``...). Blocking it in layers ≥ L, for every L, gives an accuracy
 curve: the paper finds accuracy collapses when ``last → correct_object`` is blocked from early
 enough layers, and random edges do nothing.
 
@@ -33,10 +34,10 @@ import torch
 from ..core.arch import Architecture
 from ..core.model import LoadedModel
 from ..core.metrics import correct, last_logits
-from ..core.task import POSITION_NAMES, Batch, Prompt, batches
+from ..core.task import POSITION_NAMES, Batch, Prompt, TaskError, batches, check_role
 
-#: key names besides the per-prompt positions
-MULTI_KEYS = ("box_label", "box_object", "all", "random")
+#: key names besides the schema's roles
+MULTI_KEYS = ("all", "random")
 
 
 class KnockoutError(ValueError):
@@ -59,11 +60,14 @@ class Edge:
             raise KnockoutError(f"edge {spec!r} is not QUERY:KEY (e.g. last:correct_object) or "
                                 f"'random'")
         q, k = spec.split(":")
-        if q not in POSITION_NAMES:
-            raise KnockoutError(f"edge {spec!r}: query position {q!r} is not one of {POSITION_NAMES}")
-        if k not in POSITION_NAMES and k not in MULTI_KEYS:
-            raise KnockoutError(f"edge {spec!r}: key {k!r} is not one of "
-                                f"{POSITION_NAMES + MULTI_KEYS}")
+        for what, name in (("query", q), ("key", k)):
+            if what == "key" and name in MULTI_KEYS:
+                continue
+            try:
+                check_role(name)
+            except TaskError as e:
+                extra = f" (keys may also be {', '.join(MULTI_KEYS)})" if what == "key" else ""
+                raise KnockoutError(f"edge {spec!r}: {what}: {e}{extra}") from None
         if q == k:
             raise KnockoutError(f"edge {spec!r}: a position's attention to itself is never blocked")
         return cls(q, k)
@@ -81,14 +85,26 @@ def block_matrix(batch: Batch, edge: Edge, generator: torch.Generator | None = N
     """
     B, T = batch.input_ids.shape
     rows = torch.arange(B)
-    q = batch.positions[edge.query]
-    if bool((q < 0).any()):
-        raise KnockoutError(f"position {edge.query!r} is absent from some prompts")
+
+    def at(role: str) -> torch.Tensor:  # bool [B, T]: the role's tokens in each sample
+        try:
+            p = batch.role(role)
+        except TaskError as e:
+            raise KnockoutError(str(e)) from None
+        p = p[:, None] if p.dim() == 1 else p
+        if bool((p < 0).all(1).any()):
+            raise KnockoutError(f"position {role!r} is absent from some prompts (use prompts "
+                                f"whose query names a box)")
+        return torch.zeros(B, T + 1, dtype=torch.bool).scatter_(
+            1, torch.where(p >= 0, p, T), True)[:, :T]
+
+    queries = at(edge.query)
+    first_q = queries.float().argmax(1)
     t = torch.arange(T)
     if edge.key == "all":
         keys = torch.ones(B, T, dtype=torch.bool)
     elif edge.key == "random":
-        cand = batch.attention_mask.bool() & (t[None] < q[:, None])
+        cand = batch.attention_mask.bool() & (t[None] < first_q[:, None])
         for name in POSITION_NAMES:
             p = batch.positions[name]
             cand &= ~((t[None] == p[:, None]) & (p[:, None] >= 0))
@@ -99,20 +115,14 @@ def block_matrix(batch: Batch, edge: Edge, generator: torch.Generator | None = N
         keys = torch.zeros(B, T, dtype=torch.bool)
         keys[rows, score.argmax(1)] = True
     else:
-        k = batch.positions[edge.key]
-        k = k[:, None] if k.dim() == 1 else k
-        if bool((k < 0).any()):
-            raise KnockoutError(f"position {edge.key!r} is absent from some prompts (use prompts "
-                                f"whose query names a box)")
-        keys = torch.zeros(B, T, dtype=torch.bool)
-        keys[rows[:, None], k] = True
-    keys &= t[None] != q[:, None]  # never block attention to itself
-    if edge.key != "all" and not bool((keys & (t[None] <= q[:, None])).any()):
+        keys = at(edge.key)
+    out = queries[:, :, None] & keys[:, None, :]
+    out &= ~torch.eye(T, dtype=torch.bool)[None]  # never block attention to itself
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    if edge.key != "all" and not bool((out & causal[None]).any()):
         raise KnockoutError(f"edge {edge} blocks nothing: {edge.key} comes after {edge.query} in "
                             f"every prompt and causal attention never looks ahead; block "
                             f"{edge.key}:{edge.query} instead")
-    out = torch.zeros(B, T, T, dtype=torch.bool)
-    out[rows, q] = keys
     return out
 
 

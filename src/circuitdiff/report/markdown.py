@@ -2,9 +2,32 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 from ..core.circuit import Circuit
-from ..methods.faithfulness import FaithfulnessRow
-from .tables import format_table
+from ..methods.faithfulness import PROTOCOLS, FaithfulnessRow
+from .tables import fmt, format_table, short_name
+
+
+def format_protocols(rows: Sequence[FaithfulnessRow]) -> str:
+    """Circuit accuracy and faithfulness of every row under both ablation protocols (paper:
+    every head outside the circuit's roles ablated; keep-other-positions: those positions left
+    intact), with the rows' disagreement warnings below."""
+    head = ["model", "circuit"] + [f"{p} acc (F)" for p in PROTOCOLS]
+    body = []
+    for r in rows:
+        cells = []
+        for p in PROTOCOLS:
+            d = r.by_protocol.get(p)
+            cells.append("-" if d is None else
+                         f"{fmt(d['circuit_accuracy'])} ({fmt(d['faithfulness'])})")
+        body.append([short_name(r.model), r.circuit] + cells)
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    line = lambda cells: " | ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    warn = [f"warning: {short_name(r.model)} / {r.circuit}: {r.warning}" for r in rows
+            if r.warning]
+    return "\n".join([line(head), "-+-".join("-" * w for w in widths)] +
+                     [line(b) for b in body] + warn)
 
 
 def study_report(summary: dict) -> str:
@@ -16,12 +39,35 @@ def study_report(summary: dict) -> str:
     for name, acc in summary.get("accuracy", {}).items():
         out.append(f"\n{name}: {ev['n_boxes']}-box accuracy {acc['accuracy']:.3f} "
                    f"(in-context {acc['in_context_accuracy']:.3f}, n={acc['n']})\n")
-    if "circuit" in summary:
-        circuit = Circuit.from_dict(summary["circuit"])
-        out.append("\n## Circuit of the base model (path patching)\n\n")
+    if "no_circuit" in summary:
+        out.append(f"\n**No circuit:** {summary['no_circuit']}\n")
+    for key, title in (("circuit", "Circuit of the base model (path patching)"),
+                       ("paper_circuit", "The paper's four-group chain on the same model")):
+        if key not in summary:
+            continue
+        circuit = Circuit.from_dict(summary[key])
+        chain = circuit.settings.get("chain", "paper")
+        out.append(f"\n## {title} — {chain} chain\n\n")
         for g, grp in circuit.groups.items():
-            out.append(f"- **{g}** ({grp.position}): "
+            label = f"{grp.function} ({g})" if grp.function else g
+            out.append(f"- **{label}** @ `{grp.position}`: "
                        f"{' '.join(f'{l}.{h}' for l, h in grp.heads) or '(empty)'}\n")
+        if circuit.edges:
+            out.append("\nEdges: " + "; ".join(f"`{e}`" for e in circuit.edges) + "\n")
+        if key == "circuit" and "discovery" in summary:
+            s = summary["discovery"]["sizing"]
+            out.append(
+                f"\nSized on {s['n_validate']} held-out prompts to faithfulness "
+                f"{s['target']:.2f}: reached {s['faithfulness_paper']:.2f} (paper protocol), "
+                f"{s['faithfulness_keep_other_positions']:.2f} (keep-other-positions) with "
+                f"{s['units']} (head, role) units ({s['unit_fraction']:.0%} of the heads at its "
+                f"{len(s['roles'])} roles). Figures: `discover/scan.png`, "
+                f"`discover/circuit_graph.png`, `discover/curve.png`.\n")
+            if s.get("message"):
+                out.append(f"\n{s['message']}\n")
+        if circuit.settings.get("truncated_at"):
+            out.append(f"\n{circuit.settings['truncated_at']} and later groups are empty: no "
+                       f"head can send to the previous group (it sits in layer 0).\n")
     if "knockout" in summary:
         out.append("\n## Attention knockout (base model; accuracy when blocked in layers ≥ L)\n\n")
         for name, c in summary["knockout"].items():
@@ -29,5 +75,9 @@ def study_report(summary: dict) -> str:
                 f"L={l}: {a:.2f}" for l, a in zip(c["layers"], c["accuracy"])) + "\n")
     if "faithfulness" in summary:
         rows = [FaithfulnessRow.from_dict(r) for r in summary["faithfulness"]]
-        out.append("\n## The base circuit on every model\n\n```\n" + format_table(rows) + "\n```\n")
+        out.append("\n## The base circuit(s) on every model\n\n```\n" + format_table(rows) +
+                   "\n```\n\nUnder both ablation protocols (paper: every head outside the "
+                   "circuit's roles ablated; keep-other-positions: those positions intact), "
+                   "circuit accuracy (faithfulness):\n\n```\n" + format_protocols(rows) +
+                   "\n```\n")
     return "".join(out)

@@ -39,8 +39,8 @@ from typing import Callable, Sequence
 import torch
 
 from ...core.task import (DEFAULT_QUERY, DEFAULT_TEMPLATE, POSITION_NAMES, Batch,
-                          EntityTrackingTask, Located, Prompt, _encode, _token_at, make_batch,
-                          pad_token_id, single_token_words)
+                          EntityTrackingTask, Located, Prompt, TaskError, _encode, _roles, _token_at,
+                          make_batch, pad_token_id, single_token_words)
 
 #: words random text is made of (kept if the tokenizer has them as one token; task words dropped)
 FILLER_WORDS: tuple[str, ...] = (
@@ -149,8 +149,12 @@ def locate_text(tp: TextPrompt, tokenizer) -> Located:
                  "prev_query_label": lab_pos[qi] if qi is not None else -1,
                  "correct_object": obj_pos[qi] if qi is not None else -1}
     object_ids = [ids[p] for p in obj_pos]
+    try:  # every schema role, as core.task.locate gives it (variants without commas lack some)
+        roles = _roles(tp.text, offsets, positions, lab_pos, obj_pos)
+    except TaskError:  # no separators: the scalar roles, labels and objects only
+        roles = {**{k: [v] for k, v in positions.items()}, "labels": lab_pos, "objects": obj_pos}
     return Located(tp, ids, positions, lab_pos, obj_pos, object_ids,  # type: ignore[arg-type]
-                   object_ids[qi] if qi is not None else None)
+                   object_ids[qi] if qi is not None else None, roles)
 
 
 # -- examples and the registry -------------------------------------------------------------

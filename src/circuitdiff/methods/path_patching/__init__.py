@@ -12,9 +12,13 @@ For every sender head ``(layer, head)`` and every clean prompt with its counterf
 
 Receivers are query heads ``(layer, head)``. For ``q`` a receiver is that head's query; for
 ``k``/``v`` under GQA the input is shared: patching receiver head ``h``'s v patches kv head
-``arch.kv_head_of(h)`` (so every query head of that group sees it). Positions are a named position
-of the task (``last``, ``query_label``, ``prev_query_label``, ``correct_object``); the sender and
-receiver share it (as in the paper's chain). The counterfactual value is read at the *clean*
+``arch.kv_head_of(h)`` (so every query head of that group sees it). The position is any role of
+the task's position schema (``last``, ``query_label``, ``labels``, ``separators``,
+``prev_query_label+1`` …; see :mod:`circuitdiff.core.task`), possibly covering several tokens per
+prompt: the sender takes its counterfactual value at every token of the role, every head is frozen
+from the role's first token on, and the receivers' inputs are patched at every token of the role
+(for k/v that is where the receiving head reads keys and values, e.g. q at ``last`` but k and v
+at ``labels``). The sender and the receiver input share the role. The counterfactual value is read at the *clean*
 prompt's index: :func:`~circuitdiff.core.task.encode_pair` gives a counterfactual that lacks the named
 token (no previous query label) the clean index, and all prompts share one layout.
 

@@ -14,7 +14,7 @@ from ...core.metrics import answer_prob, logits_at_last
 from ...core.model import LoadedModel
 from ...core.task import Prompt
 from .common import (PathPatchingError, _check_request, _check_sets, _encode_checked, _norm_heads,
-                     _Request, all_heads)
+                     _Request, all_heads, role_positions)
 
 
 def attribution_scores(loaded: LoadedModel, clean: Sequence[Prompt],
@@ -46,7 +46,7 @@ def attribution_scores(loaded: LoadedModel, clean: Sequence[Prompt],
         bc, bx = _encode_checked(loaded, clean[i:i + batch_size],
                                  counterfactual[i:i + batch_size], position)
         inputs_c, inputs_x = bc.model_inputs(dev), bx.model_inputs(dev)
-        p = bc.positions[req.position].to(dev)
+        p = role_positions(bc, req.position).to(dev)  # [B, P]
         last = bc.positions["last"].to(dev)
         answers = bc.answer_ids.to(dev)
         with torch.no_grad():
@@ -72,7 +72,8 @@ def attribution_scores(loaded: LoadedModel, clean: Sequence[Prompt],
                 for lr, g in zip(recv_layers, gs):
                     grads[lr] = g * req.unit_mask(arch, lr).to(dev)[None, None, :, None]
             T = inputs_c["input_ids"].shape[1]
-            from_p = (torch.arange(T, device=dev)[None, :] >= p[:, None])[:, :, None, None]
+            from_p = (torch.arange(T, device=dev)[None, :] >= p.min(1).values[:, None]
+                      )[:, :, None, None]
             zleaves = {}
 
             def freeze_hook(l):

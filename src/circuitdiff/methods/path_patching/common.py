@@ -12,11 +12,7 @@ import torch
 from ...core.arch import Architecture
 from ...core.circuit import Head, parse_head
 from ...core.model import LoadedModel
-from ...core.task import POSITION_NAMES, Batch, Prompt, encode_pair
-
-RECEIVER_KINDS = ("q", "k", "v")
-IMPLS = ("fast", "naive")
-
+from ...core.task import Batch, Prompt, TaskError, check_role, encode_pair
 
 RECEIVER_KINDS = ("q", "k", "v")
 IMPLS = ("fast", "naive")
@@ -28,10 +24,11 @@ class PathPatchingError(ValueError):
 
 # -- validation ------------------------------------------------------------------------------
 def check_position(position: str) -> None:
-    """``position`` must be one of the task's per-prompt scalar positions."""
-    if position not in POSITION_NAMES:
-        raise PathPatchingError(f"unknown position {position!r}: the task defines "
-                                f"{', '.join(POSITION_NAMES)}")
+    """``position`` must be a role of the task's position schema (offsets allowed)."""
+    try:
+        check_role(position)
+    except TaskError as e:
+        raise PathPatchingError(str(e)) from None
 
 
 def _norm_heads(heads: Sequence[Head | str] | None, arch: Architecture, what: str) -> list[Head]:
@@ -90,14 +87,27 @@ class _Request:
 def _inputs(batch: Batch, device) -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in batch.model_inputs().items()}
 
+def role_positions(batch: Batch, position: str) -> torch.Tensor:
+    """``[B, P]`` token indices of role ``position`` (``P = 1`` for a scalar role); every entry
+    must be a real token (sender and receiver act at all of them)."""
+    try:
+        p = batch.role(position)
+    except TaskError as e:
+        raise PathPatchingError(str(e)) from None
+    p = p[:, None] if p.dim() == 1 else p
+    if bool((p < 0).any()):
+        raise PathPatchingError(f"position {position!r} is absent from some clean prompts (or "
+                                f"covers a different number of tokens in some prompts)")
+    return p
+
+
 def _encode_checked(loaded: LoadedModel, clean: Sequence[Prompt], cf: Sequence[Prompt],
                     position: str) -> tuple[Batch, Batch]:
     bc, bx = encode_pair(clean, cf, loaded.tokenizer)
     if bool((bc.answer_ids < 0).any()):
         raise PathPatchingError("path patching needs clean prompts whose query names a box "
                                 "(the metric is the clean answer's probability)")
-    if bool((bc.positions[position] < 0).any()):
-        raise PathPatchingError(f"position {position!r} is absent from some clean prompts")
+    role_positions(bc, position)
     return bc, bx
 
 

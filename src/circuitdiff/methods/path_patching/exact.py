@@ -20,7 +20,7 @@ from ...core.metrics import answer_prob, logits_at_last
 from ...core.model import LoadedModel
 from ...core.task import Batch, Prompt
 from .common import (IMPLS, PathPatchingError, _check_request, _check_sets, _encode_checked,
-                     _norm_heads, _Request, all_heads)
+                     _norm_heads, _Request, all_heads, role_positions)
 from .naive import _naive_batch
 
 
@@ -78,23 +78,25 @@ class _Replay:
 
 @dataclass
 class _Clean:
-    """What the fast path needs from one clean + one counterfactual forward, at ``p`` only."""
+    """What the fast path needs from one clean + one counterfactual forward, at the role's
+    tokens ``p`` only. Rows are (sample, role token) pairs, sample-major: ``R = B * P``."""
 
-    p: torch.Tensor          # [B]
-    z: torch.Tensor          # [L, B, H, D] clean head outputs at p
-    z_cf: torch.Tensor       # [L, B, H, D] counterfactual head outputs at p
-    resid: torch.Tensor      # [L + 1, B, hidden] residual entering each layer (and after the last)
-    attn: torch.Tensor       # [L, B, hidden] o_proj output at p
+    p: torch.Tensor          # [B, P] token indices of the role
+    z: torch.Tensor          # [L, R, H, D] clean head outputs at p
+    z_cf: torch.Tensor       # [L, R, H, D] counterfactual head outputs at p
+    resid: torch.Tensor      # [L + 1, R, hidden] residual entering each layer (and after the last)
+    attn: torch.Tensor       # [L, R, hidden] o_proj output at p
     logits: torch.Tensor     # [B, V] clean logits at last
     p_clean: torch.Tensor    # [B]
 
 
 def _capture(loaded: LoadedModel, bc: Batch, bx: Batch, position: str) -> _Clean:
-    """Clean and counterfactual forwards reading only position ``p`` of every layer."""
+    """Clean and counterfactual forwards reading only the role's tokens of every layer (the
+    counterfactual at the clean token indices: both prompts share one layout)."""
     model, arch, dev = loaded.model, loaded.arch, loaded.device
     L = arch.n_layers
-    p = bc.positions[position].to(dev)
-    rows = torch.arange(len(p), device=dev)
+    p = role_positions(bc, position).to(dev)  # [B, P]
+    rows = torch.arange(len(p), device=dev)[:, None]
     resid: list[torch.Tensor | None] = [None] * (L + 1)
     attn: list[torch.Tensor | None] = [None] * L
     handles = []
@@ -102,16 +104,16 @@ def _capture(loaded: LoadedModel, bc: Batch, bx: Batch, position: str) -> _Clean
     def pre(i):
         def hook(_m, args, kwargs):
             h = args[0] if args else kwargs["hidden_states"]
-            resid[i] = h[rows, p].detach()
+            resid[i] = h[rows, p].detach().flatten(0, 1)
         return hook
 
     def post_layer(_m, _i, out):
         h = out[0] if isinstance(out, tuple) else out
-        resid[L] = h[rows, p].detach()
+        resid[L] = h[rows, p].detach().flatten(0, 1)
 
     def post_o(i):
         def hook(_m, _i, out):
-            attn[i] = out[rows, p].detach()
+            attn[i] = out[rows, p].detach().flatten(0, 1)
         return hook
 
     try:
@@ -124,10 +126,10 @@ def _capture(loaded: LoadedModel, bc: Batch, bx: Batch, position: str) -> _Clean
     finally:
         for h in handles:
             h.remove()
-    read_cf = Read(list(range(L)), bx.positions[position].to(dev), "head")
+    read_cf = Read(list(range(L)), p, "head")
     run_with_edits(model, bx.model_inputs(dev), [read_cf, StopAfter(L - 1)], arch)
-    z = torch.stack([read.out[l][:, 0] for l in range(L)])
-    z_cf = torch.stack([read_cf.out[l][:, 0] for l in range(L)])
+    z = torch.stack([read.out[l].flatten(0, 1) for l in range(L)])
+    z_cf = torch.stack([read_cf.out[l].flatten(0, 1) for l in range(L)])
     return _Clean(p, z, z_cf, torch.stack(resid), torch.stack(attn), logits,
                   answer_prob(logits, bc.answer_ids))
 
@@ -149,7 +151,7 @@ def _replay_error(rep: _Replay, c: _Clean) -> float:
 
 
 def _logits_error(rep: _Replay, c: _Clean, last: torch.Tensor) -> float:
-    if not bool((c.p == last.to(c.p.device)).all()):
+    if c.p.shape[1] != 1 or not bool((c.p[:, 0] == last.to(c.p.device)).all()):
         return 0.0
     with torch.no_grad():
         lg = rep.logits(c.resid[-1])
@@ -162,9 +164,10 @@ def _tolerance(dtype: torch.dtype) -> float:
 
 def _pass1(rep: _Replay, c: _Clean, req: _Request, senders: list[Head],
            answers: torch.Tensor) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
-    """Single-position pass 1 for ``senders`` (sorted by layer) of one sample batch.
+    """Single-position pass 1 for ``senders`` (sorted by layer) of one sample batch; every token
+    of the role is its own row (with attention frozen, tokens do not interact).
 
-    Returns, per receiver layer, ``[N, B, units, D]`` receiver inputs (clean where the sender is
+    Returns, per receiver layer, ``[N, B*P, units, D]`` receiver inputs (clean where the sender is
     not below that layer) and, for logits receivers, ``[N, B]`` patched answer probabilities.
     """
     arch = rep.arch
@@ -273,19 +276,20 @@ def _pass2(model: nn.Module, rep: "_Replay", inputs: dict, pc: "_PrefixCache | N
            p: torch.Tensor, req: _Request, recv: dict[int, torch.Tensor],
            active: dict[int, torch.Tensor], answers: torch.Tensor,
            last: torch.Tensor) -> torch.Tensor:
-    """Clean suffix forward (positions >= s) with receiver inputs replaced; ``[N, B]`` probs."""
+    """Clean suffix forward (positions >= s) with receiver inputs replaced at the role's tokens
+    ``p`` ``[B, P]`` (``recv`` values ``[N, B, P, units, D]``); ``[N, B]`` probs."""
     arch = rep.arch
-    N, B = next(iter(recv.values())).shape[:2]
+    N, B, P = next(iter(recv.values())).shape[:3]
     dev = p.device
     T = inputs["input_ids"].shape[1]
     rep_in = {"input_ids": inputs["input_ids"][:, s:].repeat(N, 1),
               "attention_mask": inputs["attention_mask"].repeat(N, 1),
               "position_ids": inputs["position_ids"][:, s:].repeat(N, 1)}
-    pos = (p - s).repeat(N)
+    pos = (p - s).repeat(N, 1)  # [N*B, P]
     edits = []
     for lr, vals in recv.items():
         where = req.unit_mask(arch, lr).to(dev)[None, :] & active[lr].to(dev)[:, None]  # [N, U]
-        edits.append(Write(lr, vals.reshape(N * B, 1, *vals.shape[2:]), pos,
+        edits.append(Write(lr, vals.reshape(N * B, P, *vals.shape[3:]), pos,
                            where.repeat_interleave(B, 0)[:, None, :], req.kind))
     cache = pc.tiled(N) if pc is not None else None
     kw = {"past_key_values": cache, "use_cache": True} if cache is not None else \
@@ -305,7 +309,8 @@ def _pass2(model: nn.Module, rep: "_Replay", inputs: dict, pc: "_PrefixCache | N
 
 def _fast_batch(loaded: LoadedModel, rep: _Replay, bc: Batch, bx: Batch, req: _Request,
                 max_rows: int, bar=None) -> torch.Tensor:
-    """Sum over this batch's samples of the score of every sender: ``[len(senders)]``."""
+    """Per-sample score of every sender on this batch: ``[len(senders), B]`` (0 for senders at
+    or after the last receiver layer)."""
     model, arch, dev = loaded.model, loaded.arch, loaded.device
     c = _capture(loaded, bc, bx, req.position)
     err = max(_replay_error(rep, c), _logits_error(rep, c, bc.positions["last"]))
@@ -315,7 +320,7 @@ def _fast_batch(loaded: LoadedModel, rep: _Replay, bc: Batch, bx: Batch, req: _R
     answers = bc.answer_ids.to(dev)
     B = len(bc)
     order = sorted(range(len(req.senders)), key=lambda i: req.senders[i])
-    out = torch.zeros(len(req.senders), dtype=torch.float32)
+    out = torch.zeros(len(req.senders), len(bc), dtype=torch.float32)
     recv_layers = req.recv_layers()
     last_recv = max(recv_layers) if recv_layers else arch.n_layers
     live = [i for i in order if req.senders[i][0] < last_recv]  # others score exactly 0
@@ -325,8 +330,9 @@ def _fast_batch(loaded: LoadedModel, rep: _Replay, bc: Batch, bx: Batch, req: _R
     chunk = max(1, max_rows // B)
     if recv_layers:
         T = inputs["input_ids"].shape[1]
-        for s in torch.unique(c.p).tolist():
-            rows = (c.p == s).nonzero()[:, 0]
+        starts = c.p.min(1).values  # the suffix of a sample starts at its role's first token
+        for s in torch.unique(starts).tolist():
+            rows = (starts == s).nonzero()[:, 0]
             sub = {k: v[rows] for k, v in inputs.items()}
             start = min(recv_layers) if rep.layer_owner is not None else 0
             groups.append((s, rows, sub, _PrefixCache(model, arch, sub, s, start)))
@@ -343,11 +349,13 @@ def _fast_batch(loaded: LoadedModel, rep: _Replay, bc: Batch, bx: Batch, req: _R
         if probs is None:
             active = {lr: torch.tensor([l < lr for l, _ in senders]) for lr in recv_layers}
             probs = torch.empty(len(idx), B, device=dev)
+            P = c.p.shape[1]
             for s, rows, sub, cache in groups:
-                probs[:, rows] = _pass2(model, rep, sub, cache, s, c.p[rows], req,
-                                        {lr: v[:, rows] for lr, v in recv.items()}, active,
-                                        answers[rows], last[rows])
-        score = ((probs - c.p_clean[None]) / c.p_clean[None]).sum(1)
+                probs[:, rows] = _pass2(
+                    model, rep, sub, cache, s, c.p[rows], req,
+                    {lr: v.view(len(idx), B, P, *v.shape[2:])[:, rows] for lr, v in recv.items()},
+                    active, answers[rows], last[rows])
+        score = (probs - c.p_clean[None]) / c.p_clean[None]
         out[torch.tensor(idx)] = score.float().cpu()
         if bar is not None:
             bar.update(len(idx) * B)
@@ -375,7 +383,9 @@ def path_patching_scores(loaded: LoadedModel, clean: Sequence[Prompt],
                          receivers: Sequence[Head | str] = (), receiver_kind: str = "q",
                          senders: Sequence[Head | str] | None = None, impl: str = "fast",
                          batch_size: int = 32, max_rows: int | None = None,
-                         progress: bool = False, desc: str = "path patching") -> torch.Tensor:
+                         progress: bool = False, desc: str = "path patching",
+                         return_se: bool = False
+                         ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Path-patching score of every sender head: a float32 ``[n_layers, n_heads]`` tensor.
 
     ``receivers`` are query heads ``(layer, head)`` (or ``"layer.head"``) whose ``receiver_kind``
@@ -383,7 +393,9 @@ def path_patching_scores(loaded: LoadedModel, clean: Sequence[Prompt],
     logits. ``senders`` defaults to every head; heads not scored are 0. ``impl="naive"`` is the
     oracle. ``max_rows`` bounds the rows (sender x sample x suffix token) of one batched forward
     (default 16384 on CPU, 131072 on CUDA).
-    Scores are means over samples; the most negative heads matter most.
+    Scores are means over samples; the most negative heads matter most. ``return_se`` also
+    returns each mean's standard error over samples (``[n_layers, n_heads]``, 0 where not scored):
+    the spread significance tests compare a score with.
     """
     if impl not in IMPLS:
         raise PathPatchingError(f"impl must be one of {IMPLS}, got {impl!r}")
@@ -406,22 +418,28 @@ def path_patching_scores(loaded: LoadedModel, clean: Sequence[Prompt],
                           f"the naive path", stacklevel=2)
     from tqdm.auto import tqdm
 
-    total = torch.zeros(len(send), dtype=torch.float32)
+    per_sample: list[torch.Tensor] = []  # [senders, B] per batch
     with tqdm(total=len(send) * len(clean), desc=desc, unit="run", disable=not progress) as bar:
         for i in range(0, len(clean), batch_size):
             bc, bx = _encode_checked(loaded, clean[i:i + batch_size],
                                      counterfactual[i:i + batch_size], position)
             if rep is not None:
                 try:
-                    total += _fast_batch(loaded, rep, bc, bx, req, max_rows, bar)
+                    per_sample.append(_fast_batch(loaded, rep, bc, bx, req, max_rows, bar))
                     continue
                 except _Unsupported as e:
                     warnings.warn(f"fast path patching unsupported: {e}; using the naive path",
                                   stacklevel=2)
                     rep = None
-            total += _naive_batch(loaded, bc, bx, req, bar)
+            per_sample.append(_naive_batch(loaded, bc, bx, req, bar))
+    samples = torch.cat(per_sample, 1).double()
     scores = torch.zeros(arch.n_layers, arch.n_heads, dtype=torch.float32)
     idx = torch.tensor(send)
-    scores[idx[:, 0], idx[:, 1]] = total / len(clean)
-    return scores
+    scores[idx[:, 0], idx[:, 1]] = samples.mean(1).float()
+    if not return_se:
+        return scores
+    se = torch.zeros_like(scores)
+    if samples.shape[1] > 1:
+        se[idx[:, 0], idx[:, 1]] = (samples.std(1) / samples.shape[1] ** 0.5).float()
+    return scores, se
 

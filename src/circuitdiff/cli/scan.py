@@ -1,0 +1,47 @@
+"""``circuitdiff scan``: accuracy with all heads of layer L mean-ablated at role R, every (L, R)."""
+
+from __future__ import annotations
+
+from . import add_model_options, add_task_options, load_from_args
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "scan", help="position scan: where the computation happens, before any head is named",
+        description="For every layer L and role R (last, query_label, labels, objects, "
+                    "separators, ...), the accuracy with every head of layer L mean-ablated at "
+                    "the tokens of R. Saves scan.json and scan.png in --out.")
+    add_model_options(p)
+    add_task_options(p, n=200)
+    p.add_argument("--out", required=True, help="run folder (resumes from saved results)")
+    p.add_argument("--n-mean", type=int, default=200, help="mean-ablation prompts (seed + 1)")
+    p.add_argument("--role", action="append", default=None, metavar="ROLE",
+                   help="role to scan (repeatable; default: every token-covering role plus "
+                        "prev_query_label and correct_object); offsets allowed, e.g. "
+                        "prev_query_label+1")
+    p.add_argument("--max-rows", type=int, default=512,
+                   help="rows per forward when variants are stacked (default 512)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from ..methods.scan import ScanConfig, scan
+    from ..report.scan import scan_heatmap
+
+    cfg = ScanConfig(n_prompts=args.n_prompts, seed=args.seed, n_mean=args.n_mean,
+                     n_boxes=args.n_boxes, roles=tuple(args.role) if args.role else None,
+                     batch_size=args.batch_size, max_rows=args.max_rows)
+    loaded = load_from_args(args)
+    res = scan(loaded, args.out, cfg, progress=True)
+    png = scan_heatmap(res, Path(args.out) / "scan.png")
+    width = max(len(r) for r in res.roles)
+    print(f"{loaded.name}: accuracy {res.baseline:.2f} unablated, n={res.n}; accuracy with all "
+          f"heads of layer L ablated at role R:")
+    print(" " * width + " | " + " ".join(f"L{l:<4d}" for l in range(res.n_layers)))
+    for j, role in enumerate(res.roles):
+        print(role.ljust(width) + " | " + " ".join(f"{res.accuracy[l][j]:.2f} "
+                                                   for l in range(res.n_layers)))
+    print(f"saved {Path(args.out) / 'scan.json'} and {png}")
+    return 0
