@@ -8,7 +8,7 @@ import sys
 
 #: command modules; each defines ``register(subparsers)`` which sets ``func`` on its parser
 #: (``accuracy`` registers the ``eval`` command)
-COMMANDS = ("study", "data", "accuracy", "discover", "evaluate", "knockout", "organisms")
+COMMANDS = ("study", "data", "accuracy", "discover", "evaluate", "knockout", "cmap", "organisms")
 
 
 def add_model_options(p: argparse.ArgumentParser, multiple: bool = False) -> None:

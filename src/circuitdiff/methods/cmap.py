@@ -530,7 +530,7 @@ def _interval(values: torch.Tensor, confidence: float) -> list[float] | None:
         return None
     a = (1 - confidence) / 2
     q = torch.quantile(values.double(), torch.tensor([a, 1 - a], dtype=torch.float64))
-    return [float(q[0]), float(q[1])]
+    return [float(q[0]) + 0.0, float(q[1]) + 0.0]  # + 0.0: no "-0.0"
 
 
 class _Bootstrap:
@@ -690,7 +690,7 @@ def _row_specs(circuit: Circuit, cfg: CMAPConfig) -> list[_RowSpec]:
     for name, g in circuit.groups.items():
         specs.append(output_row("group", name, [name]) if g.heads
                      else _RowSpec("group", name, [name], None))
-    for k in range(1, len(nonempty) + 1):
+    for k in range(2, len(nonempty) + 1):  # prefix 1 is the first group's own row
         specs.append(output_row("cumulative", "+".join(nonempty[:k]), nonempty[:k]))
     if nonempty:
         specs.append(output_row("circuit", "circuit", list(circuit.groups)))
@@ -889,7 +889,9 @@ def cmap(base: ModelRef | None, finetuned: ModelRef, prompts: Sequence[Prompt] |
     t0 = time.perf_counter()
     models = _Models(load or _default_load)
     if lora is None:
-        lora = base is None or base is finetuned or (
+        lora = base is None or (
+            base is finetuned and isinstance(finetuned, LoadedModel) and has_adapter(finetuned)
+        ) or (
             isinstance(base, str) and isinstance(finetuned, str)
             and check_pair(base, finetuned, circuit).lora)
     ft_label = finetuned.name if isinstance(finetuned, LoadedModel) else finetuned
