@@ -109,6 +109,41 @@ def test_output_cmap_of_every_layer0_head_at_every_position_is_the_finetune(tiny
     assert (got - want).abs().max() > 1e-3
 
 
+def test_output_cmap_at_named_positions_equals_a_hand_built_patch(tiny, prompts):
+    """Each group's heads are patched at its own position, and nowhere else."""
+    from circuitdiff.core.interventions import Read, Write
+
+    ft = finetune_layer0_qkv(tiny)
+    by_pos = {"last": [(0, 1), (1, 2)], "query_label": [(0, 3), (0, 0)]}
+    got = patched_logits(Endpoint("ft", ft), Endpoint("base", tiny), prompts,
+                         OutputPatch.of(by_pos), batch_size=7)
+    b = batches(prompts, tiny.tokenizer, 64)[0]
+    reads = {pos: Read([0, 1], b.positions[pos]) for pos in by_pos}
+    with torch.no_grad():
+        last_logits(ft, b, list(reads.values()))
+        edits = []
+        for pos, heads in by_pos.items():
+            for layer in (0, 1):
+                where = torch.zeros(4, dtype=torch.bool)
+                where[[h for l, h in heads if l == layer]] = True
+                edits.append(Write(layer, reads[pos].out[layer], b.positions[pos], where[None, None]))
+        want = last_logits(tiny, b, edits)
+    assert (got - want).abs().max() <= 1e-6
+    assert (want - logits(tiny, prompts)).abs().max() > 1e-3
+
+
+def test_stacked_variants_equal_one_variant_per_forward(tiny, prompts):
+    ft = finetune_layer0_qkv(tiny)
+    c = dict(per_head=True, reverse=True, random_draws=3)
+    one = cmap(tiny, ft, prompts, circuit(), cfg(max_rows=6, **c))     # batch 6: one variant
+    many = cmap(tiny, ft, prompts, circuit(), cfg(max_rows=1000, **c))  # all variants at once
+    assert accuracies(one) == accuracies(many)
+    assert [d.per_head for d in one.directions] == [d.per_head for d in many.directions]
+    accs = [a for d in many.directions for m in d.per_head.values() for row in m["accuracy"]
+            for a in row]
+    assert len(set(accs)) > 1  # single heads make a difference: the comparison means something
+
+
 def test_input_qkv_equals_output_cmap_in_layer0_and_q_alone_does_not(tiny, prompts):
     """In layer 0 both models read the same residual, so patching a head's q, k and v is
     patching its output; under GQA, heads sharing the patched k/v keep the base's outputs."""
