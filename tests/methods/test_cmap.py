@@ -21,7 +21,7 @@ from circuitdiff.methods.cmap import (CMAPConfig, Endpoint, InputPatch, OutputPa
                                       check_pair, cmap, gap_share, patched_logits)
 from circuitdiff.report.cmap import format_cmap, save_cmap_report
 
-from conftest import add_lora, save_base_and_lora, tiny_llama
+from conftest import save_base_and_lora, tiny_llama
 
 torch.set_num_threads(1)
 N_BOXES = 4
@@ -157,7 +157,7 @@ def test_input_qkv_equals_output_cmap_in_layer0_and_q_alone_does_not(tiny, promp
     assert (out - q).abs().max() > 1e-4
 
 
-# -- LoRA: one weight copy, adapter toggled -------------------------------------------------------------
+# -- LoRA: one weight copy, adapter toggled --------------------------------------------------
 def test_lora_path_equals_two_separately_loaded_models(tiny_lora, tokenizer, prompts):
     merged_model = copy.deepcopy(tiny_lora.model).merge_and_unload()
     merged = LoadedModel(merged_model, tokenizer, resolve(merged_model), "merged")
@@ -167,8 +167,9 @@ def test_lora_path_equals_two_separately_loaded_models(tiny_lora, tokenizer, pro
     toggled_ft, toggled_base = Endpoint("lora", tiny_lora, True), Endpoint("lora", tiny_lora, False)
     for patch in (OutputPatch.of({"last": [(2, 0), (1, 1)], "query_label": [(0, 2)]}),
                   InputPatch(((1, 1), (1, 3)), "last", "qk")):
-        for (s1, t1), (s2, t2) in (((toggled_ft, toggled_base), (Endpoint("m", merged), Endpoint("b", base))),
-                                   ((toggled_base, toggled_ft), (Endpoint("b", base), Endpoint("m", merged)))):
+        two_ft, two_base = Endpoint("m", merged), Endpoint("b", base)
+        for (s1, t1), (s2, t2) in (((toggled_ft, toggled_base), (two_ft, two_base)),
+                                   ((toggled_base, toggled_ft), (two_base, two_ft))):
             one = patched_logits(s1, t1, prompts, patch)
             two = patched_logits(s2, t2, prompts, patch)
             assert (one - two).abs().max() <= 1e-5
@@ -273,18 +274,18 @@ def test_cli_cmap_on_saved_lora_models_both_directions(tmp_path, saved_models, c
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert "LoRA adapter toggled" in text and "gap share" in text and "(empty group)" in text
-    res = json.loads(next(out.glob("cmap/*_vs_*/result.json")).read_text())
+    res = json.loads(next(out.glob("cmap/c/*_vs_*/result.json")).read_text())
     assert [d["direction"] for d in res["directions"]] == ["finetuned->base", "base->finetuned"]
     assert res["n"] == 10 and res["config"]["seed"] == 0
     d = res["directions"][0]
     assert set(d["per_head"]) == {"last", "query_label"}
     assert len(d["per_head"]["last"]["accuracy"]) == 3
     assert len(d["per_head"]["last"]["accuracy"][0]) == 4
-    pngs = sorted(p.name for p in out.glob("cmap/*_vs_*/*.png"))
+    pngs = sorted(p.name for p in out.glob("cmap/c/*_vs_*/*.png"))
     assert pngs == ["bars_base_to_finetuned.png", "bars_finetuned_to_base.png",
                     "heads_base_to_finetuned_last.png", "heads_base_to_finetuned_query_label.png",
                     "heads_finetuned_to_base_last.png", "heads_finetuned_to_base_query_label.png"]
-    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in out.glob("cmap/*_vs_*/*.png"))
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in out.glob("cmap/c/*_vs_*/*.png"))
     assert main(argv) == 0  # resumes from the cache
 
 

@@ -65,7 +65,7 @@ def _remove_if_empty(path: Path) -> None:
 
 def run(args) -> int:
     from ..core.circuit import Circuit
-    from ..core.runs import RunFolder, model_tag
+    from ..core.runs import RunFolder, model_tag, safe_name
     from ..methods.cmap import CMAPConfig, check_pair, cmap
     from ..report.cmap import format_cmap, save_cmap_report
 
@@ -93,10 +93,11 @@ def run(args) -> int:
     for w in result.warnings:
         if w not in pair.warnings:
             print(f"circuitdiff cmap: warning: {w}", file=sys.stderr)
-    prefix = f"cmap/{model_tag(args.finetuned)}_vs_{model_tag(args.base)}"
+    pair_name = f"{model_tag(args.finetuned)}_vs_{model_tag(args.base)}"
+    prefix = f"cmap/{safe_name(Path(args.circuit).stem)}/{pair_name}"
     paths = save_cmap_report(result, folder, prefix)
-    print(f"CMAP of {args.circuit} ({'LoRA adapter toggled' if pair.lora else 'two models, one at a time'}"
-          f", {result.seconds:.0f} s)")
+    how = "LoRA adapter toggled" if pair.lora else "two models, one at a time"
+    print(f"CMAP of {args.circuit} ({how}, {result.seconds:.0f} s)")
     print(format_cmap(result))
     print(f"saved: {', '.join(str(p) for p in paths)}")
     return 0

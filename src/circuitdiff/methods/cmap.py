@@ -157,10 +157,6 @@ class InputPatch:
         return sorted({l for l, _ in self.heads})
 
 
-def _group_patches(circuit: Circuit) -> dict[str, OutputPatch]:
-    return {name: OutputPatch.of({g.position: g.heads}) for name, g in circuit.groups.items()}
-
-
 def _union(circuit: Circuit, names: Sequence[str]) -> OutputPatch:
     by: dict[str, list[Head]] = {}
     for n in names:
@@ -180,7 +176,9 @@ class Endpoint:
 
     @property
     def name(self) -> str:
-        return self.label if self.adapter is None else f"{self.label}[adapter {'on' if self.adapter else 'off'}]"
+        if self.adapter is None:
+            return self.label
+        return f"{self.label}[adapter {'on' if self.adapter else 'off'}]"
 
 
 @dataclass(frozen=True)
@@ -937,8 +935,9 @@ def cmap(base: ModelRef | None, finetuned: ModelRef, prompts: Sequence[Prompt] |
         if folder is None:
             d = compute()
         else:
-            d = folder.cached(f"cmap/{model_tag(src.name)}__{model_tag(tgt.name)}.json",
-                              dsettings, compute)
+            cache_name = (f"cmap/{model_tag(src.name)}__{model_tag(tgt.name)}-"
+                          f"{settings_digest(dsettings, 10)}.json")
+            d = folder.cached(cache_name, dsettings, compute)
         results.append(DirectionResult.from_dict(d))
     models.free()
     warn = []

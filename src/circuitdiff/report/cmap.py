@@ -68,7 +68,8 @@ def plot_cmap_bars(d: DirectionResult, path: str | Path) -> Path:
     xs = list(range(len(rows)))
     vals = [value(r) for r in rows]
     ci = [r.share_ci if use_share else r.accuracy_ci for r in rows]
-    err = [[v - c[0] if c else 0 for v, c in zip(vals, ci)], [c[1] - v if c else 0 for v, c in zip(vals, ci)]]
+    err = [[v - c[0] if c else 0 for v, c in zip(vals, ci)],
+           [c[1] - v if c else 0 for v, c in zip(vals, ci)]]
     ax.bar([x - 0.2 for x in xs], vals, width=0.4, yerr=err, capsize=2, label="patched (95% CI)")
     rnd = [(x, r.random_share if use_share else r.random_mean) for x, r in zip(xs, rows)
            if r.random_mean is not None]
@@ -130,5 +131,6 @@ def save_cmap_report(result: CMAPResult, folder: RunFolder, prefix: str = "cmap"
         tag = safe_name(d.direction.replace("->", "_to_"))
         paths.append(plot_cmap_bars(d, folder.file(f"{prefix}/bars_{tag}.png")))
         for pos in d.per_head:
-            paths.append(plot_per_head(d, pos, folder.file(f"{prefix}/heads_{tag}_{safe_name(pos)}.png")))
+            png = folder.file(f"{prefix}/heads_{tag}_{safe_name(pos)}.png")
+            paths.append(plot_per_head(d, pos, png))
     return paths
