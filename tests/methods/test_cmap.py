@@ -80,6 +80,7 @@ def test_cmap_of_a_model_into_itself_reproduces_its_accuracy(tiny, prompts):
             assert all(a == full for row in m["accuracy"] for a in row)
             assert all(s is None for row in m["share"] for s in row)
     assert res.warnings and "undefined" in res.warnings[0]
+    assert res.directions[0].gap_uncertain and res.directions[0].gap_ci == [0.0, 0.0]
 
 
 def finetune_layer0_qkv(base: LoadedModel, seed: int = 7) -> LoadedModel:
@@ -229,6 +230,7 @@ def test_gap_share_is_undefined_not_divided_by_zero():
     same = torch.tensor([True, False, True, False])
     boot = _Bootstrap(4, 200, 0, 0.95, same, same)
     assert boot.share_ci(torch.tensor([True, True, True, False])) == (None, 0)
+    assert boot.gap_ci() == [0.0, 0.0]
     assert boot.accuracy_ci(same) is not None
 
 
@@ -242,6 +244,8 @@ def test_bootstrap_interval_brackets_the_share():
                       src.double().mean().item())
     ci, defined = boot.share_ci(patched)
     assert defined == 500 and ci[0] < share < ci[1] and ci[1] - ci[0] < 0.4
+    lo, hi = boot.gap_ci()
+    assert 0 < lo < src.double().mean() - tgt.double().mean() < hi
 
 
 def test_random_control_has_the_group_sizes_and_no_repeats(tiny, prompts):

@@ -415,7 +415,11 @@ def input_edits(rec: dict[str, torch.Tensor], clean_heads: dict[int, torch.Tenso
                 arch: Architecture, ip: InputPatch, index: int) -> list[Write]:
     """Writes for one input-CMAP variant: the source's q/k/v of ``ip``'s heads, plus, in layers
     whose k/v is patched, every other head output the patch touches restored to the target's
-    clean value (``clean_heads[layer]`` ``[B, T, H, D]``)."""
+    clean value (``clean_heads[layer]`` ``[B, T, H, D]``, from an unpatched forward).
+
+    Heads the patch does not touch run live. When a group spans several layers, the restored
+    outputs of its later layers are the clean ones, so they do not follow what the earlier
+    layers' patch changed upstream (exact when all the group's heads are in one layer)."""
     pos = position_index(batch, ip.position)
     keys = _key_positions(batch, ip.position)
     B, T = batch.input_ids.shape
@@ -543,6 +547,11 @@ class _Bootstrap:
             self.src = source_hits.double()[self.idx].mean(1)
             self.tgt = target_hits.double()[self.idx].mean(1)
 
+    def gap_ci(self) -> list[float] | None:
+        """Interval of ``acc_source − acc_target`` itself: a gap whose interval holds 0 makes
+        every share a ratio of noise."""
+        return None if self.idx is None else _interval(self.src - self.tgt, self.confidence)
+
     def accuracy_ci(self, hits: torch.Tensor) -> list[float] | None:
         if self.idx is None:
             return None
@@ -603,10 +612,16 @@ class DirectionResult:
     per_head: dict[str, dict] = field(default_factory=dict)  # position -> accuracy/share maps
     identical: bool = False
     seconds: float = 0.0
+    gap_ci: list[float] | None = None
 
     @property
     def gap(self) -> float:
         return self.source_accuracy - self.target_accuracy
+
+    @property
+    def gap_uncertain(self) -> bool:
+        """True when the gap's bootstrap interval contains 0 (shares are then unreliable)."""
+        return self.gap_ci is not None and self.gap_ci[0] <= 0 <= self.gap_ci[1]
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -760,7 +775,7 @@ def _direction(models: _Models, source: Endpoint, target: Endpoint, direction: s
         m["accuracy"][l][h] = acc
         m["share"][l][h] = gap_share(acc, tgt_acc, src_acc)
     return DirectionResult(direction, source.name, target.name, src_acc, tgt_acc, n, rows,
-                           per_head, identical, time.perf_counter() - t0)
+                           per_head, identical, time.perf_counter() - t0, boot.gap_ci())
 
 
 # -- checks before any weights are loaded ------------------------------------------------------------

@@ -18,9 +18,11 @@ def _ci(ci: list[float] | None) -> str:
 
 def direction_header(d: DirectionResult) -> str:
     """One line: source → target, their clean accuracies, the gap and n."""
-    gap = "0 (share undefined)" if d.gap == 0 else f"{d.gap:+.2f}"
+    gap = "0 (share undefined)" if d.gap == 0 else f"{d.gap:+.2f}" + _ci(d.gap_ci)
+    note = ("; the gap's interval contains 0: shares are unreliable"
+            if d.gap != 0 and d.gap_uncertain else "")
     return (f"{short_name(d.source)} -> {short_name(d.target)}: source acc {d.source_accuracy:.2f}, "
-            f"target acc {d.target_accuracy:.2f}, gap {gap} (n={d.n}, {d.seconds:.0f} s)")
+            f"target acc {d.target_accuracy:.2f}, gap {gap} (n={d.n}, {d.seconds:.0f} s){note}")
 
 
 def format_direction(d: DirectionResult) -> str:
@@ -84,8 +86,10 @@ def plot_cmap_bars(d: DirectionResult, path: str | Path) -> Path:
     ax.set_xticks(xs)
     ax.set_xticklabels([_bar_label(r) for r in rows], rotation=60, ha="right", fontsize=7)
     ax.set_xlabel("patched heads")
-    ax.set_ylabel("share of the gap recovered" if use_share else "accuracy")
-    ax.set_title(f"CMAP {short_name(d.source)} → {short_name(d.target)} (n={d.n} prompts)",
+    ax.set_ylabel("gap share (0 = target, 1 = source accuracy)" if use_share else "accuracy")
+    noise = ("\nthe gap's interval contains 0: shares are unreliable"
+             if use_share and d.gap_uncertain else "")
+    ax.set_title(f"CMAP {short_name(d.source)} → {short_name(d.target)} (n={d.n} prompts){noise}",
                  fontsize=9)
     ax.legend(fontsize=7)
     return save_figure(fig, path)
@@ -113,7 +117,7 @@ def plot_per_head(d: DirectionResult, position: str, path: str | Path) -> Path:
     integer_ticks(ax.yaxis)
     ax.set_title(f"single-head CMAP at {position}: {short_name(d.source)} → "
                  f"{short_name(d.target)}\n(n={d.n} prompts)", fontsize=9)
-    fig.colorbar(im, ax=ax, label="share of the gap recovered" if use_share
+    fig.colorbar(im, ax=ax, label="gap share (0 = target, 1 = source accuracy)" if use_share
                  else "accuracy change vs target")
     return save_figure(fig, path, dpi=100)
 
