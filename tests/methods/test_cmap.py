@@ -363,6 +363,8 @@ def test_check_pair_sees_the_lora_path_of_organisms():
     assert check_pair("organism:base", "organism:lora").lora
     assert not check_pair("organism:base", "organism:full").lora
     assert check_pair("organism:base", "organism:base").warnings
+    with pytest.raises(ValueError, match="pass --base organism:base$"):
+        check_pair("organism:full", "organism:lora")
 
 
 def test_report_files(tiny, prompts, tmp_path):

@@ -797,6 +797,16 @@ def _identity(spec: str) -> str:
     return str(folder) if folder is not None else spec
 
 
+def _as_spec(path: str) -> str:
+    """``organism:NAME`` for a shipped organism's folder, else ``path`` unchanged."""
+    from ..organisms import ORGANISMS, WEIGHTS_DIR
+
+    for name in ORGANISMS:
+        if path == str((WEIGHTS_DIR / name).resolve()):
+            return f"organism:{name}"
+    return path
+
+
 def adapter_base_of(spec: str) -> str | None:
     """For a spec naming a LoRA adapter folder, the base it was trained on (resolved path or
     hub id, as its ``adapter_config.json`` says); ``None`` for any other spec."""
@@ -860,7 +870,7 @@ def check_pair(base: str, finetuned: str, circuit: Circuit | None = None) -> Pai
     lora = ft_base is not None and ft_base == _identity(base)
     if ft_base is not None and not lora:
         raise ModelSpecError(f"the LoRA adapter {finetuned} was trained on {ft_base}, not on the "
-                             f"given base {base}: pass --base {ft_base}")
+                             f"given base {base}: pass --base {_as_spec(ft_base)}")
     gb, gf = _config_grid(base), _config_grid(finetuned)
     if gb is not None and gf is not None and gb != gf:
         raise ArchitectureError(
