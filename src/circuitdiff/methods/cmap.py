@@ -739,6 +739,7 @@ def _direction(models: _Models, source: Endpoint, target: Endpoint, direction: s
     outputs += [p for _, _, p in heads_map]
     outputs = list(dict.fromkeys(outputs))  # one run per distinct patch
     inputs = [s.patch for s in specs if isinstance(s.patch, InputPatch)]
+    row_of = {p: i for i, p in enumerate(outputs)}
     plan = _Plan(outputs, inputs, arch)
     rec_settings = {**settings, "model": source.name, "plan": plan.describe()}
     recorded = _record(models, source, batch_list, plan, folder, rec_settings, progress)
@@ -754,11 +755,11 @@ def _direction(models: _Models, source: Endpoint, target: Endpoint, direction: s
         if s.patch is None:
             rows.append(CMAPRow(s.kind, s.name, s.groups, 0, None, empty=True))
             continue
-        hits = (out_hits[outputs.index(s.patch)] if isinstance(s.patch, OutputPatch)
+        hits = (out_hits[row_of[s.patch]] if isinstance(s.patch, OutputPatch)
                 else in_hits[inputs.index(s.patch)])
         acc = acc_of(hits)
         share_ci, defined = boot.share_ci(hits)
-        rnd = [acc_of(out_hits[outputs.index(p)]) for p in s.random]
+        rnd = [acc_of(out_hits[row_of[p]]) for p in s.random]
         rmean = sum(rnd) / len(rnd) if rnd else None
         rsd = (torch.tensor(rnd, dtype=torch.float64).std().item() if len(rnd) > 1
                else (0.0 if rnd else None))
@@ -771,7 +772,7 @@ def _direction(models: _Models, source: Endpoint, target: Endpoint, direction: s
     for pos, (l, h), p in heads_map:
         m = per_head.setdefault(pos, {"accuracy": [[None] * arch[1] for _ in range(arch[0])],
                                       "share": [[None] * arch[1] for _ in range(arch[0])]})
-        acc = acc_of(out_hits[outputs.index(p)])
+        acc = acc_of(out_hits[row_of[p]])
         m["accuracy"][l][h] = acc
         m["share"][l][h] = gap_share(acc, tgt_acc, src_acc)
     return DirectionResult(direction, source.name, target.name, src_acc, tgt_acc, n, rows,
