@@ -298,11 +298,17 @@ class _Plan:
         self.masks = masks  # [V, names, L, H]
         self.layers = [l for l in range(L) if bool(masks[:, :, l].any())]
         self.input_layers = sorted({l for ip in self.inputs for l in ip.layers})
+        # q/k/v to record, once per (position, component) however many variants share them:
+        # every unit of the layer, so any subset of heads can be patched from one recording
+        sites: dict[tuple[str, str], set[int]] = {}
+        for ip in self.inputs:
+            for c in ip.components:
+                sites.setdefault((ip.position, c), set()).update(ip.layers)
+        self.input_sites = {k: sorted(v) for k, v in sorted(sites.items())}
 
     def describe(self) -> dict:
         return {"slots": self.slot_names, "layers": self.layers,
-                "inputs": [[list(map(list, ip.heads)), ip.position, ip.components]
-                           for ip in self.inputs]}
+                "input_sites": [[p, c, ls] for (p, c), ls in self.input_sites.items()]}
 
 
 def _kv_mask(arch: Architecture, heads: Sequence[Head], layer: int) -> torch.Tensor:
@@ -331,25 +337,25 @@ def _record_batch(loaded: LoadedModel, batch: Batch, plan: _Plan) -> dict[str, t
         slots, _ = _slots(batch, plan.slot_names)
         head_read = Read(plan.layers, slots, "head")
         edits.append(head_read)
-    input_reads = []
-    for ip in plan.inputs:
-        reads = {"q": Read(ip.layers, position_index(batch, ip.position), "q"),
-                 "k": Read(ip.layers, _key_positions(batch, ip.position), "k"),
-                 "v": Read(ip.layers, _key_positions(batch, ip.position), "v")}
-        reads = {c: r for c, r in reads.items() if c in ip.components}
-        input_reads.append(reads)
-        edits += reads.values()
+    input_reads = {}
+    for (pos, c), layers in plan.input_sites.items():
+        at = position_index(batch, pos) if c == "q" else _key_positions(batch, pos)
+        input_reads[pos, c] = Read(layers, at, c)
+    edits += input_reads.values()
     logits = last_logits(loaded, batch, edits)
     out = {"hits": correct(logits, batch).to(torch.uint8).cpu(),
            "fingerprint": _fingerprint(logits).cpu()}
     if head_read is not None:
         for l, t in head_read.out.items():
             out[f"head.{l}"] = t.cpu()
-    for i, reads in enumerate(input_reads):
-        for c, r in reads.items():
-            for l, t in r.out.items():
-                out[f"input{i}.{c}.{l}"] = t.cpu()
+    for (pos, c), r in input_reads.items():
+        for l, t in r.out.items():
+            out[_input_key(pos, c, l)] = t.cpu()
     return out
+
+
+def _input_key(position: str, component: str, layer: int) -> str:
+    return f"input.{position}.{component}.{layer}"
 
 
 def _fingerprint(logits: torch.Tensor) -> torch.Tensor:
@@ -412,7 +418,7 @@ def output_edits(rec: dict[str, torch.Tensor], batch: Batch, plan: _Plan,
 
 
 def input_edits(rec: dict[str, torch.Tensor], clean_heads: dict[int, torch.Tensor], batch: Batch,
-                arch: Architecture, ip: InputPatch, index: int) -> list[Write]:
+                arch: Architecture, ip: InputPatch) -> list[Write]:
     """Writes for one input-CMAP variant: the source's q/k/v of ``ip``'s heads, plus, in layers
     whose k/v is patched, every other head output the patch touches restored to the target's
     clean value (``clean_heads[layer]`` ``[B, T, H, D]``, from an unpatched forward).
@@ -428,7 +434,7 @@ def input_edits(rec: dict[str, torch.Tensor], clean_heads: dict[int, torch.Tenso
         qm, kvm = _q_mask(arch, ip.heads, l), _kv_mask(arch, ip.heads, l)
         for c in ip.components:
             where, at = (qm, pos) if c == "q" else (kvm, keys)
-            edits.append(Write(l, rec[f"input{index}.{c}.{l}"], at, where[None, None], c))
+            edits.append(Write(l, rec[_input_key(ip.position, c, l)], at, where[None, None], c))
         if set(ip.components) & {"k", "v"}:
             touched = kvm[torch.arange(arch.n_heads) // arch.n_groups]            # [H]
             target = torch.zeros(B, T, dtype=torch.bool)
@@ -475,7 +481,7 @@ def _patch(models: _Models, ep: Endpoint, batch_list: Sequence[Batch], plan: _Pl
             rows = torch.zeros(I, B, dtype=torch.bool)
             for i, ip in enumerate(plan.inputs):
                 clean = clean_read.out if clean_read else {}
-                lg = last_logits(loaded, b, input_edits(rec, clean, b, arch, ip, i))
+                lg = last_logits(loaded, b, input_edits(rec, clean, b, arch, ip))
                 rows[i] = correct(lg, b).cpu()
             in_hits.append(rows)
     return (torch.cat(clean_hits), torch.cat(out_hits, 1), torch.cat(in_hits, 1), identical)
@@ -500,7 +506,7 @@ def patched_logits(source: Endpoint, target: Endpoint, prompts: Sequence[Prompt]
             else:
                 read = Read(patch.layers, None, "head")
                 last_logits(loaded, b, [read])
-                edits = input_edits(rec, read.out, b, loaded.arch, patch, 0)
+                edits = input_edits(rec, read.out, b, loaded.arch, patch)
             out.append(last_logits(loaded, b, edits).cpu())
     return torch.cat(out)
 
