@@ -86,7 +86,7 @@ def plot_cmap_bars(d: DirectionResult, path: str | Path) -> Path:
     ax.set_xticks(xs)
     ax.set_xticklabels([_bar_label(r) for r in rows], rotation=60, ha="right", fontsize=7)
     ax.set_xlabel("patched heads")
-    ax.set_ylabel("gap share (0 = target, 1 = source accuracy)" if use_share else "accuracy")
+    ax.set_ylabel("gap share\n(0 = target, 1 = source accuracy)" if use_share else "accuracy")
     noise = ("\nthe gap's interval contains 0: shares are unreliable"
              if use_share and d.gap_uncertain else "")
     ax.set_title(f"CMAP {short_name(d.source)} → {short_name(d.target)} (n={d.n} prompts){noise}",
@@ -109,15 +109,15 @@ def plot_per_head(d: DirectionResult, position: str, path: str | Path) -> Path:
     lim = float(np.nanmax(np.abs(a))) if np.isfinite(a).any() else 1.0
     lim = lim or 1.0
     L, H = a.shape
-    fig, ax = plt.subplots(figsize=(max(4.0, H * 0.35 + 2), max(3.0, L * 0.3 + 1.2)))
+    fig, ax = plt.subplots(figsize=(max(5.0, H * 0.35 + 2), max(3.4, L * 0.3 + 1.6)))
     im = ax.imshow(a, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest")
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
     integer_ticks(ax.xaxis)
     integer_ticks(ax.yaxis)
-    ax.set_title(f"single-head CMAP at {position}: {short_name(d.source)} → "
-                 f"{short_name(d.target)}\n(n={d.n} prompts)", fontsize=9)
-    fig.colorbar(im, ax=ax, label="gap share (0 = target, 1 = source accuracy)" if use_share
+    ax.set_title(f"single-head CMAP at {position} (n={d.n} prompts)\n"
+                 f"{short_name(d.source)} →\n{short_name(d.target)}", fontsize=8)
+    fig.colorbar(im, ax=ax, label="gap share\n(0 = target, 1 = source accuracy)" if use_share
                  else "accuracy change vs target")
     return save_figure(fig, path, dpi=100)
 
