@@ -248,7 +248,7 @@ def test_bootstrap_interval_brackets_the_share():
     assert 0 < lo < src.double().mean() - tgt.double().mean() < hi
 
 
-def test_random_control_has_the_group_sizes_and_no_repeats(tiny, prompts):
+def test_random_control_runs_every_row_on_each_draw(tiny, prompts):
     ft = finetune_layer0_qkv(tiny)
     res = cmap(tiny, ft, prompts, circuit(), cfg(random_draws=3))
     d = res.directions[0]
