@@ -112,8 +112,10 @@ def open_run_folder(path: str | Path, wait: bool = True) -> Iterator[Path]:
         try:
             yield p
         except BaseException:
-            if created and not any(p.iterdir()):
-                p.rmdir()
+            if created and not any(f.is_file() for f in p.rglob("*")):
+                import shutil
+
+                shutil.rmtree(p)  # only empty folders: nothing half-written is left
             raise
     finally:
         os.close(fd)  # closing the descriptor releases the lock

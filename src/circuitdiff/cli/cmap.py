@@ -1,0 +1,105 @@
+"""``circuitdiff cmap``: cross-model activation patching of a circuit, fine-tune -> base."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from . import load_from_args
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "cmap", help="cross-model activation patching: which circuit groups carry a fine-tune's "
+                     "gain",
+        description="Patch the fine-tune's head outputs of each circuit group (at the group's "
+                    "position) into the base model and measure accuracy and the share of the "
+                    "accuracy gap recovered, (patched - base) / (fine-tune - base), with a "
+                    "bootstrap interval. Per group, cumulative in chain order, whole circuit, "
+                    "random heads of equal size; optionally input CMAP (q/k/v), a per-head map "
+                    "and the reverse direction. A LoRA fine-tune is one set of weights (adapter "
+                    "toggled); a full fine-tune is recorded, freed, then the base is loaded. "
+                    "Results are cached in --out; a rerun resumes.")
+    p.add_argument("--circuit", required=True, metavar="JSON", help="circuit file")
+    p.add_argument("--base", required=True, metavar="SPEC",
+                   help="base model: organism:NAME, HF folder or hub id, or a .gguf file")
+    p.add_argument("--finetuned", required=True, metavar="SPEC",
+                   help="fine-tune of --base: a model (same spec forms) or a LoRA adapter folder "
+                        "trained on --base")
+    p.add_argument("--out", default="runs/cmap", help="run folder (default runs/cmap)")
+    p.add_argument("-n", "--n-prompts", type=int, default=500, help="prompts (default 500)")
+    p.add_argument("--seed", type=int, default=0, help="prompt seed (default 0)")
+    p.add_argument("--n-boxes", type=int, default=7, help="boxes per prompt (default 7)")
+    p.add_argument("--per-head", action="store_true",
+                   help="also CMAP every single head: a [layers, heads] heatmap per position")
+    p.add_argument("--per-head-position", action="append", metavar="POS",
+                   help="position of the per-head map (repeatable; default: the positions of "
+                        "the circuit's non-empty groups); 'all' = every token")
+    p.add_argument("--reverse", action="store_true",
+                   help="also patch the base's activations into the fine-tune (base -> fine-tune)")
+    p.add_argument("--input", action="store_true",
+                   help="also input CMAP: the q, k, v, qk, qkv of each group's heads")
+    p.add_argument("--random-draws", type=int, default=10,
+                   help="random circuits of the same group sizes as the control (default 10)")
+    p.add_argument("--random-seed", type=int, default=0,
+                   help="seed of the random head sets (default 0)")
+    p.add_argument("--bootstrap", type=int, default=1000,
+                   help="bootstrap resamples of the prompts for the intervals (default 1000; 0 "
+                        "= none)")
+    p.add_argument("--batch-size", type=int, default=32, help="prompts per forward (default 32)")
+    p.add_argument("--max-rows", type=int, default=256,
+                   help="rows per forward when patch variants are stacked (default 256)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cpu)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype the models compute in (default float32)")
+    p.add_argument("--device-map", default=None, help="accelerate device_map, e.g. auto")
+    p.set_defaults(func=run)
+
+
+def _remove_if_empty(path: Path) -> None:
+    """Remove ``path`` and its sub-folders when they hold no file (a failed run's leftovers)."""
+    if not path.is_dir() or any(p.is_file() for p in path.rglob("*")):
+        return
+    for d in sorted((p for p in path.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        d.rmdir()
+    path.rmdir()
+
+
+def run(args) -> dict:
+    from ..core.circuit import Circuit
+    from ..core.runs import RunFolder, model_tag, safe_name
+    from ..methods.cmap import CMAPConfig, check_pair, cmap
+    from ..report.cmap import format_cmap, save_cmap_report
+
+    circuit = Circuit.load(args.circuit)
+    cfg = CMAPConfig(n_prompts=args.n_prompts, seed=args.seed, n_boxes=args.n_boxes,
+                     random_draws=args.random_draws, random_seed=args.random_seed,
+                     bootstrap=args.bootstrap, per_head=args.per_head,
+                     per_head_positions=tuple(args.per_head_position) if args.per_head_position
+                     else None, input=args.input, reverse=args.reverse,
+                     batch_size=args.batch_size, max_rows=args.max_rows)
+    pair = check_pair(args.base, args.finetuned, circuit)
+    for w in pair.warnings:
+        print(f"circuitdiff cmap: warning: {w}", file=sys.stderr)
+    out = Path(args.out)
+    existed = out.exists()
+    try:
+        folder = RunFolder(out)
+        result = cmap(args.base, args.finetuned, None, circuit, cfg, lora=pair.lora,
+                      load=lambda spec: load_from_args(args, spec=spec), folder=folder,
+                      progress=True)
+    except BaseException:
+        if not existed:
+            _remove_if_empty(out)
+        raise
+    for w in result.warnings:
+        if w not in pair.warnings:
+            print(f"circuitdiff cmap: warning: {w}", file=sys.stderr)
+    pair_name = f"{model_tag(args.finetuned)}_vs_{model_tag(args.base)}"
+    prefix = f"cmap/{safe_name(Path(args.circuit).stem)}/{pair_name}"
+    paths = save_cmap_report(result, folder, prefix)
+    how = "LoRA adapter toggled" if pair.lora else "two models, one at a time"
+    print(f"CMAP of {args.circuit} ({how}, {result.seconds:.0f} s)")
+    print(format_cmap(result))
+    print(f"saved: {', '.join(str(p) for p in paths)}")
+    return result.to_dict()

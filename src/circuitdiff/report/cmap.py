@@ -1,0 +1,140 @@
+"""CMAP tables and figures: the gap-share table, a bar chart per direction (with the random
+control) and the per-head heatmaps. Reads a :class:`~circuitdiff.methods.cmap.CMAPResult`;
+computes nothing new."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..core.runs import RunFolder, safe_name
+from ..methods.cmap import CMAPResult, DirectionResult
+from .figures import integer_ticks, pyplot, save_figure
+from .tables import fmt, short_name
+
+
+def _ci(ci: list[float] | None) -> str:
+    return "" if ci is None else f" [{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
+def direction_header(d: DirectionResult) -> str:
+    """One line: source → target, their clean accuracies, the gap and n."""
+    gap = "0 (share undefined)" if d.gap == 0 else f"{d.gap:+.2f}" + _ci(d.gap_ci)
+    note = ("; the gap's interval contains 0: shares are unreliable"
+            if d.gap != 0 and d.gap_uncertain else "")
+    return (f"{short_name(d.source)} -> {short_name(d.target)}: source acc {d.source_accuracy:.2f}, "
+            f"target acc {d.target_accuracy:.2f}, gap {gap} (n={d.n}, {d.seconds:.0f} s){note}")
+
+
+def format_direction(d: DirectionResult) -> str:
+    """The CMAP table of one direction: patched accuracy and gap share with intervals, and the
+    random control (mean±sd of accuracy, and its share)."""
+    head = ["kind", "patched", "heads", "accuracy [CI]", "gap share [CI]", "random acc",
+            "random share"]
+    body = []
+    for r in d.rows:
+        if r.empty:
+            body.append([r.kind, r.name, "0", "(empty group)", "-", "-", "-"])
+            continue
+        rnd = "-" if r.random_mean is None else f"{r.random_mean:.2f}±{r.random_sd:.2f}"
+        body.append([r.kind, r.name, str(r.n_heads), fmt(r.accuracy) + _ci(r.accuracy_ci),
+                     fmt(r.share) + _ci(r.share_ci), rnd,
+                     "-" if r.random_mean is None else fmt(r.random_share)])
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    line = lambda cells: " | ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([direction_header(d), line(head), "-+-".join("-" * w for w in widths)]
+                     + [line(b) for b in body])
+
+
+def format_cmap(result: CMAPResult) -> str:
+    """Every direction's table, then any warnings."""
+    parts = [format_direction(d) for d in result.directions]
+    parts += [f"warning: {w}" for w in result.warnings]
+    return "\n\n".join(parts)
+
+
+def _bar_label(row) -> str:
+    if row.kind == "cumulative":
+        return "cumulative: " + row.name.replace("+", "+\n")
+    return f"input {row.name}" if row.kind == "input" else row.name
+
+
+def plot_cmap_bars(d: DirectionResult, path: str | Path) -> Path:
+    """Bar per patched set (groups, cumulative, circuit, input): gap share with its bootstrap
+    interval, next to the random control of equal size. Plots accuracy instead when the gap is
+    0 (share undefined)."""
+    plt = pyplot()
+    rows = [r for r in d.rows if not r.empty]
+    use_share = d.gap != 0
+    value = (lambda r: r.share) if use_share else (lambda r: r.accuracy)  # noqa: E731
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.55 * len(rows) + 2), 4.2))
+    xs = list(range(len(rows)))
+    vals = [value(r) for r in rows]
+    ci = [r.share_ci if use_share else r.accuracy_ci for r in rows]
+    err = [[v - c[0] if c else 0 for v, c in zip(vals, ci)],
+           [c[1] - v if c else 0 for v, c in zip(vals, ci)]]
+    ax.bar([x - 0.2 for x in xs], vals, width=0.4, yerr=err, capsize=2, label="patched (95% CI)")
+    rnd = [(x, r.random_share if use_share else r.random_mean) for x, r in zip(xs, rows)
+           if r.random_mean is not None]
+    if rnd:
+        ax.bar([x + 0.2 for x, _ in rnd], [v for _, v in rnd], width=0.4, color="0.65",
+               label="random heads, same size")
+    if use_share:
+        ax.axhline(1.0, color="k", ls="--", lw=0.8, label="source accuracy")
+        ax.axhline(0.0, color="k", lw=0.8)
+    else:
+        ax.axhline(d.target_accuracy, color="k", ls="--", lw=0.8, label="target accuracy")
+    ax.set_xticks(xs)
+    ax.set_xticklabels([_bar_label(r) for r in rows], rotation=60, ha="right", fontsize=7)
+    ax.set_xlabel("patched heads")
+    ax.set_ylabel("gap share\n(0 = target, 1 = source accuracy)" if use_share else "accuracy")
+    noise = ("\nthe gap's interval contains 0: shares are unreliable"
+             if use_share and d.gap_uncertain else "")
+    ax.set_title(f"CMAP {short_name(d.source)} → {short_name(d.target)} (n={d.n} prompts){noise}",
+                 fontsize=9)
+    ax.legend(fontsize=7)
+    return save_figure(fig, path)
+
+
+def plot_per_head(d: DirectionResult, position: str, path: str | Path) -> Path:
+    """``[layers, heads]`` heatmap of single-head CMAP at ``position``: gap share (accuracy
+    change when the gap is 0)."""
+    import numpy as np
+
+    plt = pyplot()
+    maps = d.per_head[position]
+    use_share = d.gap != 0
+    grid = maps["share"] if use_share else [[a - d.target_accuracy for a in row]
+                                            for row in maps["accuracy"]]
+    a = np.array([[np.nan if v is None else v for v in row] for row in grid], dtype=float)
+    lim = float(np.nanmax(np.abs(a))) if np.isfinite(a).any() else 1.0
+    lim = lim or 1.0
+    L, H = a.shape
+    fig, ax = plt.subplots(figsize=(max(5.0, H * 0.35 + 2), max(3.4, L * 0.3 + 1.6)))
+    im = ax.imshow(a, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest")
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    integer_ticks(ax.xaxis)
+    integer_ticks(ax.yaxis)
+    ax.set_title(f"single-head CMAP at {position} (n={d.n} prompts)\n"
+                 f"{short_name(d.source)} →\n{short_name(d.target)}", fontsize=8)
+    fig.colorbar(im, ax=ax, label="gap share\n(0 = target, 1 = source accuracy)" if use_share
+                 else "accuracy change vs target")
+    return save_figure(fig, path, dpi=100)
+
+
+def save_cmap_report(result: CMAPResult, folder: RunFolder, prefix: str = "cmap") -> list[Path]:
+    """Write ``<prefix>/table.txt``, ``<prefix>/result.json``, a bar chart per direction and a
+    heatmap per direction and per-head position; returns the paths."""
+    paths = [result.save(folder.file(f"{prefix}/result.json"))]
+    table = folder.file(f"{prefix}/table.txt")
+    tmp = table.with_name(table.name + ".tmp")
+    tmp.write_text(format_cmap(result) + "\n")
+    tmp.replace(table)
+    paths.append(table)
+    for d in result.directions:
+        tag = safe_name(d.direction.replace("->", "_to_"))
+        paths.append(plot_cmap_bars(d, folder.file(f"{prefix}/bars_{tag}.png")))
+        for pos in d.per_head:
+            png = folder.file(f"{prefix}/heads_{tag}_{safe_name(pos)}.png")
+            paths.append(plot_per_head(d, pos, png))
+    return paths
