@@ -72,6 +72,14 @@ CATALOGUE = [
     ("corrupt-safetensors", lambda c: ["eval", "--model", c["corrupt"], "-n", "4"],
      "truncated or corrupted"),
     ("out-is-a-file", lambda c: ["knockout", "-n", "4", "--out", c["file"]], "is a file"),
+    ("circuit-groups-list", lambda c: ["evaluate", "--circuit", c["groups_list"], "--model",
+                                       "organism:base", "--out", c["out"]], '"groups" must map'),
+    ("circuit-json-array", lambda c: ["evaluate", "--circuit", c["array"], "--model",
+                                      "organism:base", "--out", c["out"]], "the JSON is a list"),
+    ("circuit-unknown-role", lambda c: ["evaluate", "--circuit", c["bad_role"], "--model",
+                                        "organism:base", "--out", c["out"]], "unknown role"),
+    ("study-negative-n", lambda c: ["study", "-n", "-5", "--out", c["out"]], "at least 1"),
+    ("study-n-mean-0", lambda c: ["study", "--n-mean", "0", "--out", c["out"]], "n_mean"),
     ("out-read-only", lambda c: ["data", "-n", "4", "--out", "/proc/circuitdiff-test"],
      "not writable"),
 ]
@@ -82,7 +90,14 @@ def test_bad_input(case, tmp_path, capsys, saved_models, corrupt_folder):
     _, build, phrase = case
     a_file = tmp_path / "a_file.txt"
     a_file.write_text("not a folder")
+    circuits = {"groups_list": '{"n_layers": 4, "n_heads": 8, "groups": [["1.0"]]}',
+                "array": "[1, 2]",
+                "bad_role": '{"n_layers": 4, "n_heads": 8, "groups": {"a": {"position": '
+                            '"nowhere", "heads": ["1.0"]}}}'}
+    for name, text in circuits.items():
+        (tmp_path / f"{name}.json").write_text(text)
     ctx = {"out": str(tmp_path / "out"), "lora": str(saved_models[1]),
+           **{name: str(tmp_path / f"{name}.json") for name in circuits},
            "corrupt": str(corrupt_folder), "file": str(a_file)}
     rc, err = _run(build(ctx), capsys)
     _assert_bad(rc, err, phrase, tmp_path / "out")

@@ -183,8 +183,10 @@ def main(argv: list[str] | None = None) -> int:
             out = getattr(args, "out", None)
             if out is not None and getattr(args, "writes_out", True):
                 stack.enter_context(open_run_folder(out))
-            if quiet:
-                stack.enter_context(contextlib.redirect_stdout(open(os.devnull, "w")))
+            if quiet:  # progress bars and notes too; errors are printed below, after the block
+                devnull = stack.enter_context(open(os.devnull, "w"))
+                stack.enter_context(contextlib.redirect_stdout(devnull))
+                stack.enter_context(contextlib.redirect_stderr(devnull))
             result = args.func(args)
     except (ModelSpecError, TaskError, ArchitectureError, InterventionError, FileNotFoundError,
             ValueError) as e:

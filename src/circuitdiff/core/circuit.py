@@ -153,6 +153,13 @@ class Circuit:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Circuit":
+        if not isinstance(d, dict):
+            raise ValueError(f"not a circuitdiff circuit: the JSON is a {type(d).__name__}, not an "
+                             f"object with n_layers, n_heads and groups")
+        if not isinstance(d.get("groups"), dict) or not all(
+                isinstance(v, dict) for v in d["groups"].values()):
+            raise ValueError('not a circuitdiff circuit: "groups" must map each group name to '
+                             '{"position": ROLE, "heads": ["LAYER.HEAD", ...]}')
         try:
             groups = {k: CircuitGroup(v["heads"], v["position"], v.get("function", ""))
                       for k, v in d["groups"].items()}
