@@ -49,7 +49,7 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def run(args) -> int:
+def run(args) -> dict:
     from ..core.circuit import format_head
     from ..methods.discovery import DiscoveryConfig, discover
     from ..report.figures import discovery_heatmaps
@@ -76,14 +76,14 @@ def run(args) -> int:
             if name in res.comparisons:
                 print(f"    attribution vs exact: {res.comparisons[name]}")
         print(f"saved {args.out}: circuit.json, per-group scores (safetensors) and heatmaps")
-        return 0
+        return {"out": args.out, "circuit": c.to_dict()}
     print(print_auto(res))
     if not args.no_heatmaps:
         auto_discovery_figures(res, args.out, loaded.name)
     print(f"saved {args.out}: circuit.json, scan.json, curve.json, discovery.json, scores per "
           f"traced edge (safetensors)" + ("" if args.no_heatmaps else
                                           ", scan.png, circuit_graph.png, curve.png"))
-    return 0
+    return {"out": args.out, "circuit": res.circuit.to_dict()}
 
 
 def print_auto(res) -> str:

@@ -75,7 +75,7 @@ def _check_tokenizers(specs: list[str]) -> None:
                 f"--per-model-tokenization to give each model its own prompts from the same seed")
 
 
-def run(args) -> int:
+def run(args) -> dict:
     from ..core.circuit import Circuit
     from ..core.runs import RunFolder, model_tag, safe_name
     from ..methods.evaluation import AnalysisConfig, EvalConfig, evaluate
@@ -124,4 +124,4 @@ def run(args) -> int:
         print(format_matrix(res.rows))
         print(format_overlaps(res.overlaps))
     print(f"table: {pj} and {pc}")
-    return 0
+    return res.to_dict()

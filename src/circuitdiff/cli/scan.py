@@ -24,7 +24,7 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def run(args) -> int:
+def run(args) -> dict:
     from pathlib import Path
 
     from ..methods.scan import ScanConfig, scan
@@ -44,4 +44,5 @@ def run(args) -> int:
         print(role.ljust(width) + " | " + " ".join(f"{res.accuracy[l][j]:.2f} "
                                                    for l in range(res.n_layers)))
     print(f"saved {Path(args.out) / 'scan.json'} and {png}")
-    return 0
+    return {"out": args.out, "baseline": res.baseline, "n": res.n, "roles": list(res.roles),
+            "accuracy": res.accuracy}

@@ -34,7 +34,7 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def run(args) -> int:
+def run(args) -> dict:
     from ..core.model import default_model_spec
     from ..methods.discovery import DiscoveryConfig
     from ..methods.evaluation import EvalConfig
@@ -61,5 +61,4 @@ def run(args) -> int:
                               n_mean=args.n_mean, n_random=args.random_draws,
                               batch_size=args.batch_size),
         knockout=not args.no_knockout, discover=not accuracy_only)
-    run_study(models, lambda spec: load_from_args(args, spec=spec), args.out, cfg)
-    return 0
+    return run_study(models, lambda spec: load_from_args(args, spec=spec), args.out, cfg)
