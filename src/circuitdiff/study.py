@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .core.model import LoadedModel
-from .core.runs import RunFolder, model_tag, safe_name
+from .core.runs import RunFolder, atomic_write_text, model_tag, safe_name
 from .core.task import EntityTrackingTask, TaskConfig
 from .methods.accuracy import evaluate_accuracy
 from .methods.auto_chain import NoCircuitError
@@ -175,9 +175,6 @@ def run_study(models: Sequence[str], load: Callable[[str], LoadedModel], out: st
 
 def _finish(folder: RunFolder, summary: dict, log: Callable[[str], None]) -> dict:
     folder.save_json("summary.json", summary)
-    path = folder.file("report.md")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(study_report(summary))
-    tmp.replace(path)
+    path = atomic_write_text(folder.file("report.md"), study_report(summary))
     log(f"report: {path}")
     return summary

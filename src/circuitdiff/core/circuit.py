@@ -20,6 +20,7 @@ from typing import Iterable
 import torch
 
 from .arch import Architecture, ArchitectureError
+from .runs import atomic_write_text
 from .task import check_role
 
 Head = tuple[int, int]
@@ -171,11 +172,7 @@ class Circuit:
             raise ValueError(f"not a circuitdiff circuit: missing {e}") from None
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2))
-        tmp.replace(path)
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2))
 
     @classmethod
     def load(cls, path: str | Path) -> "Circuit":

@@ -36,6 +36,8 @@ from typing import Iterable, Sequence
 
 import torch
 
+from .runs import atomic_write_text
+
 DEFAULT_OBJECTS: tuple[str, ...] = (
     "apple", "book", "map", "cup", "key", "pen", "hat", "ball", "bag", "box", "coat", "card",
     "bell", "coin", "lamp", "ring", "shoe", "sock", "toy", "watch", "bread", "milk", "egg",
@@ -578,15 +580,13 @@ def encode_pair(clean: Sequence[Prompt], counterfactual: Sequence[Prompt], token
 def save_jsonl(path: str | Path, prompts: Sequence[Prompt],
                extra: dict[str, Sequence] | None = None) -> None:
     """Write prompts (plus optional per-prompt columns) as JSON lines, atomically."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w") as f:
-        for i, p in enumerate(prompts):
-            row = p.to_dict()
-            for k, col in (extra or {}).items():
-                row[k] = col[i]
-            f.write(json.dumps(row) + "\n")
-    tmp.replace(path)
+    rows = []
+    for i, p in enumerate(prompts):
+        row = p.to_dict()
+        for k, col in (extra or {}).items():
+            row[k] = col[i]
+        rows.append(json.dumps(row) + "\n")
+    atomic_write_text(path, "".join(rows))
 
 
 def load_jsonl(path: str | Path) -> tuple[list[Prompt], dict[str, list]]:

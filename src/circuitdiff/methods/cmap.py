@@ -48,7 +48,7 @@ from ..core.circuit import Circuit, Head
 from ..core.interventions import Read, Write
 from ..core.metrics import correct, last_logits
 from ..core.model import LoadedModel, ModelSpecError
-from ..core.runs import RunFolder, model_tag, settings_digest
+from ..core.runs import RunFolder, atomic_write_text, model_tag, settings_digest
 from ..core.task import Batch, EntityTrackingTask, Prompt, TaskConfig, batches
 from .evaluation import same_tokenizer
 from .faithfulness import random_circuits
@@ -678,12 +678,7 @@ class CMAPResult:
 
     def save(self, path: str | Path) -> Path:
         """Write the result as JSON, atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2))
-        tmp.replace(path)
-        return path
+        return atomic_write_text(path, json.dumps(self.to_dict(), indent=2))
 
 
 # -- the rows of one direction ----------------------------------------------------------------------

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..core.runs import RunFolder, safe_name
+from ..core.runs import RunFolder, atomic_write_text, safe_name
 from ..methods.cmap import CMAPResult, DirectionResult
 from .figures import integer_ticks, pyplot, save_figure
 from .tables import fmt, short_name
@@ -126,11 +126,7 @@ def save_cmap_report(result: CMAPResult, folder: RunFolder, prefix: str = "cmap"
     """Write ``<prefix>/table.txt``, ``<prefix>/result.json``, a bar chart per direction and a
     heatmap per direction and per-head position; returns the paths."""
     paths = [result.save(folder.file(f"{prefix}/result.json"))]
-    table = folder.file(f"{prefix}/table.txt")
-    tmp = table.with_name(table.name + ".tmp")
-    tmp.write_text(format_cmap(result) + "\n")
-    tmp.replace(table)
-    paths.append(table)
+    paths.append(atomic_write_text(folder.file(f"{prefix}/table.txt"), format_cmap(result) + "\n"))
     for d in result.directions:
         tag = safe_name(d.direction.replace("->", "_to_"))
         paths.append(plot_cmap_bars(d, folder.file(f"{prefix}/bars_{tag}.png")))

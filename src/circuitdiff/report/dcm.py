@@ -8,7 +8,7 @@ import io
 from pathlib import Path
 from typing import Sequence
 
-from ..core.runs import RunFolder
+from ..core.runs import RunFolder, atomic_write_text
 from ..methods.dcm import DesideratumResult, FunctionalRow
 from .figures import integer_ticks, pyplot, save_figure
 from .tables import fmt, short_name
@@ -97,12 +97,7 @@ def functional_csv(rows: Sequence[FunctionalRow]) -> str:
 
 
 def _write_text(folder: RunFolder, name: str, text: str) -> Path:
-    p = folder.file(name)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(p)
-    return p
+    return atomic_write_text(folder.file(name), text)
 
 
 def save_dcm_tables(folder: RunFolder, rows: Sequence[DesideratumResult],
