@@ -87,7 +87,8 @@ def test_training_recipe_smoke(tmp_path):
 
     spec = ModelSpec(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                      num_attention_heads=4, num_key_value_heads=2)
-    accs = train_all(tmp_path, seed=0, progress=False, scale=0.002, model_spec=spec, eval_n=8)
+    accs = train_all(tmp_path, seed=0, progress=False, scale=0.002, model_spec=spec, eval_n=8,
+                     check_targets=False)
     assert set(accs) == set(ORGANISMS)
     assert all(0.0 <= a <= 1.0 for a in accs.values())
     from transformers import AutoModelForCausalLM

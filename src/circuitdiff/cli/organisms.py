@@ -37,13 +37,23 @@ def run_list(args) -> dict:
             for n in ORGANISMS}
 
 
-def run_train(args) -> dict:
-    from ..organisms.train import train_all
+def run_train(args) -> dict | int:
+    """Run the recipe; a missed target is one line on stderr and exit code 1 (not a success)."""
+    import sys
+
+    from ..organisms.train import RecipeFailed, train_all
 
     if args.scale <= 0:
         raise ValueError(f"--scale must be > 0, got {args.scale}")
-    accs = train_all(args.out, seed=args.seed, progress=not args.quiet, scale=args.scale,
-                     base_from=args.base_from, threads=args.threads)
+    try:
+        # a scaled-down smoke run cannot meet the targets; only the full recipe is judged
+        accs = train_all(args.out, seed=args.seed, progress=not args.quiet, scale=args.scale,
+                         base_from=args.base_from, threads=args.threads,
+                         check_targets=args.scale >= 1.0)
+    except RecipeFailed as e:
+        print(f"circuitdiff organisms train: {e} (summary: {args.out}/train_summary.json)",
+              file=sys.__stderr__)
+        return 1
     for name, a in accs.items():
         print(f"{name:5s} 7-box accuracy {a:.3f}")
     return {"out": args.out, "accuracy": accs}

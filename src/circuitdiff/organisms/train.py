@@ -60,26 +60,89 @@ class StageSpec:
 
 
 @dataclass
+class Gate:
+    """Ends a phase on measured binding, not on a step count.
+
+    Every ``every`` steps the phase probes held-out accuracy on ``boxes``-box prompts; it ends
+    once that accuracy is at least ``threshold`` at ``consecutive`` probes in a row. A phase that
+    reaches its step cap without passing has failed (the recipe says so, and retries or stops).
+    """
+    boxes: int
+    threshold: float
+    consecutive: int = 1
+    every: int = 100
+    # a required gate that never passes means the phase failed (binding never formed); an
+    # optional one is a stopping rule only, and the stage's target check judges the result
+    required: bool = True
+
+
+@dataclass
+class Phase:
+    """One phase of base pre-training: which contexts, which loss, how long, and its gate.
+
+    ``steps`` is the exact length of an ungated phase and the cap of a gated one. The learning
+    rate warms up over ``warmup`` steps, then follows a cosine from ``lr`` to ``lr *
+    min_lr_frac`` over ``steps`` (1.0: constant — a gated phase does not know its length).
+    ``fresh_optimizer`` starts a new AdamW (else the previous phase's state carries over).
+    """
+    name: str
+    box_weights: tuple[float, ...]
+    other_weight: float
+    steps: int
+    lr: float
+    warmup: int = 0
+    min_lr_frac: float = 1.0
+    gate: Gate | None = None
+    fresh_optimizer: bool = False
+    batch_size: int = 64
+
+
+def _default_base_phases() -> tuple[Phase, ...]:
+    # Measured (experiments/organism_plateau): 2-box contexts with a loss on the answer alone
+    # leave the binding plateau after ~1000-2500 steps depending on the seed — so the first phase
+    # lasts until a held-out 2-box probe is solved, not a fixed share of the schedule (a fixed
+    # 2400 steps left seed 7 at chance). 2-4 boxes with the whole text follow; then up to 5 boxes
+    # until the 7-box probe enters the "not great" range (on 2-4 boxes alone the base stays at
+    # ~0.3 on 7 boxes; 2-5 boxes lift it within a few hundred steps).
+    return (
+        Phase("bind", (0, 1, 0, 0, 0, 0, 0), other_weight=0.0, steps=4000, lr=1e-3, warmup=100,
+              gate=Gate(boxes=2, threshold=0.9, consecutive=2)),
+        Phase("grow", (0, 1, 1, 1, 0, 0, 0), other_weight=0.1, steps=2000, lr=1e-3,
+              min_lr_frac=0.25),
+        Phase("extend", (0, 1, 1, 1, 1, 0, 0), other_weight=0.1, steps=1500, lr=3e-4, warmup=20,
+              fresh_optimizer=True,
+              gate=Gate(boxes=EVAL_BOXES, threshold=0.55, every=50, required=False)),
+    )
+
+
+@dataclass
+class Targets:
+    """What each organism must reach at 7 boxes (``eval_n`` prompts, ``eval_seed``)."""
+    base_min: float = 0.5
+    base_max: float = 0.8
+    finetune_gain: float = 0.10   # lora and full: at least base + this
+    chat_band: float = 0.05       # chat: within base ± this
+
+    def missed(self, name: str, acc: float, base: float | None) -> str | None:
+        """A one-line reason when ``name``'s accuracy ``acc`` misses its target, else None."""
+        if name == "base":
+            if not self.base_min <= acc <= self.base_max:
+                return (f"base 7-box accuracy {acc:.3f} is outside "
+                        f"[{self.base_min}, {self.base_max}]")
+            return None
+        assert base is not None
+        if name in ("lora", "full") and acc < base + self.finetune_gain:
+            return (f"{name} 7-box accuracy {acc:.3f} < base {base:.3f} + "
+                    f"{self.finetune_gain}")
+        if name == "chat" and abs(acc - base) > self.chat_band:
+            return f"chat 7-box accuracy {acc:.3f} is not within base {base:.3f} ± {self.chat_band}"
+        return None
+
+
+@dataclass
 class Recipe:
     model: ModelSpec = field(default_factory=ModelSpec)
-    # measured on 2-box probes: lr 3e-3 never leaves the binding plateau, 1e-3 does
-    base: StageSpec = field(default_factory=lambda: StageSpec(steps=6000, lr=1e-3, batch_size=64,
-                                                              warmup=100, other_weight=0.1,
-                                                              stop_at=4500))
-    # curriculum over the base run: (until this fraction of steps, box-count weights for 1..7
-    # boxes, loss weight of non-answer tokens). Two boxes and the answer loss alone until binding
-    # has emerged (measured: even a 0.1 weight on the other tokens kept a 2-box probe at chance
-    # for 4750 steps, while answer-only training left the plateau after ~1000-1500), then more
-    # boxes and the whole text.
-    base_curriculum: tuple[tuple[float, tuple[float, ...], float], ...] = (
-        (0.4, (0, 1, 0, 0, 0, 0, 0), 0.0),
-        (1.0, (0, 1, 1, 1, 0, 0, 0), 0.1),
-    )
-    # a short second pre-training stage (fresh optimizer) with up to 5 boxes: on 2-4 boxes alone
-    # the base stays at ~0.3 on 7 boxes; this lifts it into the paper's "not great" range
-    base_extend: StageSpec | None = field(default_factory=lambda: StageSpec(
-        steps=600, lr=3e-4, batch_size=64, warmup=20, other_weight=0.1, stop_at=None))
-    base_extend_box_weights: tuple[float, ...] = (0, 1, 1, 1, 1, 0, 0)
+    base_phases: tuple[Phase, ...] = field(default_factory=_default_base_phases)
     aux: StageSpec = field(default_factory=lambda: StageSpec(steps=300, lr=3e-4, batch_size=32,
                                                              warmup=20))
     lora: StageSpec = field(default_factory=lambda: StageSpec(steps=300, lr=2e-3, batch_size=32,
@@ -90,8 +153,24 @@ class Recipe:
     # 300 steps at lr 1e-4 cost 0.08 of 7-box accuracy, 200 steps at 2e-5 cost 0.04
     chat: StageSpec = field(default_factory=lambda: StageSpec(steps=150, lr=2e-5, batch_size=32,
                                                               warmup=20))
+    targets: Targets = field(default_factory=Targets)
+    # a base whose bind gate never passes is retrained from a new sub-seed, at most this often
+    # in all; a fine-tune that misses its target is retrained from a new sub-seed likewise
+    base_attempts: int = 2
+    stage_attempts: int = 3
+    probe_n: int = 200       # held-out prompts per gate probe
+    probe_seed: int = 1000   # never the evaluation seed
     eval_n: int = 500
     eval_seed: int = 0
+
+
+class RecipeFailed(RuntimeError):
+    """A stage missed its target after every allowed attempt; ``summary`` says which and by how much."""
+
+    def __init__(self, failures: list[str], summary: dict):
+        super().__init__("organism recipe failed: " + "; ".join(failures))
+        self.failures = failures
+        self.summary = summary
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -164,6 +243,31 @@ def weighted_lm_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.
     return (ce * w).sum() / w.sum().clamp_min(1e-8)
 
 
+def _lr_in_phase(step: int, phase: Phase) -> float:
+    """Warm-up, then a cosine from ``phase.lr`` to ``phase.lr * phase.min_lr_frac``."""
+    if step < phase.warmup:
+        return phase.lr * (step + 1) / phase.warmup
+    t = min(1.0, (step - phase.warmup) / max(1, phase.steps - phase.warmup))
+    return phase.lr * (phase.min_lr_frac
+                       + (1 - phase.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+class GateTracker:
+    """Counts consecutive probes at or above a gate's threshold; ``passed`` once enough in a row."""
+
+    def __init__(self, gate: Gate):
+        self.gate = gate
+        self.run = 0
+
+    def update(self, acc: float) -> bool:
+        self.run = self.run + 1 if acc >= self.gate.threshold else 0
+        return self.passed
+
+    @property
+    def passed(self) -> bool:
+        return self.run >= self.gate.consecutive
+
+
 def train_stage(model, tokenizer, make_docs, spec: StageSpec, seed: int, desc: str,
                 progress: bool = True, params=None, log_every: int = 0, eval_fn=None,
                 other_weight_at=None) -> list:
@@ -187,17 +291,9 @@ def train_stage(model, tokenizer, make_docs, spec: StageSpec, seed: int, desc: s
     ema = None
     for step in bar:
         docs = make_docs(spec.batch_size, seed * 1_000_003 + step, step / spec.steps)
-        ids, mask, labels = tensorize(docs, tokenizer)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, spec)
-        logits = model(input_ids=ids, attention_mask=mask).logits
         other = spec.other_weight if other_weight_at is None else other_weight_at(step / spec.steps)
-        loss = weighted_lm_loss(logits, labels, loss_weights(ids, labels, answer_cue, other))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        loss = _step(model, tokenizer, opt, params, docs, answer_cue, other, lr_at(step, spec))
+        ema = loss if ema is None else 0.98 * ema + 0.02 * loss
         bar.set_postfix(loss=f"{ema:.3f}")
         if log_every and eval_fn is not None and (step + 1) % log_every == 0:
             acc = eval_fn(model, step + 1)
@@ -207,6 +303,82 @@ def train_stage(model, tokenizer, make_docs, spec: StageSpec, seed: int, desc: s
                 bar.write(f"{desc} step {step + 1} loss {ema:.3f} acc {acc}")
     model.eval()
     return log
+
+
+def _step(model, tokenizer, opt, params, docs: list[str], answer_cue: list[int],
+          other_weight: float, lr: float) -> float:
+    """One optimizer step on ``docs`` with answer-weighted loss; returns the loss."""
+    ids, mask, labels = tensorize(docs, tokenizer)
+    for g in opt.param_groups:
+        g["lr"] = lr
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    loss = weighted_lm_loss(logits, labels, loss_weights(ids, labels, answer_cue, other_weight))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    return loss.item()
+
+
+def train_phases(model, tokenizer, phases: tuple[Phase, ...], seed: int, probe,
+                 progress: bool = True, desc: str = "base",
+                 stop_on_failure: bool = True) -> list[dict]:
+    """Pre-train ``model`` through ``phases``; a gated phase ends when its gate passes.
+
+    ``probe(model, boxes) -> float`` measures held-out accuracy on ``boxes``-box prompts. Every
+    probe also measures 2- and 7-box accuracy for the progress bar and the log, so a user sees
+    binding form. Returns one record per phase run: steps, whether its gate passed (None when
+    ungated), the step it passed at, and the probes. Stops after a required gate failed (later
+    phases build on what it was meant to form) unless ``stop_on_failure`` is False.
+    """
+    from tqdm.auto import tqdm
+
+    answer_cue = answer_cue_ids(tokenizer)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = None
+    records = []
+    set_seed(seed)
+    step0 = 0  # global step: each step's documents are a pure function of (seed, global step)
+    for phase in phases:
+        if opt is None or phase.fresh_optimizer:
+            opt = torch.optim.AdamW(params, lr=phase.lr, betas=(0.9, 0.98), weight_decay=0.0)
+        tracker = GateTracker(phase.gate) if phase.gate else None
+        every = phase.gate.every if phase.gate else max(1, phase.steps // 10)
+        record = {"phase": phase.name, "steps": 0, "gate": None if phase.gate is None else asdict(phase.gate),
+                  "passed": None, "passed_at": None, "probes": []}
+        model.train()
+        bar = tqdm(range(phase.steps), desc=f"{desc}:{phase.name}", disable=not progress,
+                   mininterval=2.0)
+        ema = None
+        shown = {}
+        for step in bar:
+            docs = D.base_corpus(phase.batch_size, seed * 1_000_003 + step0 + step,
+                                 box_weights=phase.box_weights)
+            loss = _step(model, tokenizer, opt, params, docs, answer_cue, phase.other_weight,
+                         _lr_in_phase(step, phase))
+            ema = loss if ema is None else 0.98 * ema + 0.02 * loss
+            record["steps"] = step + 1
+            if (step + 1) % every == 0 or step + 1 == phase.steps:
+                boxes = sorted({2, EVAL_BOXES} | ({phase.gate.boxes} if phase.gate else set()))
+                accs = {b: probe(model, b) for b in boxes}
+                model.train()
+                record["probes"].append({"step": step + 1, "loss": round(ema, 4),
+                                         **{f"acc{b}": a for b, a in accs.items()}})
+                shown = {f"acc{b}": f"{a:.2f}" for b, a in accs.items() if b in (2, EVAL_BOXES)}
+                if tracker is not None and tracker.update(accs[phase.gate.boxes]):
+                    record["passed"], record["passed_at"] = True, step + 1
+                    bar.set_postfix(loss=f"{ema:.3f}", **shown)
+                    break
+            bar.set_postfix(loss=f"{ema:.3f}", **shown)
+        bar.close()
+        step0 += record["steps"]
+        if tracker is not None and not tracker.passed:
+            record["passed"] = False
+        records.append(record)
+        if record["passed"] is False and phase.gate.required and stop_on_failure:
+            break
+    model.eval()
+    return records
 
 
 @torch.no_grad()
@@ -240,28 +412,40 @@ def scaled(recipe: Recipe, scale: float) -> Recipe:
     """Shrink (or grow) every stage's step count; ``scale`` < 1 gives a quick smoke run."""
     if scale == 1.0:
         return recipe
-    s = lambda st: replace(  # noqa: E731
-        st, steps=max(1, int(round(st.steps * scale))), warmup=max(1, int(round(st.warmup * scale))),
-        stop_at=None if st.stop_at is None else max(1, int(round(st.stop_at * scale))))
-    return replace(recipe, base=s(recipe.base), aux=s(recipe.aux), lora=s(recipe.lora),
-                   chat=s(recipe.chat),
-                   base_extend=None if recipe.base_extend is None else s(recipe.base_extend))
+    n = lambda k: max(1, int(round(k * scale)))  # noqa: E731
+    s = lambda st: replace(st, steps=n(st.steps), warmup=n(st.warmup),  # noqa: E731
+                           stop_at=None if st.stop_at is None else n(st.stop_at))
+    phases = tuple(replace(p, steps=n(p.steps), warmup=min(p.warmup, n(p.warmup)),
+                           gate=None if p.gate is None else replace(p.gate, every=n(p.gate.every)))
+                   for p in recipe.base_phases)
+    return replace(recipe, base_phases=phases, aux=s(recipe.aux), lora=s(recipe.lora),
+                   chat=s(recipe.chat))
 
 
 def train_all(out_dir, seed: int = 0, progress: bool = True, scale: float = 1.0,
               recipe: Recipe | None = None, model_spec: ModelSpec | None = None,
-              eval_n: int | None = None, base_from=None, threads: int = 2) -> dict[str, float]:
+              eval_n: int | None = None, base_from=None, threads: int = 2,
+              check_targets: bool = True) -> dict[str, float]:
     """Train base, lora, full and chat into ``out_dir/{base,lora,full,chat}``.
 
-    Returns the 7-box accuracy of each organism on ``eval_n`` prompts (seed ``recipe.eval_seed``).
-    ``scale`` multiplies every stage's number of steps; ``model_spec`` overrides the model size
-    (both only for smoke tests: the shipped organisms use the defaults). ``base_from`` reuses an
-    already trained base folder (same recipe) instead of pre-training it again. ``threads``: torch
-    CPU threads (the shipped organisms used 2; float reductions differ with the thread count).
-    """
-    from peft import LoraConfig, PeftModel, get_peft_model
+    The base pre-trains through gated phases (:func:`train_phases`); after each stage its 7-box
+    accuracy on ``eval_n`` prompts (seed ``recipe.eval_seed``) is checked against
+    ``recipe.targets``. A base whose binding gate never passes is retrained from the next
+    sub-seed (``recipe.base_attempts`` in all), a fine-tune that misses its target likewise
+    (``recipe.stage_attempts``); every attempt is recorded in ``train_summary.json``. When a
+    target is still missed the summary says ``"ok": false`` with the reasons and
+    :class:`RecipeFailed` is raised — a run never looks like a success when it is not.
 
-    torch.set_num_threads(max(1, min(2, threads)))
+    ``scale`` multiplies every stage's number of steps; ``model_spec`` overrides the model size
+    (both only for smoke tests, which pass ``check_targets=False``: the shipped organisms use the
+    defaults). ``base_from`` reuses an already trained base folder. ``threads``: torch CPU threads
+    (recorded; float reductions differ with the thread count, the gates absorb that).
+    Returns the 7-box accuracy of each organism.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    threads = max(1, min(2, threads))
+    torch.set_num_threads(threads)
     recipe = scaled(recipe or Recipe(), scale)
     if model_spec is not None:
         recipe = replace(recipe, model=model_spec)
@@ -271,71 +455,123 @@ def train_all(out_dir, seed: int = 0, progress: bool = True, scale: float = 1.0,
     tok = D.build_tokenizer()
     acc: dict[str, float] = {}
     times: dict[str, float] = {}
-    evaluate = lambda m, *_: accuracy(m, tok, eval_n, recipe.eval_seed)  # noqa: E731
+    attempts: dict[str, list[dict]] = {}
+    evaluate = lambda m: accuracy(m, tok, eval_n, recipe.eval_seed)  # noqa: E731
+    probe_n = min(recipe.probe_n, eval_n) if model_spec is not None else recipe.probe_n
+    probe = lambda m, boxes: accuracy(m, tok, probe_n, recipe.probe_seed,  # noqa: E731
+                                      n_boxes=boxes)
+    t_start = time.time()
 
-    # base
+    def summary(failures: list[str]) -> dict:
+        doc = {"ok": not failures, "failures": failures, "seed": seed, "threads": threads,
+               "scale": scale, "base_from": None if base_from is None else str(base_from),
+               "eval_n": eval_n, "eval_seed": recipe.eval_seed, "accuracy": acc,
+               "seconds": {k: round(v, 1) for k, v in times.items()},
+               "minutes_total": round((time.time() - t_start) / 60, 1),
+               "attempts": attempts, "recipe": asdict(recipe)}
+        from circuitdiff.core.runs import atomic_write_text
+        atomic_write_text(out / "train_summary.json", json.dumps(doc, indent=2))
+        return doc
+
+    def fail(reason: str):
+        failures = [reason]
+        doc = summary(failures)
+        if progress:
+            print(f"recipe FAILED: {reason} (see {out / 'train_summary.json'})")
+        raise RecipeFailed(failures, doc)
+
+    # base: gated pre-training; a new sub-seed when binding never forms
     t0 = time.time()
+    attempts["base"] = []
     if base_from is not None:
         base = _reload(Path(base_from))
     else:
-        base = make_model(tok, recipe.model, seed)
-        phase = lambda f: next(p for p in recipe.base_curriculum  # noqa: E731
-                               if f < p[0] or p[0] >= 1.0)
-        train_stage(base, tok, lambda n, s, f: D.base_corpus(n, s, box_weights=phase(f)[1]),
-                    recipe.base, seed * 10 + 1, "base", progress,
-                    other_weight_at=lambda f: phase(f)[2])
-        if recipe.base_extend is not None:
-            train_stage(base, tok, lambda n, s, f: D.base_corpus(
-                n, s, box_weights=recipe.base_extend_box_weights), recipe.base_extend,
-                seed * 10 + 5, "base+", progress)
+        for attempt in range(recipe.base_attempts):
+            sub_seed = seed * 10 + 1 + 100 * attempt
+            base = make_model(tok, recipe.model, sub_seed)
+            phases = train_phases(base, tok, recipe.base_phases, sub_seed, probe, progress,
+                                  stop_on_failure=check_targets)
+            failed = [p for p in phases if check_targets and p["passed"] is False
+                      and _phase(recipe, p).gate.required]
+            attempts["base"].append({"sub_seed": sub_seed, "phases": phases,
+                                     "seconds": round(time.time() - t0, 1)})
+            if not failed:
+                break
+            p = failed[0]
+            last = p["probes"][-1] if p["probes"] else {}
+            g = _phase(recipe, p).gate
+            reason = (f"base phase {p['phase']!r}: {g.boxes}-box accuracy "
+                      f"{last.get(f'acc{g.boxes}', float('nan')):.3f} < {g.threshold} after "
+                      f"{p['steps']} steps (sub-seed {sub_seed})")
+            attempts["base"][-1]["missed"] = reason
+            if progress:
+                print(f"{reason}; " + ("retrying with the next sub-seed"
+                                       if attempt + 1 < recipe.base_attempts else "giving up"))
+        else:
+            times["base"] = time.time() - t0
+            fail(attempts["base"][-1]["missed"] + f"; {recipe.base_attempts} attempts")
     if base_from is None or Path(base_from).resolve() != (out / "base").resolve():
         _save_model(base, tok, out / "base")
     acc["base"] = evaluate(base)
     times["base"] = time.time() - t0
+    if check_targets and (reason := recipe.targets.missed("base", acc["base"], None)):
+        fail(reason)
+    del base
 
     aux_docs = lambda n, s, f: D.aux_corpus(n, s)  # noqa: E731
+    chat_docs = lambda n, s, f: D.chat_corpus(n, s)  # noqa: E731
 
-    # full fine-tune on auxiliary data (FLoat)
-    t0 = time.time()
-    full = _reload(out / "base")
-    train_stage(full, tok, aux_docs, recipe.aux, seed * 10 + 2, "full", progress)
-    _save_model(full, tok, out / "full")
-    acc["full"] = evaluate(full)
-    times["full"] = time.time() - t0
+    def train_full(sub_seed: int, spec: StageSpec, docs, folder: Path):
+        model = _reload(out / "base")
+        train_stage(model, tok, docs, spec, sub_seed, folder.name, progress)
+        _save_model(model, tok, folder)
+        return model
 
-    # LoRA on auxiliary data (Goat)
-    t0 = time.time()
-    set_seed(seed * 10 + 3)
-    lcfg = LoraConfig(r=recipe.lora_rank, lora_alpha=recipe.lora_alpha, lora_dropout=0.0,
-                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                      task_type="CAUSAL_LM")
-    lora = get_peft_model(_reload(out / "base"), lcfg)
-    train_stage(lora, tok, aux_docs, recipe.lora, seed * 10 + 3, "lora", progress)
-    lora.save_pretrained(str(out / "lora"))
-    tok.save_pretrained(str(out / "lora"))
-    _fix_adapter_base_path(out / "lora")
-    acc["lora"] = evaluate(lora)
-    times["lora"] = time.time() - t0
+    def train_lora(sub_seed: int, spec: StageSpec, docs, folder: Path):
+        set_seed(sub_seed)
+        lcfg = LoraConfig(r=recipe.lora_rank, lora_alpha=recipe.lora_alpha, lora_dropout=0.0,
+                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                          task_type="CAUSAL_LM")
+        model = get_peft_model(_reload(out / "base"), lcfg)
+        train_stage(model, tok, docs, spec, sub_seed, folder.name, progress)
+        model.save_pretrained(str(folder))
+        tok.save_pretrained(str(folder))
+        _fix_adapter_base_path(folder)
+        return model
 
-    # chat full fine-tune (Vicuna)
-    t0 = time.time()
-    chat = _reload(out / "base")
-    train_stage(chat, tok, lambda n, s, f: D.chat_corpus(n, s), recipe.chat, seed * 10 + 4, "chat",
-                progress)
-    _save_model(chat, tok, out / "chat")
-    acc["chat"] = evaluate(chat)
-    times["chat"] = time.time() - t0
+    # full fine-tune on auxiliary data (FLoat), LoRA on it (Goat), chat full fine-tune (Vicuna)
+    stages = (("full", 2, recipe.aux, aux_docs, train_full),
+              ("lora", 3, recipe.lora, aux_docs, train_lora),
+              ("chat", 4, recipe.chat, chat_docs, train_full))
+    for name, k, spec, docs, train in stages:
+        t0 = time.time()
+        attempts[name] = []
+        for attempt in range(recipe.stage_attempts):
+            sub_seed = seed * 10 + k + 100 * attempt
+            model = train(sub_seed, spec, docs, out / name)
+            acc[name] = evaluate(model)
+            del model
+            reason = recipe.targets.missed(name, acc[name], acc["base"]) if check_targets else None
+            attempts[name].append({"sub_seed": sub_seed, "accuracy": acc[name], "missed": reason})
+            if reason is None:
+                break
+            if progress:
+                print(f"{reason}; " + ("retrying with the next sub-seed"
+                                       if attempt + 1 < recipe.stage_attempts else "giving up"))
+        times[name] = time.time() - t0
+        if reason is not None:
+            fail(f"{reason}; {recipe.stage_attempts} attempts")
 
-    summary = {"seed": seed, "scale": scale,
-               "base_from": None if base_from is None else str(base_from), "eval_n": eval_n, "eval_seed": recipe.eval_seed,
-               "accuracy": acc, "seconds": {k: round(v, 1) for k, v in times.items()},
-               "recipe": asdict(recipe)}
-    (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    summary([])
     if progress:
         for k in ("base", "lora", "full", "chat"):
             print(f"{k:5s} 7-box accuracy ({eval_n} prompts, seed {recipe.eval_seed}): "
                   f"{acc[k]:.3f}   [{times[k]:.0f} s]")
     return {k: acc[k] for k in ("base", "lora", "full", "chat")}
+
+
+def _phase(recipe: Recipe, record: dict) -> Phase:
+    return next(p for p in recipe.base_phases if p.name == record["phase"])
 
 
 def _reload(folder: Path):
@@ -362,8 +598,12 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     t0 = time.time()
-    accs = train_all(args.out, seed=args.seed, progress=not args.quiet, scale=args.scale,
-                     base_from=args.base_from, threads=args.threads)
+    try:
+        accs = train_all(args.out, seed=args.seed, progress=not args.quiet, scale=args.scale,
+                         base_from=args.base_from, threads=args.threads,
+                         check_targets=args.scale == 1.0)
+    except RecipeFailed as e:
+        raise SystemExit(f"error: {e}")
     print(json.dumps(accs), f"total {time.time() - t0:.0f} s")
 
 

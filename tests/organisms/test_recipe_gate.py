@@ -1,0 +1,82 @@
+"""The organism recipe's gates: a phase advances only on measured accuracy, and a recipe whose
+binding never forms stops with a failure that names the stage and the measured value."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from circuitdiff.organisms.train import (Gate, GateTracker, ModelSpec, Phase, Recipe,
+                                         RecipeFailed, Targets, train_all, train_phases)
+
+TINY = ModelSpec(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                 num_attention_heads=4, num_key_value_heads=2)
+
+
+def test_gate_needs_consecutive_probes_at_threshold():
+    t = GateTracker(Gate(boxes=2, threshold=0.9, consecutive=2))
+    assert [t.update(a) for a in (0.5, 0.95, 0.8, 0.92, 0.93)] == [False, False, False, False, True]
+
+
+def test_phase_advances_only_when_the_probe_crosses_the_threshold():
+    from circuitdiff.organisms.data import build_tokenizer
+    from circuitdiff.organisms.train import make_model
+
+    tok = build_tokenizer()
+    model = make_model(tok, TINY, 0)
+    script = iter([0.1, 0.5, 0.91, 0.2, 0.95, 0.96, 0.99, 0.99])  # passes at the 6th bind probe
+    seen = []
+
+    def probe(_model, boxes):
+        if boxes == 2:
+            seen.append(boxes)
+            return next(script)
+        return 0.0
+
+    phases = (Phase("bind", (0, 1), 0.0, steps=20, lr=1e-3,
+                    gate=Gate(boxes=2, threshold=0.9, consecutive=2, every=1)),
+              Phase("grow", (0, 1, 1), 0.1, steps=2, lr=1e-3))
+    records = train_phases(model, tok, phases, 0, probe, progress=False)
+    bind, grow = records
+    assert bind["passed"] is True and bind["passed_at"] == 6 and bind["steps"] == 6
+    assert [p["acc2"] for p in bind["probes"]] == [0.1, 0.5, 0.91, 0.2, 0.95, 0.96]
+    assert grow["steps"] == 2 and grow["passed"] is None
+
+
+def test_recipe_that_never_learns_fails_loudly(tmp_path):
+    # lr 0: the model never leaves chance, so the bind gate can never pass
+    recipe = Recipe(model=TINY, base_phases=(
+        Phase("bind", (0, 1), 0.0, steps=4, lr=0.0,
+              gate=Gate(boxes=2, threshold=0.9, every=2)),
+        Phase("grow", (0, 1, 1), 0.1, steps=2, lr=1e-3)), base_attempts=2, probe_n=8)
+    with pytest.raises(RecipeFailed, match=r"base phase 'bind': 2-box accuracy 0\.\d+ < 0\.9 "
+                                           r"after 4 steps .*2 attempts"):
+        train_all(tmp_path, seed=0, progress=False, recipe=recipe, eval_n=8)
+    summary = json.loads((tmp_path / "train_summary.json").read_text())
+    assert summary["ok"] is False and "bind" in summary["failures"][0]
+    assert [a["sub_seed"] for a in summary["attempts"]["base"]] == [1, 101]
+    assert all(len(a["phases"]) == 1 for a in summary["attempts"]["base"])  # grow never ran
+    assert not (tmp_path / "lora").exists()
+
+
+def test_finetune_target_miss_is_retried_then_reported(tmp_path):
+    # targets nothing can meet at this size: the base check is the first to say so
+    recipe = Recipe(model=TINY, base_phases=(Phase("grow", (0, 1, 1), 0.1, steps=2, lr=1e-3),),
+                    targets=Targets(base_min=0.0, base_max=1.0, finetune_gain=2.0),
+                    stage_attempts=2, probe_n=8)
+    with pytest.raises(RecipeFailed, match=r"full 7-box accuracy .* < base .* \+ 2\.0; 2 attempts"):
+        train_all(tmp_path, seed=0, progress=False, recipe=recipe, eval_n=8, scale=0.01)
+    summary = json.loads((tmp_path / "train_summary.json").read_text())
+    assert summary["ok"] is False
+    assert [a["sub_seed"] for a in summary["attempts"]["full"]] == [2, 102]
+
+
+def test_targets_say_what_was_missed():
+    t = Targets()
+    assert t.missed("base", 0.6, None) is None
+    assert "outside [0.5, 0.8]" in t.missed("base", 0.194, None)
+    assert t.missed("lora", 0.75, 0.6) is None
+    assert "< base 0.600 + 0.1" in t.missed("full", 0.65, 0.6)
+    assert t.missed("chat", 0.63, 0.6) is None
+    assert "within base" in t.missed("chat", 0.5, 0.6)
