@@ -7,6 +7,7 @@ import json
 import pytest
 
 from circuitdiff.cli import main
+from circuitdiff.study import STEPS, parse_steps, with_dependencies
 
 from conftest import save_base_and_lora
 
@@ -18,29 +19,87 @@ def four_layer_models(tokenizer, tmp_path):
                               lora_name="lora4")
 
 
+def _study_args(base_dir, lora_dir, out, *extra):
+    return ["study", "--model", str(base_dir), "--model", str(lora_dir), "--out", str(out),
+            "-n", "8", "--n-discovery", "6", "--n-mean", "8", "--random-draws", "2",
+            "--sizes", "2,2,2,1", "--n-boxes", "3", "--batch-size", "8", "--chain", "paper",
+            "--dcm-train", "8", *extra]
+
+
 def test_study_end_to_end_and_resume(four_layer_models, tmp_path, capsys):
     """The paper chain's study on random tiny models (the automatic chain would rightly find
     them at chance; see test_study_at_chance_says_no_circuit)."""
     base_dir, lora_dir = four_layer_models
     out = tmp_path / "study"
-    args = ["study", "--model", str(base_dir), "--model", str(lora_dir), "--out", str(out),
-            "-n", "8", "--n-discovery", "6", "--n-mean", "8", "--random-draws", "2",
-            "--sizes", "2,2,2,1", "--n-boxes", "3", "--batch-size", "8", "--chain", "paper"]
+    args = _study_args(base_dir, lora_dir, out)
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "faithfulness" in printed.lower()
-    for f in ("report.md", "summary.json", "faithfulness.json", "faithfulness.csv",
-              "discover/circuit.json", "knockout/knockout.png"):
+    for f in ("report.md", "report.html", "summary.json", "faithfulness.json", "faithfulness.csv",
+              "faithfulness.png", "discover/circuit.json", "discover/circuit_flow.png"):
         assert (out / f).exists(), f
+    assert len(list((out / "knockout").glob("*.png"))) == 2  # one figure per model
     summary = json.loads((out / "summary.json").read_text())
     assert [r["model"] for r in summary["faithfulness"]] == [str(base_dir), str(lora_dir)]
     sizes = {g: len(v["heads"]) for g, v in summary["circuit"]["groups"].items()}
     assert sizes == {"value_fetcher": 2, "position_transmitter": 2, "position_detector": 2,
                      "structure_reader": 1}
+    # every step ran (the paper chain beside itself is skipped with --chain paper), and a
+    # verdict per fine-tune with all three claims
+    assert summary["steps"] == [s for s in STEPS if s != "paper_chain"]
+    assert set(summary["verdicts"]) == {str(lora_dir)}
+    assert set(summary["verdicts"][str(lora_dir)]) == {"uses_base_circuit", "same_functions",
+                                                       "gain_carried"}
+    assert all(r["faithfulness_ci"] is None or len(r["faithfulness_ci"]) == 2
+               for r in summary["faithfulness"])
+    assert set(summary["timings"]) == set(summary["steps"]) - {"paper_chain"}
     stamp = {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
     assert stamp
-    assert main(args) == 0  # resumes: nothing recomputed
+    assert main(args) == 0  # resumes: nothing recomputed, and it says so per step
+    printed = capsys.readouterr().out
+    assert printed.count("saved results reused") == len(summary["steps"])
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")} == stamp
+
+
+def test_study_recomputes_only_what_changed(four_layer_models, tmp_path, capsys):
+    base_dir, lora_dir = four_layer_models
+    out = tmp_path / "study"
+    steps = ["--steps", "accuracy,faithfulness"]
+    assert main(_study_args(base_dir, lora_dir, out, *steps)) == 0
+    capsys.readouterr()
+    changed = _study_args(base_dir, lora_dir, out, *steps)
+    changed[changed.index("--random-draws") + 1] = "3"
+    assert main(changed) == 0
+    printed = capsys.readouterr().out
+    assert "[accuracy] saved results reused" in printed
+    assert "[discover] saved results reused" in printed
+    assert "[faithfulness] settings changed (evaluation.n_random 2 → 3)" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["timings"]["faithfulness"]["reused"] is False
+    assert all(len(r["random"]) == 3 for r in summary["faithfulness"]
+               if r["random_mean"] is not None)
+
+
+def test_study_steps_choose_and_pull_dependencies(four_layer_models, tmp_path, capsys):
+    base_dir, lora_dir = four_layer_models
+    out = tmp_path / "ko"
+    assert main(_study_args(base_dir, lora_dir, out, "--steps", "knockout")) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == ["knockout"] and "faithfulness" not in summary
+    assert not (out / "discover").exists()
+    out2 = tmp_path / "dcm"
+    assert main(_study_args(base_dir, lora_dir, out2, "--steps", "functional")) == 0
+    assert "(and discover, dcm, which they need)" in capsys.readouterr().out
+    assert json.loads((out2 / "summary.json").read_text())["steps"] == [
+        "discover", "dcm", "functional"]
+
+
+def test_parse_steps():
+    assert parse_steps(None) == STEPS and parse_steps("all") == STEPS
+    assert parse_steps("cmap, accuracy") == ("accuracy", "cmap")
+    with pytest.raises(ValueError, match="unknown step 'scna'; valid steps: accuracy, discover"):
+        parse_steps("scna")
+    assert with_dependencies(("cmap",)) == ("discover", "cmap")
 
 
 def test_study_at_chance_says_no_circuit(four_layer_models, tmp_path, capsys):

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
-from . import add_model_options, add_task_options, load_from_args
+from . import add_model_options, add_task_options, load_from_args, positive_int
+
+
+def _steps(text: str) -> tuple[str, ...]:
+    import argparse
+
+    from ..study import parse_steps
+
+    try:
+        return parse_steps(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "study", help="run the whole study (accuracy, discovery, knockout, faithfulness) on the "
-                      "embedded model organisms or on the given models",
+        "study", help="run the whole study (accuracy, discovery, faithfulness, own circuits, "
+                      "knockout, DCM, CMAP, verdicts, report.html) on the embedded model "
+                      "organisms or on the given models",
         description="With no --model: the shipped organisms base, chat, lora, full (the first is "
                     "the base whose circuit is found). Results are cached in --out; a rerun "
                     "resumes.")
@@ -28,6 +40,14 @@ def register(sub) -> None:
     p.add_argument("--n-mean", type=int, default=200, help="mean-ablation prompts")
     p.add_argument("--random-draws", type=int, default=10,
                    help="random circuits of the same group sizes (default 10)")
+    from ..study import STEP_HELP, STEPS
+
+    p.add_argument("--steps", type=_steps, default=STEPS,
+                   help="comma-separated steps to run (default all; the steps they need run too, "
+                        "from saved results when there): " + "; ".join(
+                            f"{k}: {v}" for k, v in STEP_HELP.items()))
+    p.add_argument("--dcm-train", type=positive_int, default=200,
+                   help="DCM training prompts (validation and test are half of it each)")
     p.add_argument("--no-knockout", action="store_true", help="skip attention knockout")
     p.add_argument("--accuracy-only", action="store_true",
                    help="only measure accuracy of the first model")
@@ -35,10 +55,13 @@ def register(sub) -> None:
 
 
 def run(args) -> dict:
+    from dataclasses import replace
+
     from ..core.model import default_model_spec
     from ..methods.discovery import DiscoveryConfig
     from ..methods.evaluation import EvalConfig
-    from ..study import ORGANISM_STUDY, StudyConfig, run_study
+    from ..study import (ORGANISM_STUDY, StudyConfig, default_cmap, default_dcm,
+                         default_own_discovery, run_study)
 
     models = args.model
     accuracy_only = args.accuracy_only
@@ -54,11 +77,29 @@ def run(args) -> dict:
     auto = DiscoveryConfig(n_prompts=args.n_discovery, n_boxes=args.n_boxes,
                            seed=args.seed + 100, batch_size=args.batch_size, chain="auto",
                            target=args.target, on_unreachable="keep-all")
+    own = replace(default_own_discovery(), n_prompts=max(1, args.n_discovery // 2),
+                  n_boxes=args.n_boxes, seed=args.seed + 100, batch_size=args.batch_size,
+                  target=args.target)
+    steps = tuple(args.steps)
+    if accuracy_only:
+        steps = ("accuracy",)
+    if args.no_knockout:
+        steps = tuple(x for x in steps if x != "knockout")
+    if args.chain != "auto":
+        steps = tuple(x for x in steps if x != "paper_chain")
+    if not steps:
+        raise ValueError("no step left to run (--steps knockout with --no-knockout?)")
+    half = max(1, args.dcm_train // 2)
     cfg = StudyConfig(
         discovery=auto if args.chain == "auto" else paper,
         paper_discovery=paper if args.chain == "auto" else None,
+        own_discovery=own if args.chain == "auto" else paper,
         evaluation=EvalConfig(n_prompts=args.n_prompts, seed=args.seed, n_boxes=args.n_boxes,
                               n_mean=args.n_mean, n_random=args.random_draws,
                               batch_size=args.batch_size),
-        knockout=not args.no_knockout, discover=not accuracy_only)
+        dcm=replace(default_dcm(), n_boxes=args.n_boxes, n_train=args.dcm_train, n_val=half,
+                    n_test=half, seed=args.seed + 200, batch_size=args.batch_size),
+        cmap=replace(default_cmap(), n_boxes=args.n_boxes, n_prompts=args.n_prompts,
+                     seed=args.seed, batch_size=args.batch_size),
+        steps=steps)
     return run_study(models, lambda spec: load_from_args(args, spec=spec), args.out, cfg)

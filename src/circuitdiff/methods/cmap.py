@@ -52,6 +52,7 @@ from ..core.runs import RunFolder, atomic_write_text, model_tag, settings_digest
 from ..core.task import Batch, EntityTrackingTask, Prompt, TaskConfig, batches
 from .evaluation import same_tokenizer
 from .faithfulness import random_circuits
+from .stats import interval, resample_indices
 
 #: input-CMAP component sets, in the paper's order
 COMPONENTS: tuple[str, ...] = ("q", "k", "v", "qk", "qkv")
@@ -533,21 +534,12 @@ def gap_share(patched: float, target: float, source: float) -> float | None:
     return None if gap == 0 else (patched - target) / gap + 0.0  # + 0.0: no "-0.0"
 
 
-def _interval(values: torch.Tensor, confidence: float) -> list[float] | None:
-    if values.numel() == 0:
-        return None
-    a = (1 - confidence) / 2
-    q = torch.quantile(values.double(), torch.tensor([a, 1 - a], dtype=torch.float64))
-    return [float(q[0]) + 0.0, float(q[1]) + 0.0]  # + 0.0: no "-0.0"
-
-
 class _Bootstrap:
     """Paired bootstrap over prompts: the same resamples for source, target and every variant."""
 
     def __init__(self, n: int, resamples: int, seed: int, confidence: float,
                  source_hits: torch.Tensor, target_hits: torch.Tensor):
-        g = torch.Generator().manual_seed(seed)
-        self.idx = torch.randint(0, n, (resamples, n), generator=g) if resamples else None
+        self.idx = resample_indices(n, resamples, seed)
         self.confidence = confidence
         if self.idx is not None:
             self.src = source_hits.double()[self.idx].mean(1)
@@ -556,12 +548,12 @@ class _Bootstrap:
     def gap_ci(self) -> list[float] | None:
         """Interval of ``acc_source − acc_target`` itself: a gap whose interval holds 0 makes
         every share a ratio of noise."""
-        return None if self.idx is None else _interval(self.src - self.tgt, self.confidence)
+        return None if self.idx is None else interval(self.src - self.tgt, self.confidence)
 
     def accuracy_ci(self, hits: torch.Tensor) -> list[float] | None:
         if self.idx is None:
             return None
-        return _interval(hits.double()[self.idx].mean(1), self.confidence)
+        return interval(hits.double()[self.idx].mean(1), self.confidence)
 
     def share_ci(self, hits: torch.Tensor) -> tuple[list[float] | None, int]:
         """Interval of the share over resamples where the gap is non-zero, and their count."""
@@ -570,7 +562,7 @@ class _Bootstrap:
         p = hits.double()[self.idx].mean(1)
         gap = self.src - self.tgt
         ok = gap != 0
-        return _interval((p[ok] - self.tgt[ok]) / gap[ok], self.confidence), int(ok.sum())
+        return interval((p[ok] - self.tgt[ok]) / gap[ok], self.confidence), int(ok.sum())
 
 
 # -- results -------------------------------------------------------------------------------------

@@ -165,16 +165,17 @@ def evaluate_matrix(circuits: dict[str, Circuit], models: Sequence[str],
         sess.bind_prompts(prompts, mean_prompts)
         slug = model_tag(loaded.name)
         base = {"model": loaded.name, **cfg.key()}
-        full = folder.cached(f"evaluate/{slug}/full.json", base, lambda: evaluate_accuracy(
-            loaded, prompts, cfg.batch_size, progress).to_dict())["accuracy"]
+        full_hits = folder.cached(f"evaluate/{slug}/full_hits.json", base, lambda: [
+            int(x) for x in evaluate_accuracy(loaded, prompts, cfg.batch_size, progress).correct])
         model_rows: dict[str, FaithfulnessRow] = {}
         for name, circuit in circuits.items():
-            settings = {**base, "circuit": circuit.to_dict()}
+            # row_version 2: rows carry per-prompt hits and the faithfulness interval
+            settings = {**base, "circuit": circuit.to_dict(), "row_version": 2}
             d = folder.cached(f"evaluate/{slug}/{safe_name(name)}.json", settings,
                               lambda: evaluate_faithfulness(
                                   loaded, prompts, sess.means, circuit, name, cfg.n_random,
                                   cfg.random_seed, cfg.keep_other_positions, cfg.batch_size,
-                                  cfg.max_rows, full, progress).to_dict())
+                                  cfg.max_rows, full_hits, progress).to_dict())
             model_rows[name] = FaithfulnessRow.from_dict(d)
         if per_model is not None:
             per_model(sess, model_rows)

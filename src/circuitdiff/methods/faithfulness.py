@@ -20,8 +20,9 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
-from .ablation import HeadMeans, circuit_keep, variant_accuracies
+from .ablation import HeadMeans, circuit_keep, variant_correct
 from .accuracy import evaluate_accuracy
+from .stats import ratio_interval
 from ..core.circuit import Circuit, CircuitGroup
 from ..core.model import LoadedModel
 from ..core.task import Prompt
@@ -91,6 +92,11 @@ class FaithfulnessRow:
     protocol: str = PROTOCOLS[0]
     by_protocol: dict[str, dict] = field(default_factory=dict)
     warning: str = ""
+    # per-prompt correctness (1/0) of the full model and of the circuit under ``protocol``, and
+    # the paired bootstrap interval of faithfulness over prompts they give
+    full_hits: list[int] = field(default_factory=list, repr=False)
+    circuit_hits: list[int] = field(default_factory=list, repr=False)
+    faithfulness_ci: list[float] | None = None
 
     def faithfulness_under(self, protocol: str) -> float | None:
         """Faithfulness under ``protocol`` (``None`` if undefined or not measured)."""
@@ -107,21 +113,30 @@ class FaithfulnessRow:
 def evaluate_faithfulness(loaded: LoadedModel, prompts: Sequence[Prompt], means: HeadMeans,
                           circuit: Circuit, circuit_name: str = "circuit", n_random: int = 10,
                           random_seed: int = 0, keep_other_positions: bool = False,
-                          batch_size: int = 32, max_rows: int = 256, full: float | None = None,
-                          progress: bool = False) -> FaithfulnessRow:
+                          batch_size: int = 32, max_rows: int = 256,
+                          full_hits: Sequence[int] | None = None, progress: bool = False,
+                          bootstrap: int = 1000, bootstrap_seed: int = 0) -> FaithfulnessRow:
     """Full, circuit and random-circuit accuracy of ``circuit`` on ``loaded``.
 
-    ``full`` may pass an already measured full-model accuracy on the same prompts.
+    ``full_hits`` may pass the full model's already measured per-prompt correctness on the same
+    prompts. Faithfulness gets a paired bootstrap interval over prompts (``bootstrap``
+    resamples, seed ``bootstrap_seed``; 0 resamples: no interval).
     """
     circuit.validate(loaded.arch)
-    if full is None:
-        full = evaluate_accuracy(loaded, prompts, batch_size, progress).accuracy
+    if full_hits is None:
+        full_hits = evaluate_accuracy(loaded, prompts, batch_size, progress).correct
+    full_hits = [int(x) for x in full_hits]
+    if len(full_hits) != len(prompts):
+        raise ValueError("full_hits must have one entry per prompt")
+    full = sum(full_hits) / len(full_hits)
     randoms = random_circuits(circuit, n_random, random_seed)
-    accs = variant_accuracies(loaded, prompts, means,
-                              [circuit_keep(c) for c in [circuit] + randoms],
-                              keep_other_positions, batch_size, max_rows, progress)
-    other = variant_accuracies(loaded, prompts, means, [circuit_keep(circuit)],
-                               not keep_other_positions, batch_size, max_rows, progress)[0]
+    hits = variant_correct(loaded, prompts, means, [circuit_keep(c) for c in [circuit] + randoms],
+                           keep_other_positions, batch_size, max_rows, progress)
+    accs = hits.double().mean(1).tolist()
+    other = variant_correct(loaded, prompts, means, [circuit_keep(circuit)],
+                            not keep_other_positions, batch_size, max_rows,
+                            progress).double().mean().item()
+    circuit_hits = hits[0].int().tolist()
     rnd = accs[1:]
     by = {protocol_name(keep_other_positions): {"circuit_accuracy": accs[0],
                                                 "faithfulness": faithfulness(full, accs[0])},
@@ -132,7 +147,8 @@ def evaluate_faithfulness(loaded: LoadedModel, prompts: Sequence[Prompt], means:
         statistics.fmean(rnd) if rnd else None,
         statistics.stdev(rnd) if len(rnd) > 1 else (0.0 if rnd else None),
         faithfulness(full, accs[0]), len(prompts), rnd, protocol_name(keep_other_positions),
-        {p: by[p] for p in PROTOCOLS}, protocol_warning(by))
+        {p: by[p] for p in PROTOCOLS}, protocol_warning(by), full_hits, circuit_hits,
+        ratio_interval(circuit_hits, full_hits, bootstrap, bootstrap_seed))
 
 
 def protocol_warning(by_protocol: dict[str, dict]) -> str:

@@ -9,6 +9,7 @@ from typing import Sequence
 import torch
 
 from ..core.runs import temp_path
+from .tables import short_name
 
 
 def pyplot():
@@ -123,3 +124,52 @@ def discovery_heatmaps(result, out: str | Path, model_name: str) -> list[Path]:
                                    f"{Path(model_name).name}",
                                    Path(out) / f"heatmap_{group}.png", g.heads))
     return paths
+
+
+def plot_faithfulness_bars(rows: Sequence, path: str | Path, title: str = "") -> Path:
+    """Per model, faithfulness of each circuit (bar, with its bootstrap interval) next to the
+    random circuits' (hatched, mean ± sd, random accuracy / model accuracy)."""
+    plt = pyplot()
+    models = list(dict.fromkeys(r.model for r in rows))
+    circuits = list(dict.fromkeys(r.circuit for r in rows))
+    at = {(r.model, r.circuit): r for r in rows}
+    slots = [(c, False) for c in circuits] + [(c, True) for c in circuits
+                                              if any(at.get((m, c)) and at[(m, c)].random_mean
+                                                     is not None for m in models)]
+    width = 0.8 / max(1, len(slots))
+    fig, ax = plt.subplots(figsize=(max(5.5, 1.5 * len(models) + 2), 3.8))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for si, (c, rnd) in enumerate(slots):
+        color = colors[circuits.index(c) % len(colors)]
+        xs, vals, lo, hi = [], [], [], []
+        for mi, m in enumerate(models):
+            r = at.get((m, c))
+            if r is None or r.full <= 0:
+                continue
+            if rnd:
+                if r.random_mean is None:
+                    continue
+                v, e = r.random_mean / r.full, (r.random_sd or 0.0) / r.full
+                lo.append(e)
+                hi.append(e)
+            else:
+                v = r.faithfulness or 0.0
+                ci = getattr(r, "faithfulness_ci", None)
+                lo.append(v - ci[0] if ci else 0.0)
+                hi.append(ci[1] - v if ci else 0.0)
+            xs.append(mi - 0.4 + (si + 0.5) * width)
+            vals.append(v)
+        ax.bar(xs, vals, width, yerr=[lo, hi], capsize=2, color=color,
+               alpha=0.35 if rnd else 1.0, hatch="//" if rnd else None,
+               label=f"{c}: random circuits (mean ± sd)" if rnd else f"{c} (95% CI)")
+    ax.axhline(1.0, color="k", ls="--", lw=0.8)
+    ax.set_xticks(range(len(models)))
+    ax.set_xticklabels([short_name(m) for m in models], fontsize=8)
+    ax.set_xlabel("model")
+    ax.set_ylabel("faithfulness (circuit acc / model acc)")
+    ax.set_ylim(0, 1.45)
+    ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.2])
+    n = f" (n={rows[0].n} prompts)" if rows else ""
+    ax.set_title((title or "faithfulness of the base circuits on every model") + n, fontsize=9)
+    ax.legend(fontsize=7, ncol=2, loc="upper center")
+    return save_figure(fig, path)

@@ -69,10 +69,18 @@ def study_report(summary: dict) -> str:
             out.append(f"\n{circuit.settings['truncated_at']} and later groups are empty: no "
                        f"head can send to the previous group (it sits in layer 0).\n")
     if "knockout" in summary:
-        out.append("\n## Attention knockout (base model; accuracy when blocked in layers ≥ L)\n\n")
-        for name, c in summary["knockout"].items():
-            out.append(f"- {name} (unblocked {c['baseline']:.2f}): " + ", ".join(
-                f"L={l}: {a:.2f}" for l, a in zip(c["layers"], c["accuracy"])) + "\n")
+        n_eval = ev["n_prompts"]
+        out.append("\n## Attention knockout (accuracy when blocked in layers ≥ L)\n\n")
+        for model, curves in summary["knockout"].items():
+            for name, c in curves.items():
+                out.append(f"- {short_name(model)} / {name} (unblocked {c['baseline']:.2f}, "
+                           f"n={c['n']}): " + ", ".join(
+                               f"L={l}: {a:.2f}" for l, a in zip(c["layers"], c["accuracy"]))
+                           + "\n")
+            n_ko = next(iter(curves.values()))["n"] if curves else n_eval
+        if summary["knockout"] and n_ko != n_eval:
+            out.append(f"\nKnockout uses the first {n_ko} of the {n_eval} evaluation prompts, so "
+                       f"its unblocked baseline can differ from the accuracy table.\n")
     if "faithfulness" in summary:
         rows = [FaithfulnessRow.from_dict(r) for r in summary["faithfulness"]]
         out.append("\n## The base circuit(s) on every model\n\n```\n" + format_table(rows) +
@@ -80,4 +88,22 @@ def study_report(summary: dict) -> str:
                    "circuit's roles ablated; keep-other-positions: those positions intact), "
                    "circuit accuracy (faithfulness):\n\n```\n" + format_protocols(rows) +
                    "\n```\n")
+    if summary.get("own_circuits"):
+        out.append("\n## The fine-tunes' own circuits\n\n")
+        for m, d in summary["own_circuits"].items():
+            o = d.get("overlap")
+            out.append(f"- {short_name(m)}: " + (d.get("no_circuit", "no circuit") if o is None else
+                       f"{o['n_other']} units, {o['shared']} shared with the base's "
+                       f"{o['n_reference']} (recall {fmt(o['recall'])}, Jaccard "
+                       f"{fmt(o['jaccard'])})") + "\n")
+    if summary.get("verdicts"):
+        out.append("\n## Verdicts (yes / no / undecided; rules in report.html)\n\n")
+        for m, claims in summary["verdicts"].items():
+            for claim, d in claims.items():
+                out.append(f"- **{short_name(m)}** — {claim.replace('_', ' ')}: "
+                           f"**{d['answer']}** — {d['evidence']}\n")
+    if summary.get("timings"):
+        out.append("\n## Timings\n\n" + ", ".join(
+            f"{k} {v['seconds']} s" + (" (reused)" if v.get("reused") else "")
+            for k, v in summary["timings"].items()) + "\n")
     return "".join(out)

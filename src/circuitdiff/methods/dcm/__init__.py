@@ -50,7 +50,7 @@ from .desiderata import (DESIDERATA, PAPER_DESIDERATA, ROBUSTNESS_DESIDERATA, De
                          Example, TextPrompt, build_examples, check_applicable, check_position,
                          desideratum, encode_examples, resolve_names)
 from .masks import (DCMError, counterfactual_values, patched_last_logits, take, target_accuracy,
-                    train_masks)
+                    target_hits, train_masks)
 
 __all__ = ["DCMConfig", "DCMError", "DCMResult", "DesideratumResult", "DesiderataError",
            "DESIDERATA", "Example", "FunctionalRow", "PAPER_DESIDERATA", "ROBUSTNESS_DESIDERATA",
@@ -212,6 +212,46 @@ def check_groups(circuit: Circuit) -> tuple[dict[str, CircuitGroup], list[str]]:
     return groups, empty
 
 
+def dcm_view(circuit: Circuit) -> tuple[Circuit, list[str]]:
+    """The part of ``circuit`` DCM can train on, and a note for everything it changed.
+
+    DCM patches heads at one per-prompt position and needs at least two heads to select
+    between. Groups read at several positions per prompt (``labels``, ``separators`` …) are left
+    out; a one-head group is merged into the largest other group at its position (DCM then says
+    which of the merged heads carries what), or left out when it is alone there.
+    """
+    groups: dict[str, CircuitGroup] = {}
+    notes: list[str] = []
+    for name, g in circuit.groups.items():
+        if not g.heads:
+            continue
+        if g.position not in POSITION_NAMES:
+            notes.append(f"{name} is read at {g.position} (several positions per prompt): not "
+                         f"trained")
+            continue
+        groups[name] = g
+    for name, g in list(groups.items()):
+        if len(g.heads) != 1 or name not in groups:
+            continue
+        mates = [n for n, o in groups.items() if n != name and o.position == g.position]
+        if not mates:
+            notes.append(f"{name} is one head ({format_head(g.heads[0])}) alone at "
+                         f"{g.position}: not trained")
+            del groups[name]
+            continue
+        into = max(mates, key=lambda n: len(groups[n].heads))
+        host = groups.pop(into)
+        del groups[name]
+        merged = f"{into}+{name}"
+        groups[merged] = CircuitGroup(host.heads + g.heads, g.position,
+                                      f"{host.function or into} + {g.function or name}")
+        notes.append(f"{name} (one head, {format_head(g.heads[0])}) merged into {into} as "
+                     f"{merged}")
+    view = Circuit(groups, circuit.n_layers, circuit.n_heads, circuit.model,
+                   {**circuit.settings, "dcm_view": notes}, [])
+    return view, notes
+
+
 def prepare(tokenizer, circuit: Circuit, config: DCMConfig) -> DCMPlan:
     """Check the circuit and desiderata against the task and encode all examples."""
     groups, empty = check_groups(circuit)
@@ -287,19 +327,25 @@ def _heads_rows(union: list[Head], sets: Sequence[Sequence[Head]]) -> torch.Tens
     return rows
 
 
-def _eval_sets(loaded: LoadedModel, plan: DCMPlan, group: CircuitGroup, name: str,
-               sets: Sequence[Sequence[Head]], split: str) -> list[float]:
-    """Target accuracy of ``desideratum`` on ``split`` with each head set patched."""
+def _eval_hits(loaded: LoadedModel, plan: DCMPlan, group: CircuitGroup, name: str,
+               sets: Sequence[Sequence[Head]], split: str) -> torch.Tensor:
+    """Per-prompt target hits ``[len(sets), N]`` of ``desideratum`` on ``split`` with each head
+    set patched."""
     union = list(dict.fromkeys(h for s in sets for h in s)) or list(group.heads[:1])
     enc = plan.data[name]
     sl = plan.split(split)
     vals = counterfactual_values(loaded, take(enc.counterfactual, sl), group.position, union,
                                  plan.config.batch_size)
-    acc = target_accuracy(loaded, take(enc.base, sl), group.position, union, vals[None],
-                          enc.targets[sl][None], _heads_rows(union, sets),
-                          torch.zeros(len(sets), dtype=torch.long), plan.config.batch_size,
-                          plan.config.prefix_cache)
-    return acc.tolist()
+    return target_hits(loaded, take(enc.base, sl), group.position, union, vals[None],
+                       enc.targets[sl][None], _heads_rows(union, sets),
+                       torch.zeros(len(sets), dtype=torch.long), plan.config.batch_size,
+                       plan.config.prefix_cache)
+
+
+def _eval_sets(loaded: LoadedModel, plan: DCMPlan, group: CircuitGroup, name: str,
+               sets: Sequence[Sequence[Head]], split: str) -> list[float]:
+    """Target accuracy of ``desideratum`` on ``split`` with each head set patched."""
+    return _eval_hits(loaded, plan, group, name, sets, split).float().mean(1).tolist()
 
 
 def _shared_reads(loaded: LoadedModel, counterfactuals: Sequence, position: str,
@@ -438,6 +484,7 @@ class FunctionalRow:
     random_sd: float | None
     random: list[float]
     n: int
+    hits: list[int] = field(default_factory=list, repr=False)  # per test prompt, selected patched
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -476,7 +523,8 @@ def functional_patching(result: DCMResult, plan: DCMPlan, models: Sequence[str],
             if folder is None:
                 d = compute()
             else:
-                settings = {"model": loaded.name, "dcm_model": result.model, "group": r.group,
+                settings = {"row_version": 2,  # 2: rows carry per-prompt hits
+                            "model": loaded.name, "dcm_model": result.model, "group": r.group,
                             "desideratum": r.desideratum, "selected": r.selected,
                             "position": group.position, **cfg.key()}
                 d = folder.cached(f"functional/{model_tag(loaded.name)}/{safe_name(r.group)}__"
@@ -496,10 +544,11 @@ def functional_patching(result: DCMResult, plan: DCMPlan, models: Sequence[str],
 def _functional_row(loaded: LoadedModel, plan: DCMPlan, group: str, desideratum: str,
                     selected: list[Head], randoms: list[list[Head]]) -> dict:
     """Target accuracy on the test split: unpatched, ``selected`` patched, each random set."""
-    accs = _eval_sets(loaded, plan, plan.groups[group], desideratum, [[], selected] + randoms,
+    hits = _eval_hits(loaded, plan, plan.groups[group], desideratum, [[], selected] + randoms,
                       "test")
+    accs = hits.float().mean(1).tolist()
     rnd = accs[2:]
     return FunctionalRow(loaded.name, group, desideratum, [format_head(h) for h in selected],
                          accs[1], accs[0], statistics.fmean(rnd) if rnd else None,
                          statistics.stdev(rnd) if len(rnd) > 1 else (0.0 if rnd else None), rnd,
-                         plan.config.n_test).to_dict()
+                         plan.config.n_test, hits[1].int().tolist()).to_dict()

@@ -190,21 +190,30 @@ def train_masks(loaded: LoadedModel, base: Batch, position: str, heads: Sequence
 
 
 @torch.no_grad()
-def target_accuracy(loaded: LoadedModel, base: Batch, position: str, heads: Sequence[Head],
-                    values: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor,
-                    kinds: torch.Tensor, batch_size: int = 32,
-                    prefix_cache: bool = True) -> torch.Tensor:
-    """Accuracy ``[K]`` of the target (argmax over the full vocabulary at *last*, the task's
-    accuracy) for mask rows ``masks`` ``[K, |U|]``, row ``k`` using desideratum ``kinds[k]``'s
-    counterfactual values ``values[kinds[k]]`` and targets ``targets[kinds[k]]``."""
+def target_hits(loaded: LoadedModel, base: Batch, position: str, heads: Sequence[Head],
+                values: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor,
+                kinds: torch.Tensor, batch_size: int = 32,
+                prefix_cache: bool = True) -> torch.Tensor:
+    """Bool ``[K, N]``: does prompt n say the target (argmax over the full vocabulary at *last*,
+    the task's accuracy) for mask row ``k`` of ``masks`` ``[K, |U|]``, row ``k`` using desideratum
+    ``kinds[k]``'s counterfactual values ``values[kinds[k]]`` and targets ``targets[kinds[k]]``."""
     K = masks.shape[0]
-    hits = torch.zeros(K)
     N = targets.shape[1]
+    out = torch.zeros(K, N, dtype=torch.bool)
     for start in range(0, N, batch_size):
         idx = torch.arange(start, min(N, start + batch_size))
         logits = patched_last_logits(loaded, take(base, idx), position, heads,
                                      _rows_of(values, kinds, idx), masks.repeat(len(idx), 1), K,
                                      prefix_cache)
         tgt = _rows_of(targets, kinds, idx).to(logits.device)
-        hits += (logits.argmax(-1) == tgt).view(len(idx), K).sum(0).float().cpu()
-    return hits / N
+        out[:, idx] = (logits.argmax(-1) == tgt).view(len(idx), K).T.cpu()
+    return out
+
+
+def target_accuracy(loaded: LoadedModel, base: Batch, position: str, heads: Sequence[Head],
+                    values: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor,
+                    kinds: torch.Tensor, batch_size: int = 32,
+                    prefix_cache: bool = True) -> torch.Tensor:
+    """Accuracy ``[K]`` of the target for each mask row (the mean of :func:`target_hits`)."""
+    return target_hits(loaded, base, position, heads, values, targets, masks, kinds, batch_size,
+                       prefix_cache).float().mean(1)
