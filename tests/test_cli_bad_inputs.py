@@ -82,6 +82,12 @@ CATALOGUE = [
     ("study-n-mean-0", lambda c: ["study", "--n-mean", "0", "--out", c["out"]], "n_mean"),
     ("out-read-only", lambda c: ["data", "-n", "4", "--out", "/proc/circuitdiff-test"],
      "not writable"),
+    ("study-unknown-step", lambda c: ["study", "--steps", "discover,scna", "--out", c["out"]],
+     "unknown step 'scna'; valid steps: accuracy, discover"),
+    ("study-out-read-only", lambda c: ["study", "--out", "/proc/circuitdiff-study"],
+     "not writable"),
+    ("study-dcm-train-0", lambda c: ["study", "--dcm-train", "0", "--out", c["out"]],
+     "at least 1"),
 ]
 
 

@@ -99,7 +99,7 @@ def test_parse_steps():
     assert parse_steps("cmap, accuracy") == ("accuracy", "cmap")
     with pytest.raises(ValueError, match="unknown step 'scna'; valid steps: accuracy, discover"):
         parse_steps("scna")
-    assert with_dependencies(("cmap",)) == ("discover", "cmap")
+    assert with_dependencies(("cmap",)) == ("accuracy", "discover", "cmap")
 
 
 def test_study_at_chance_says_no_circuit(four_layer_models, tmp_path, capsys):

@@ -37,13 +37,14 @@ from .core.model import LoadedModel
 from .core.runs import RunFolder, atomic_write_text, model_tag, safe_name
 from .core.task import EntityTrackingTask, TaskConfig
 from .methods.accuracy import evaluate_accuracy
-from .methods.auto_chain import NoCircuitError
+from .methods.auto_chain import DiscoveryError, NoCircuitError
 from .methods.cmap import CMAPConfig, CMAPResult, cmap
 from .methods.dcm import DCMConfig, DCMResult, dcm, dcm_view, functional_patching, prepare
 from .methods.discovery import DiscoveryConfig, discover
 from .methods.evaluation import EvalConfig, evaluate_matrix
 from .methods.faithfulness import FaithfulnessRow
 from .methods.knockout import Edge, KnockoutCurve, knockout_curve
+from .methods.stats import difference_interval
 from .methods.verdicts import VerdictRules, unit_overlap, verdicts
 from .report.figures import discovery_heatmaps, plot_faithfulness_bars, plot_knockout_curves
 from .report.markdown import format_protocols, study_report
@@ -63,7 +64,7 @@ STEPS: tuple[str, ...] = ("accuracy", "discover", "paper_chain", "faithfulness",
 DEPENDS: dict[str, tuple[str, ...]] = {
     "accuracy": (), "discover": (), "paper_chain": (), "knockout": (),
     "faithfulness": ("discover",), "own_circuits": ("discover",), "dcm": ("discover",),
-    "functional": ("dcm",), "cmap": ("discover",)}
+    "functional": ("dcm",), "cmap": ("accuracy", "discover")}
 STEP_HELP: dict[str, str] = {
     "accuracy": "every model's accuracy",
     "discover": "the base circuit (automatic chain, position scan first)",
@@ -406,7 +407,7 @@ def _step_own_circuits(st: _Study) -> None:
         for spec in st.fine_tunes:
             try:
                 res = _discover_one(st, spec, st.folder.file(f"own/{model_tag(spec)}"), cfg)
-            except NoCircuitError as e:
+            except DiscoveryError as e:  # no circuit, or nothing significant to trace
                 out[spec] = {"no_circuit": str(e)}
                 st.log(f"  {spec}: no circuit ({e})")
                 continue
@@ -415,7 +416,8 @@ def _step_own_circuits(st: _Study) -> None:
                          "overlap": unit_overlap(base, own)}
             o = out[spec]["overlap"]
             st.log(f"  {spec}: {o['n_other']} units; {o['shared']} shared with the base's "
-                   f"{o['n_reference']} (recall {o['recall']:.2f}, Jaccard {o['jaccard']:.2f})")
+                   f"{o['n_reference']} (overlap coefficient {o['coefficient'] or 0:.2f}, "
+                   f"Jaccard {o['jaccard'] or 0:.2f})")
         return out
 
     st.step("own_circuits", {"models": st.fine_tunes, "discovery": cfg.to_dict(),
@@ -501,7 +503,18 @@ def _step_cmap(st: _Study) -> None:
         from .report.cmap import plot_cmap_bars
 
         out = {}
+        acc = st.results["accuracy"]
+        rules = st.cfg.rules
         for spec in st.fine_tunes:
+            gap = acc[spec]["accuracy"] - acc[st.base_spec]["accuracy"]
+            ci = difference_interval(acc[spec]["hits"], acc[st.base_spec]["hits"],
+                                     rules.bootstrap, rules.seed, rules.confidence)
+            if ci is not None and ci[0] <= 0:  # nothing for a circuit to carry
+                why = (f"no significant gain over the base to explain (accuracy gap {gap:+.2f} "
+                       f"[{ci[0]:.2f}, {ci[1]:.2f}], n={acc[spec]['n']}); CMAP skipped")
+                st.log(f"  {spec}: {why}")
+                out[spec] = {"skipped": why, "gap": gap, "gap_ci": ci}
+                continue
             res = cmap(st.base_spec, spec, None, circuit, st.cfg.cmap, load=st.load,
                        folder=st.folder, progress=st.progress)
             d = res.directions[0]  # fine-tune -> base
@@ -517,7 +530,8 @@ def _step_cmap(st: _Study) -> None:
         return out
 
     st.step("cmap", {"base": st.base_spec, "models": st.fine_tunes, "cmap": st.cfg.cmap.key(),
-                     "circuit": circuit.to_dict()}, compute)
+                     "circuit": circuit.to_dict(), "accuracy": st.results["accuracy"],
+                     "rules": asdict(st.cfg.rules)}, compute)
 
 
 # -- summary and report -----------------------------------------------------------------------------

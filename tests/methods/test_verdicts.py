@@ -45,6 +45,7 @@ def test_unit_overlap_counts_head_role_units():
     o = unit_overlap(a, b)
     assert (o["shared"], o["n_reference"], o["n_other"]) == (2, 3, 4)
     assert o["recall"] == pytest.approx(2 / 3) and o["jaccard"] == pytest.approx(2 / 5)
+    assert o["coefficient"] == pytest.approx(2 / 3)
 
 
 def _faith(model, hits_full, hits_circ):
@@ -56,16 +57,22 @@ def _faith(model, hits_full, hits_circ):
 def test_uses_base_circuit_needs_faithfulness_and_overlap():
     good = _faith("ft", [1] * 100, [1] * 97 + [0] * 3)
     bad = _faith("ft", [1] * 100, [1] * 40 + [0] * 60)
-    own = {"ft": {"overlap": {"shared": 8, "n_reference": 10, "n_other": 9, "recall": 0.8,
-                              "precision": 0.9, "jaccard": 0.73}}}
+    own = {"ft": {"overlap": {"shared": 5, "n_reference": 10, "n_other": 6, "recall": 0.5,
+                              "precision": 0.83, "jaccard": 0.45, "coefficient": 0.83},
+                  "sizing": {"faithfulness_paper": 0.92}}}
     far = {"ft": {"overlap": {"shared": 1, "n_reference": 10, "n_other": 9, "recall": 0.1,
-                              "precision": 0.1, "jaccard": 0.05}}}
+                              "precision": 0.1, "jaccard": 0.05, "coefficient": 0.11}}}
+    broken = {"ft": {**own["ft"], "sizing": {"faithfulness_paper": 0.05}}}
     assert uses_base_circuit({"faithfulness": [good], "own_circuits": own}, "ft", RULES,
                              "auto_circuit")["answer"] == YES
     assert uses_base_circuit({"faithfulness": [bad], "own_circuits": own}, "ft", RULES,
                              "auto_circuit")["answer"] == NO
     assert uses_base_circuit({"faithfulness": [good], "own_circuits": far}, "ft", RULES,
                              "auto_circuit")["answer"] == NO
+    # an own circuit that is not itself faithful says nothing by its overlap
+    v = uses_base_circuit({"faithfulness": [good], "own_circuits": broken}, "ft", RULES,
+                          "auto_circuit")
+    assert v["answer"] == UNDECIDED and "says nothing" in v["evidence"]
     # faithful but its own circuit was not computed: not enough for a yes
     v = uses_base_circuit({"faithfulness": [good]}, "ft", RULES, "auto_circuit")
     assert v["answer"] == UNDECIDED and "own circuits were not computed" in v["evidence"]

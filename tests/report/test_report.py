@@ -14,8 +14,10 @@ def _summary():
                     "groups": {"value_fetcher": {"position": "last", "heads": ["1.0"]},
                                "structure_reader": {"position": "prev_query_label",
                                                     "heads": []}}},
-        "knockout": {"last->correct_object": {"baseline": 0.5, "layers": [0, 1],
-                                              "accuracy": [0.1, 0.4]}},
+        "knockout": {"m0": {"last->correct_object": {"baseline": 0.5, "layers": [0, 1],
+                                                     "accuracy": [0.1, 0.4], "n": 4}}},
+        "verdicts": {"m1": {"gain_carried": {"answer": "undecided", "rule": "r",
+                                             "evidence": "gap +0.01 [-0.02, 0.04]"}}},
         "faithfulness": [{"model": "m0", "circuit": "base_circuit", "full": 0.5,
                           "circuit_accuracy": 0.25, "random_mean": 0.0, "random_sd": 0.0,
                           "faithfulness": 0.5, "n": 8, "random": [0.0]}],
@@ -28,7 +30,25 @@ def test_study_report_sections():
     assert "**value_fetcher** @ `last`: 1.0" in md
     assert "**structure_reader** @ `prev_query_label`: (empty)" in md
     assert "L=0: 0.10, L=1: 0.40" in md
+    # knockout ran on fewer prompts than the accuracy table: the report says why they differ
+    assert "Knockout uses the first 4 of the 8 evaluation prompts" in md
+    assert "**m1** — gain carried: **undecided** — gap +0.01" in md
     assert "| 0.50" in md and "0.25" in md
+
+
+def test_study_page_explains_what_a_reader_would_ask(tmp_path):
+    from circuitdiff.report.study_html import DEFINITIONS, build_study_page
+
+    s = _summary()
+    s["accuracy"] = {"m0": {"accuracy": 0.5, "in_context_accuracy": 0.6, "n": 8,
+                            "chance": 1 / 3}}
+    s["faithfulness"][0]["circuit_accuracy"] = 0.0
+    html = build_study_page(s, tmp_path).render()
+    assert "class='verdict undecided'" in html and "rule: r" in html
+    assert "at or below its random baseline" in html and "below chance" in html
+    assert "Empty groups (structure_reader)" in html
+    assert all(term in html for term in DEFINITIONS)
+    assert "first 4 of the 8 evaluation prompts" in html
 
 
 def test_accuracy_only_report():

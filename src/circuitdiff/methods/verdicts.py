@@ -3,8 +3,9 @@
 The three claims of the paper, asked of every fine-tune against its base:
 
 * **uses the base circuit** — the base circuit is faithful on the fine-tune (faithfulness
-  interval above ``faithful``) and the fine-tune's own circuit overlaps it (at least
-  ``overlap`` of the base circuit's (head, role) units);
+  interval above ``faithful``) and the fine-tune's own circuit, itself faithful, overlaps it
+  (at least ``overlap`` of the smaller circuit's (head, role) units are in the other: a
+  fine-tune that needs fewer heads for the same target is still "the same circuit");
 * **same functions** — every DCM selection that does something on the base (target accuracy at
   least ``min_effect`` above random heads) does it on the fine-tune too (paired difference of
   target accuracy, fine-tune − base, with its interval above ``−margin``);
@@ -37,8 +38,9 @@ class VerdictRules:
     """Thresholds of the three verdicts (also recorded in the summary)."""
 
     faithful: float = 0.8       # base circuit faithfulness on the fine-tune
-    overlap: float = 0.5        # share of the base circuit's units in the fine-tune's own circuit
+    overlap: float = 0.5        # overlap coefficient: shared units / units of the smaller circuit
     overlap_no: float = 0.2     # below this the circuits are different
+    own_faithful: float = 0.5   # an own circuit below this faithfulness says nothing by overlap
     min_effect: float = 0.2     # a DCM selection "does something" on the base: above random by this
     margin: float = 0.1         # the fine-tune may lose at most this much of a DCM target accuracy
     carried: float = 0.5        # CMAP gap share of the whole circuit
@@ -49,7 +51,8 @@ class VerdictRules:
 
 def unit_overlap(reference: Circuit, other: Circuit) -> dict[str, Any]:
     """Overlap of two circuits' (role, layer, head) units: shared count, recall (of
-    ``reference``), precision and Jaccard (``None`` over an empty set)."""
+    ``reference``), precision, Jaccard and the overlap coefficient (shared / units of the smaller
+    circuit); ``None`` over an empty set."""
     def units(c: Circuit) -> set[tuple[str, int, int]]:
         return {(g.position, l, h) for g in c.groups.values() for l, h in g.heads}
 
@@ -58,7 +61,8 @@ def unit_overlap(reference: Circuit, other: Circuit) -> dict[str, Any]:
     ratio = lambda x, y: None if y == 0 else x / y  # noqa: E731
     return {"shared": shared, "n_reference": len(a), "n_other": len(b),
             "recall": ratio(shared, len(a)), "precision": ratio(shared, len(b)),
-            "jaccard": ratio(shared, len(a | b))}
+            "jaccard": ratio(shared, len(a | b)),
+            "coefficient": ratio(shared, min(len(a), len(b)))}
 
 
 def _ci(ci: Sequence[float] | None) -> str:
@@ -84,9 +88,10 @@ def _verdict(answer: str, rule: str, evidence: str, **numbers) -> dict:
 def uses_base_circuit(results: dict, spec: str, rules: VerdictRules, circuit_name: str) -> dict:
     pct = rules.confidence * 100
     rule = (f"yes when the base circuit's faithfulness on the fine-tune has its {pct:.0f}% "
-            f"interval at or above {rules.faithful} and the fine-tune's own circuit holds at least "
-            f"{rules.overlap:.0%} of the base circuit's (head, role) units; no when the interval "
-            f"lies below {rules.faithful} or the overlap is under {rules.overlap_no:.0%}")
+            f"interval at or above {rules.faithful} and the fine-tune's own circuit (itself at "
+            f"faithfulness ≥ {rules.own_faithful}) shares at least {rules.overlap:.0%} of the "
+            f"smaller circuit's (head, role) units; no when the interval lies below "
+            f"{rules.faithful} or the overlap is under {rules.overlap_no:.0%}")
     row = next((r for r in results.get("faithfulness", [])
                 if r["model"] == spec and r["circuit"] == circuit_name), None)
     if row is None:
@@ -102,17 +107,23 @@ def uses_base_circuit(results: dict, spec: str, rules: VerdictRules, circuit_nam
         return _verdict(NO if faithful == NO else UNDECIDED, rule, f"{ftxt}; {why}",
                         faithfulness=f, faithfulness_ci=ci)
     o = own["overlap"]
-    recall = o["recall"] or 0.0
-    otxt = (f"own circuit shares {o['shared']} of the base circuit's {o['n_reference']} units "
-            f"({recall:.0%}; Jaccard {o['jaccard'] or 0:.2f})")
-    if faithful == NO or recall < rules.overlap_no:
+    coef = o.get("coefficient") or 0.0
+    own_f = (own.get("sizing") or {}).get("faithfulness_paper")
+    otxt = (f"own circuit ({o['n_other']} units) shares {o['shared']} with the base's "
+            f"{o['n_reference']} ({coef:.0%} of the smaller; Jaccard {o['jaccard'] or 0:.2f})")
+    if own_f is not None and own_f < rules.own_faithful:
+        return _verdict(NO if faithful == NO else UNDECIDED, rule,
+                        f"{ftxt}; {otxt}, but that own circuit reaches only faithfulness "
+                        f"{own_f:.2f} on its held-out prompts, so its overlap says nothing",
+                        faithfulness=f, faithfulness_ci=ci, overlap=coef, own_faithfulness=own_f)
+    if faithful == NO or coef < rules.overlap_no:
         answer = NO
-    elif faithful == YES and recall >= rules.overlap:
+    elif faithful == YES and coef >= rules.overlap:
         answer = YES
     else:
         answer = UNDECIDED
     return _verdict(answer, rule, f"{ftxt}; {otxt}", faithfulness=f, faithfulness_ci=ci,
-                    overlap_recall=recall, jaccard=o["jaccard"])
+                    overlap=coef, jaccard=o["jaccard"], own_faithfulness=own_f)
 
 
 def same_functions(results: dict, base: str, spec: str, rules: VerdictRules) -> dict:
@@ -156,6 +167,8 @@ def gain_carried(results: dict, spec: str, rules: VerdictRules) -> dict:
     res = results.get("cmap", {}).get(spec)
     if res is None:
         return _verdict(UNDECIDED, rule, "CMAP was not run (step cmap)")
+    if "skipped" in res:
+        return _verdict(UNDECIDED, rule, res["skipped"], gap=res["gap"], gap_ci=res["gap_ci"])
     d = res["directions"][0]
     gap, gap_ci = d["gap"], d.get("gap_ci")
     gtxt = (f"accuracy {d['target_accuracy']:.2f} (base) → {d['source_accuracy']:.2f} "

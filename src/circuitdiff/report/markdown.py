@@ -94,7 +94,7 @@ def study_report(summary: dict) -> str:
             o = d.get("overlap")
             out.append(f"- {short_name(m)}: " + (d.get("no_circuit", "no circuit") if o is None else
                        f"{o['n_other']} units, {o['shared']} shared with the base's "
-                       f"{o['n_reference']} (recall {fmt(o['recall'])}, Jaccard "
+                       f"{o['n_reference']} (overlap coefficient {fmt(o.get('coefficient'))}, Jaccard "
                        f"{fmt(o['jaccard'])})") + "\n")
     if summary.get("verdicts"):
         out.append("\n## Verdicts (yes / no / undecided; rules in report.html)\n\n")

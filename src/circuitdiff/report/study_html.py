@@ -172,15 +172,18 @@ def _own_section(s: dict, folder: Path) -> str:
     body = []
     for m, d in own.items():
         if "overlap" not in d:
-            body.append([short_name(m), "-", "-", "-", "-", d.get("no_circuit", "")])
+            body.append([short_name(m), "-", "-", "-", "-", "-", "-", d.get("no_circuit", "")])
             continue
         o = d["overlap"]
-        body.append([short_name(m), o["n_other"], o["shared"], o["recall"], o["jaccard"], ""])
+        own_f = (d.get("sizing") or {}).get("faithfulness_paper")
+        body.append([short_name(m), o["n_other"], own_f, o["shared"], o["recall"],
+                     o.get("coefficient"), o["jaccard"], (d.get("sizing") or {}).get("message", "")])
     figs = "".join(_fig(folder, f"own/{model_tag(m)}/circuit_flow.png",
                         f"{short_name(m)}'s own circuit (automatic chain, same settings as the "
                         f"base's)") for m in own)
-    return (_table(["fine-tune", "units", "shared with base", "recall of base units", "Jaccard",
-                   "note"], body, "each fine-tune's own circuit against the base circuit")
+    return (_table(["fine-tune", "units", "own faithfulness (held-out)", "shared with base",
+                    "recall of base units", "overlap coefficient", "Jaccard", "note"], body,
+                   "each fine-tune's own circuit against the base circuit")
             + figs)
 
 
@@ -231,6 +234,9 @@ def _dcm_section(s: dict, folder: Path) -> str:
 def _cmap_section(s: dict, folder: Path) -> str:
     parts = []
     for m, res in s.get("cmap", {}).items():
+        if "skipped" in res:
+            parts.append(f"<h3>{esc(short_name(m))}</h3><p class='muted'>{esc(res['skipped'])}</p>")
+            continue
         d = res["directions"][0]
         body = [[r["kind"], r["name"], r["n_heads"], r["accuracy"], r["share"],
                  _ci(r.get("share_ci")) or "-", r.get("random_share")]
@@ -289,7 +295,8 @@ def build_study_page(summary: dict, folder: str | Path) -> HtmlPage:
                       "The base model's circuit on an example prompt: groups as boxes at the "
                       "tokens they read, layers up; arrows say which input (q, k, v) of the "
                       "receiving group a sender writes, or the output"
-                      f" (discovery n={s['config']['discovery']['n_prompts']} prompts)")
+                      f" (discovery n={s['config'].get('discovery', {}).get('n_prompts', '?')}"
+                      f" prompts)")
                  + _circuit_table(s["circuit"]))
         disc = (_fig(folder, "discover/scan.png", "Position scan: accuracy with one layer's heads "
                      "mean-ablated at one role")

@@ -1,0 +1,61 @@
+"""The whole study on the shipped organisms (base + its LoRA fine-tune, laptop-small settings),
+and its report opened in a real browser (headless Chromium)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import pytest
+
+from circuitdiff.cli import main
+from circuitdiff.report.browser import check_page, find_browser
+
+
+@pytest.fixture(scope="module")
+def organism_study(tmp_path_factory):
+    out = tmp_path_factory.mktemp("organisms") / "study"
+    rc = main(["study", "--model", "organism:base", "--model", "organism:lora", "--out",
+               str(out), "-n", "60", "--n-discovery", "100", "--n-mean", "60",
+               "--random-draws", "3", "--dcm-train", "60", "--quiet"])
+    assert rc == 0
+    return out, json.loads((out / "summary.json").read_text())
+
+
+def test_study_finds_the_lookback_and_judges_the_fine_tune(organism_study):
+    out, s = organism_study
+    assert s["accuracy"]["organism:lora"]["accuracy"] > s["accuracy"]["organism:base"]["accuracy"]
+    positions = {g["position"] for g in s["circuit"]["groups"].values() if g["heads"]}
+    assert "last" in positions and positions & {"labels", "separators"}  # reads at the labels
+    v = s["verdicts"]["organism:lora"]
+    assert {k: d["answer"] in ("yes", "no", "undecided") for k, d in v.items()} == {
+        "uses_base_circuit": True, "same_functions": True, "gain_carried": True}
+    assert all(d["rule"] and d["evidence"] for d in v.values())
+    # the fine-tune's gain over the base is real here, so CMAP decides: a number, an interval
+    cm = s["cmap"]["organism:lora"]["directions"][0]
+    assert cm["gap_ci"][0] > 0
+    assert "own_circuits" in s and s["own_circuits"]["organism:lora"]["overlap"]["n_reference"] > 0
+
+
+def test_report_renders_in_chromium_with_every_figure_and_table(organism_study):
+    browser = find_browser()
+    if browser is None:
+        msg = "no chromium on PATH (apt-get install chromium)"
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the browser tests: {msg}")
+        pytest.skip(msg)
+    out, s = organism_study
+    html = (out / "report.html").read_text()
+    n_img = len(re.findall(r"<img ", html))
+    assert n_img >= 10  # diagrams, scan, curve, graph, faithfulness, knockout x2, DCM, CMAP...
+    for section in ("Summary and verdicts", "The base circuit", "Faithfulness on every model",
+                    "Attention knockout", "DCM: what each group encodes", "CMAP", "Definitions",
+                    "Settings, versions, seeds and timings"):
+        assert section in html, section
+    res = check_page(out / "report.html", out / "report_check.png", browser)
+    assert res.ok, res
+    assert res.images == res.images_ok == n_img
+    assert res.table_rows and all(n > 0 for n in res.table_rows)
+    # the study itself left a screenshot of the first screen in the run folder
+    assert (out / "report.png").stat().st_size > 20_000
