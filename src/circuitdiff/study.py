@@ -34,7 +34,7 @@ from typing import Any, Callable, Sequence
 
 from .core.circuit import Circuit
 from .core.model import LoadedModel
-from .core.runs import RunFolder, atomic_write_text, model_tag, safe_name
+from .core.runs import RunFolder, atomic_write_text, model_tag, safe_name, settings_digest
 from .core.task import EntityTrackingTask, TaskConfig
 from .methods.accuracy import evaluate_accuracy
 from .methods.auto_chain import DiscoveryError, NoCircuitError
@@ -421,7 +421,7 @@ def _step_own_circuits(st: _Study) -> None:
         return out
 
     st.step("own_circuits", {"models": st.fine_tunes, "discovery": cfg.to_dict(),
-                             "base_circuit": base.to_dict(), "version": 2}, compute)
+                             "base_circuit": base.to_dict(), "version": 3}, compute)
 
 
 def _step_knockout(st: _Study) -> None:
@@ -530,7 +530,8 @@ def _step_cmap(st: _Study) -> None:
         return out
 
     st.step("cmap", {"base": st.base_spec, "models": st.fine_tunes, "cmap": st.cfg.cmap.key(),
-                     "circuit": circuit.to_dict(), "accuracy": st.results["accuracy"],
+                     "circuit": circuit.to_dict(),
+                     "accuracy": settings_digest(st.results["accuracy"]),
                      "rules": asdict(st.cfg.rules)}, compute)
 
 

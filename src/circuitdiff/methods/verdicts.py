@@ -107,7 +107,8 @@ def uses_base_circuit(results: dict, spec: str, rules: VerdictRules, circuit_nam
         return _verdict(NO if faithful == NO else UNDECIDED, rule, f"{ftxt}; {why}",
                         faithfulness=f, faithfulness_ci=ci)
     o = own["overlap"]
-    coef = o.get("coefficient") or 0.0
+    smaller = min(o["n_reference"], o["n_other"])
+    coef = o["shared"] / smaller if smaller else 0.0
     own_f = (own.get("sizing") or {}).get("faithfulness_paper")
     otxt = (f"own circuit ({o['n_other']} units) shares {o['shared']} with the base's "
             f"{o['n_reference']} ({coef:.0%} of the smaller; Jaccard {o['jaccard'] or 0:.2f})")
