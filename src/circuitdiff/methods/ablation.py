@@ -98,7 +98,7 @@ def compute_means(loaded: LoadedModel, prompts: Sequence[Prompt], batch_size: in
         return fn
 
     hooks = [Hook(l, accumulate(l)) for l in range(arch.n_layers)]
-    for batch in tqdm(batches(prompts, loaded.tokenizer, batch_size), desc="means",
+    for batch in tqdm(batches(prompts, loaded.tokenizer, batch_size), desc=f"means {loaded.name}",
                       disable=not progress, unit="batch"):
         _check_layout(batch, "mean-ablation set", T)
         T = batch.input_ids.shape[1]
@@ -240,7 +240,7 @@ def stacked_runs(loaded: LoadedModel, prompts: Sequence[Prompt], means: HeadMean
     means.check(loaded)
     from tqdm.auto import tqdm
 
-    for i, batch in enumerate(tqdm(batches(prompts, loaded.tokenizer, batch_size), desc=desc,
+    for i, batch in enumerate(tqdm(batches(prompts, loaded.tokenizer, batch_size), desc=f"{desc} {loaded.name}",
                                    disable=not progress, unit="batch")):
         if bool((batch.answer_ids < 0).any()):
             raise AblationError("circuit evaluation needs prompts whose query names a box")

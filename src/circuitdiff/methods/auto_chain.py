@@ -255,7 +255,7 @@ def discover_auto(loaded: LoadedModel, out: str | Path, cfg, *,
         step = _Step(n_edge, name, role, kind if receiver else "q", recv_heads,
                      max(1, H // 2), eligible,
                      {**base, "edge": name, "receivers": [format_head(h) for h in recv_heads]},
-                     desc=f"edge {n_edge + 1}: {role} --{kind}--> {receiver or 'logits'}")
+                     desc=f"edge {n_edge + 1}: {role} --{kind}--> {receiver or 'logits'} {loaded.name}")
         n_edge += 1
         scores, se = _edge_scores(loaded, folder, clean, counterfactual, cfg, step, progress)
         result.scores[name] = scores
