@@ -209,7 +209,9 @@ def _check_local(spec: str) -> None:
                              f"not a transformers model folder")
 
 
-def _adapter_base(adapter_dir: Path) -> str:
+def adapter_base(adapter_dir: Path) -> str:
+    """The base model an adapter folder names (``base_model_name_or_path``), resolved relative
+    to the folder when it is a relative path."""
     cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
     base = cfg.get("base_model_name_or_path")
     if not base:
@@ -264,7 +266,7 @@ def load_model(spec: str, adapter: str | None = None, *, device: str | None = No
             if adapter is not None:
                 raise ModelSpecError(f"{spec} is itself a LoRA adapter, so --adapter {adapter} would "
                                      f"be ignored; pass --model organism:base --adapter {adapter}")
-            loaded = load_model(_adapter_base(folder), adapter=str(folder), device=device,
+            loaded = load_model(adapter_base(folder), adapter=str(folder), device=device,
                                 dtype=dtype, device_map=device_map)
             loaded.spec, loaded.adapter = spec, None
             return loaded
@@ -281,7 +283,7 @@ def load_model(spec: str, adapter: str | None = None, *, device: str | None = No
             if p.is_dir() and (p / "adapter_config.json").exists() and not (p / "config.json").exists():
                 if adapter is not None:
                     raise ModelSpecError(f"{spec} is itself an adapter; pass only one adapter")
-                loaded = load_model(_adapter_base(p), adapter=str(p), device=device, dtype=dtype,
+                loaded = load_model(adapter_base(p), adapter=str(p), device=device, dtype=dtype,
                                     device_map=device_map)
                 loaded.spec, loaded.adapter = spec, None  # named as the user named it
                 return loaded

@@ -210,7 +210,7 @@ def _spans(prompt: Prompt) -> tuple[list[tuple[int, int]], list[tuple[int, int]]
     return obj_spans, lab_spans, (q_start, q_start + len(prompt.query_label))
 
 
-def _token_at(offsets: Sequence[tuple[int, int]], span: tuple[int, int], what: str,
+def token_at(offsets: Sequence[tuple[int, int]], span: tuple[int, int], what: str,
               text: str) -> int:
     """Index of the single token covering ``span``; error if the word spans several tokens."""
     s, e = span
@@ -224,7 +224,9 @@ def _token_at(offsets: Sequence[tuple[int, int]], span: tuple[int, int], what: s
     return hits[0]
 
 
-def _encode(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+def encode_text(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids of ``text`` (with the tokenizer's special tokens) and each token's character
+    offsets, from a fast tokenizer (positions are computed from offsets, never guessed)."""
     if not getattr(tokenizer, "is_fast", False):
         raise TaskError("circuitdiff needs a fast (Rust-backed) tokenizer to compute token "
                         "positions from offsets; load it with use_fast=True")
@@ -235,14 +237,14 @@ def _encode(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
 def locate(prompt: Prompt, tokenizer) -> Located:
     """Tokenise ``prompt`` and find every named position from the tokenizer's offsets."""
     text = prompt.text
-    ids, offsets = _encode(tokenizer, text)
+    ids, offsets = encode_text(tokenizer, text)
     obj_spans, lab_spans, q_span = _spans(prompt)
     for (s, e), word in zip(obj_spans + lab_spans + [q_span],
                             prompt.objects + prompt.labels + [prompt.query_label]):
         assert text[s:e] == word, (text[s:e], word)
-    obj_pos = [_token_at(offsets, sp, "object", text) for sp in obj_spans]
-    lab_pos = [_token_at(offsets, sp, "box label", text) for sp in lab_spans]
-    q_pos = _token_at(offsets, q_span, "query label", text)
+    obj_pos = [token_at(offsets, sp, "object", text) for sp in obj_spans]
+    lab_pos = [token_at(offsets, sp, "box label", text) for sp in lab_spans]
+    q_pos = token_at(offsets, q_span, "query label", text)
     # the last real token is the one that ends at the end of the text (skip trailing specials)
     last = max(i for i, (a, b) in enumerate(offsets) if b > a)
     qi = prompt.query_index
@@ -253,13 +255,13 @@ def locate(prompt: Prompt, tokenizer) -> Located:
         "correct_object": obj_pos[qi] if qi is not None else -1,
     }
     object_ids = [ids[p] for p in obj_pos]
-    roles = _roles(text, offsets, positions, lab_pos, obj_pos)
+    roles = role_indices(text, offsets, positions, lab_pos, obj_pos)
     return Located(prompt, ids, positions, lab_pos, obj_pos, object_ids,
                    object_ids[qi] if qi is not None else None, roles)
 
 
-def _roles(text: str, offsets: Sequence[tuple[int, int]], positions: dict[str, int],
-           lab_pos: list[int], obj_pos: list[int]) -> dict[str, list[int]]:
+def role_indices(text: str, offsets: Sequence[tuple[int, int]], positions: dict[str, int],
+                 lab_pos: list[int], obj_pos: list[int]) -> dict[str, list[int]]:
     """Every schema role of one located prompt, as lists of token indices (scalar roles have
     one entry, or ``[-1]`` when absent from this prompt)."""
     roles = {name: [pos] for name, pos in positions.items()}
@@ -295,13 +297,13 @@ def single_token_words(tokenizer, words: Iterable[str], kind: str = "object") ->
             continue
         probe = f"The {w} is in Box {w}. Box {w} contains the {w}"
         try:
-            ids, offs = _encode(tokenizer, probe)
+            ids, offs = encode_text(tokenizer, probe)
             spans = [(4, 4 + len(w))]
             i = probe.index(" contains the ") + len(" contains the ")
             spans.append((i, i + len(w)))
             j = probe.index("Box ") + 4
             spans.append((j, j + len(w)))
-            toks = {ids[_token_at(offs, sp, kind, probe)] for sp in spans}
+            toks = {ids[token_at(offs, sp, kind, probe)] for sp in spans}
         except TaskError:
             continue
         # one token, the same in every context, and really the word (not an unknown-word id)

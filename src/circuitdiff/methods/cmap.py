@@ -804,13 +804,13 @@ def _as_spec(path: str) -> str:
 def adapter_base_of(spec: str) -> str | None:
     """For a spec naming a LoRA adapter folder, the base it was trained on (resolved path or
     hub id, as its ``adapter_config.json`` says); ``None`` for any other spec."""
-    from ..core.model import _adapter_base
+    from ..core.model import adapter_base
 
     folder = _spec_folder(spec)
     if folder is None or not (folder / "adapter_config.json").is_file() or \
             (folder / "config.json").is_file():
         return None
-    return _identity(_adapter_base(folder))
+    return _identity(adapter_base(folder))
 
 
 def _config_grid(spec: str) -> tuple[int, int, int, int] | None:

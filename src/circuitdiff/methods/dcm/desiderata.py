@@ -39,7 +39,7 @@ from typing import Callable, Sequence
 import torch
 
 from ...core.task import (DEFAULT_QUERY, DEFAULT_TEMPLATE, POSITION_NAMES, Batch,
-                          EntityTrackingTask, Located, Prompt, TaskError, _encode, _roles, _token_at,
+                          EntityTrackingTask, Located, Prompt, TaskError, encode_text, role_indices, token_at,
                           make_batch, pad_token_id, single_token_words)
 
 #: words random text is made of (kept if the tokenizer has them as one token; task words dropped)
@@ -139,10 +139,10 @@ def from_prompt(p: Prompt) -> TextPrompt:
 def locate_text(tp: TextPrompt, tokenizer) -> Located:
     """Token ids and named positions of ``tp`` from the tokenizer's offsets (as ``core.task.locate``
     does for plain prompts): each object, label and the query label must be a single token."""
-    ids, offsets = _encode(tokenizer, tp.text)
-    obj_pos = [_token_at(offsets, sp, "object", tp.text) for sp in tp.object_spans]
-    lab_pos = [_token_at(offsets, sp, "box label", tp.text) for sp in tp.label_spans]
-    q_pos = _token_at(offsets, tp.query_span, "query label", tp.text)
+    ids, offsets = encode_text(tokenizer, tp.text)
+    obj_pos = [token_at(offsets, sp, "object", tp.text) for sp in tp.object_spans]
+    lab_pos = [token_at(offsets, sp, "box label", tp.text) for sp in tp.label_spans]
+    q_pos = token_at(offsets, tp.query_span, "query label", tp.text)
     last = max(i for i, (a, b) in enumerate(offsets) if b > a)
     qi = tp.query_index
     positions = {"last": last, "query_label": q_pos,
@@ -150,7 +150,7 @@ def locate_text(tp: TextPrompt, tokenizer) -> Located:
                  "correct_object": obj_pos[qi] if qi is not None else -1}
     object_ids = [ids[p] for p in obj_pos]
     try:  # every schema role, as core.task.locate gives it (variants without commas lack some)
-        roles = _roles(tp.text, offsets, positions, lab_pos, obj_pos)
+        roles = role_indices(tp.text, offsets, positions, lab_pos, obj_pos)
     except TaskError:  # no separators: the scalar roles, labels and objects only
         roles = {**{k: [v] for k, v in positions.items()}, "labels": lab_pos, "objects": obj_pos}
     return Located(tp, ids, positions, lab_pos, obj_pos, object_ids,  # type: ignore[arg-type]
