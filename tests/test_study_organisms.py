@@ -4,13 +4,12 @@ and its report opened in a real browser (headless Chromium)."""
 from __future__ import annotations
 
 import json
-import os
 import re
 
 import pytest
 
 from circuitdiff.cli import main
-from circuitdiff.report.browser import check_page, find_browser
+from circuitdiff.report.browser import check_page
 
 
 @pytest.fixture(scope="module")
@@ -38,13 +37,8 @@ def test_study_finds_the_lookback_and_judges_the_fine_tune(organism_study):
     assert "own_circuits" in s and s["own_circuits"]["organism:lora"]["overlap"]["n_reference"] > 0
 
 
-def test_report_renders_in_chromium_with_every_figure_and_table(organism_study):
-    browser = find_browser()
-    if browser is None:
-        msg = "no chromium on PATH (apt-get install chromium)"
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must run the browser tests: {msg}")
-        pytest.skip(msg)
+def test_report_renders_in_chromium_with_every_figure_and_table(organism_study, chromium):
+    browser = chromium
     out, s = organism_study
     html = (out / "report.html").read_text()
     n_img = len(re.findall(r"<img ", html))

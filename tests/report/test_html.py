@@ -2,23 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
-import pytest
-
-from circuitdiff.report.browser import check_page, find_browser
+from circuitdiff.report.browser import check_page
 from circuitdiff.report.figures import pyplot, save_figure
 from circuitdiff.report.html import HtmlPage, figure, table, verdict
-
-
-def _browser():
-    b = find_browser()
-    if b is None:
-        msg = "no chromium on PATH (apt-get install chromium)"
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must run the browser tests: {msg}")
-        pytest.skip(msg)
-    return b
 
 
 def _page(tmp_path, extra: str = "") -> HtmlPage:
@@ -33,8 +19,8 @@ def _page(tmp_path, extra: str = "") -> HtmlPage:
     return page
 
 
-def test_page_renders_in_chromium(tmp_path):
-    browser = _browser()
+def test_page_renders_in_chromium(tmp_path, chromium):
+    browser = chromium
     path = _page(tmp_path).save(tmp_path / "p.html")
     text = path.read_text()
     assert "http" not in text.replace("http-equiv", "")  # nothing fetched from outside
@@ -44,8 +30,8 @@ def test_page_renders_in_chromium(tmp_path):
     assert (tmp_path / "shot.png").stat().st_size > 10_000
 
 
-def test_checker_catches_errors_and_outside_requests(tmp_path):
-    browser = _browser()
+def test_checker_catches_errors_and_outside_requests(tmp_path, chromium):
+    browser = chromium
     bad = "<img src='http://example.invalid/x.png'><script>undefinedFn()</script><table><tr><th>h</th></tr></table>"
     res = check_page(_page(tmp_path, bad).save(tmp_path / "bad.html"), None, browser)
     assert not res.ok
