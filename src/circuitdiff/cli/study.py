@@ -38,8 +38,8 @@ def register(sub) -> None:
                         "organisms; the paper used 20,5,10,5 on Llama-7B)")
     p.add_argument("--n-discovery", type=int, default=100, help="prompts for path patching")
     p.add_argument("--n-mean", type=int, default=200, help="mean-ablation prompts")
-    p.add_argument("--random-draws", type=int, default=10,
-                   help="random circuits of the same group sizes (default 10)")
+    p.add_argument("--random-draws", type=int, default=5,
+                   help="random circuits of the same group sizes (default 5)")
     from ..study import STEP_HELP, STEPS
 
     p.add_argument("--steps", type=_steps, default=STEPS,
@@ -77,7 +77,7 @@ def run(args) -> dict:
     auto = DiscoveryConfig(n_prompts=args.n_discovery, n_boxes=args.n_boxes,
                            seed=args.seed + 100, batch_size=args.batch_size, chain="auto",
                            target=args.target, on_unreachable="keep-all")
-    own = replace(default_own_discovery(), n_prompts=max(1, args.n_discovery // 2),
+    own = replace(default_own_discovery(), n_prompts=args.n_discovery,
                   n_boxes=args.n_boxes, seed=args.seed + 100, batch_size=args.batch_size,
                   target=args.target)
     steps = tuple(args.steps)
