@@ -13,6 +13,7 @@ from typing import Sequence
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ...core.arch import Architecture, unwrap
 from ...core.circuit import Head
@@ -247,17 +248,89 @@ class _PrefixState:
                     self.keys[i] = layer.keys[:, :, :s].contiguous()
                     self.values[i] = layer.values[:, :, :s].contiguous()
         mask = inputs["attention_mask"].bool()
-        self.pre_mask = mask[:, :s]                                      # [Bg, s]
+        neg = torch.tensor(float("-inf"), device=mask.device)
+        zero = torch.tensor(0.0, device=mask.device)
+        self.pre_bias = torch.where(mask[:, None, None, :s], zero, neg)  # [Bg, 1, 1, s]
         t = torch.arange(T - s, device=mask.device)
         causal = t[None, :] <= t[:, None]                                # [S, S]
         # a query always sees itself (no all-masked row, hence no NaN, even at a pad query)
-        self.suf_mask = (causal[None] & mask[:, None, s:]) | torch.eye(
+        allowed = (causal[None] & mask[:, None, s:]) | torch.eye(
             T - s, dtype=torch.bool, device=mask.device)[None]           # [Bg, S, S]
+        self.suf_plain = bool(mask[:, s:].all())  # no padding in the suffix: plain causal
+        self.suf_bias = torch.where(allowed, zero, neg)[:, None]         # [Bg, 1, S, S]
         self.n = 1  # senders stacked in the current forward (set by _pass2)
+        self._fold: dict[tuple[int, int], torch.Tensor] = {}
+
+    def fold_mask(self, g: int, n: int) -> torch.Tensor:
+        """Bool ``[n*Bg or 1, 1, g*S, s + S]`` mask of the tiled attention (queries of a kv
+        group folded: row ``j*S + t`` is query head ``j`` at suffix token ``t``)."""
+        if (g, n) not in self._fold:
+            self._fold.clear()
+            allowed = self.suf_bias == 0                                     # [Bg, 1, S, S]
+            if self.s > 0:
+                pre = (self.pre_bias == 0).expand(-1, -1, allowed.shape[2], -1)
+                allowed = torch.cat([pre, allowed], -1)
+            if bool(allowed.all(0).eq(allowed.any(0)).all()):  # same for every sample
+                allowed = allowed[:1]
+            allowed = allowed.repeat(1, 1, g, 1)
+            self._fold[(g, n)] = allowed if len(allowed) == 1 else allowed.repeat(n, 1, 1, 1)
+        return self._fold[(g, n)]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for d in (self.keys, self.values, self.hidden)
                    for t in d.values())
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+            causal: bool, scale: float, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention ``[..., Lq, D]`` of ``q`` over ``k``/``v`` (same leading dims; ``bias``
+    additive, broadcastable to the scores) and its log-sum-exp ``[..., Lq]``, in float32. The
+    CPU uses PyTorch's fused flash kernel (it returns the log-sum-exp); elsewhere, or with
+    ``fused=False``, plain matmuls and softmax."""
+    q, k, v = q.float(), k.float(), v.float()
+    if fused and q.device.type == "cpu":
+        try:
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q, k, v, 0.0, causal, attn_mask=bias, scale=scale)
+            return out, lse
+        except (RuntimeError, AttributeError):  # an older/newer PyTorch without this kernel
+            pass
+    s = torch.matmul(q * scale, k.transpose(-1, -2))
+    if causal:
+        Lq, Lk = s.shape[-2:]
+        s = s.masked_fill(torch.ones(Lq, Lk, dtype=torch.bool, device=s.device).triu(1),
+                          float("-inf"))
+    if bias is not None:
+        s = s + bias
+    lse = torch.logsumexp(s, -1)
+    return torch.matmul(torch.exp(s - lse[..., None]), v), lse
+
+
+#: the fused CPU attention kernel may be used (tests switch it off to check the plain one)
+_FUSED = True
+#: how pass 2 attends to the shared prefix: "shared" (prefix and suffix attended apart, merged
+#: by log-sum-exp: the prefix is never copied), "tiled" (one fused call per layer over the prefix
+#: copied for this layer's senders, queries of a kv group folded together: fastest where the
+#: kernel's per-call cost dominates, e.g. small heads on a CPU) or "auto" (tiled on CPU)
+_MODE = "auto"
+
+
+def _tiled_attention(st: "_PrefixState", l: int, query: torch.Tensor, key: torch.Tensor,
+                     value: torch.Tensor, scale: float, N: int, Bg: int, kv: int, g: int):
+    """One fused attention call per layer: keys ``[N*Bg, kv, s + S, D]`` (this layer's clean
+    prefix repeated over the ``N`` senders, then each one's suffix) and the ``g`` query heads of
+    a kv head folded into one query block ``[N*Bg, kv, g*S, D]`` (grouped-query aware: no
+    ``repeat_kv``), with a mask built once per forward."""
+    NB, H, S, D = query.shape
+    kp = st.keys.get(l)
+    if kp is not None:
+        key = torch.cat([kp.repeat(N, 1, 1, 1), key], 2)
+        value = torch.cat([st.values[l].repeat(N, 1, 1, 1), value], 2)
+    mask = st.fold_mask(g, N)
+    q = query.reshape(NB, kv, g * S, D)
+    out = F.scaled_dot_product_attention(q, key.to(q.dtype), value.to(q.dtype), attn_mask=mask,
+                                         scale=scale)
+    return out.view(NB, kv, g, S, D).permute(0, 3, 1, 2, 4).reshape(NB, S, H, D), None
 
 
 def _shared_prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -266,7 +339,9 @@ def _shared_prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.
     """Attention of ``N`` stacked senders' suffixes (``query`` ``[N*Bg, H, S, D]``, sender-major)
     over the clean prefix shared by all of them plus each one's own suffix, grouped-query aware:
     the prefix keys/values ``[Bg, kv, s, D]`` are neither tiled over senders nor repeated over
-    query heads. Registered as a transformers attention function; returns ``[N*Bg, S, H, D]``."""
+    query heads (every query of a kv head's group, of every sender, is one row against them).
+    The two parts are attended separately and merged by their log-sum-exps (exact softmax over
+    the union). Registered as a transformers attention function; returns ``[N*Bg, S, H, D]``."""
     st = _ACTIVE
     if st is None:
         raise RuntimeError("the shared-prefix attention runs only inside pass 2")
@@ -279,29 +354,25 @@ def _shared_prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.
     kv = key.shape[1]
     g = H // kv
     scale = D ** -0.5 if scaling is None else scaling
-    q = query.reshape(N, Bg, kv, g * S, D)       # head h reads kv head h // g (HF's grouping)
-    k = key.reshape(N, Bg, kv, S, D)
-    v = value.reshape(N, Bg, kv, S, D)
-    suf = torch.matmul(q, k.transpose(-1, -2)).view(N, Bg, kv, g, S, S)
-    parts = [suf]
+    if _MODE == "tiled" or (_MODE == "auto" and query.device.type == "cpu"):
+        return _tiled_attention(st, module.layer_idx, query, key, value, scale, N, Bg, kv, g)
+    # own suffix: causal (plus the suffix's padding, if any); kv heads repeated for the query
+    # heads of their group (suffix-sized, not prefix-sized)
+    ks = key[:, :, None].expand(NB, kv, g, S, D).reshape(NB, H, S, D)
+    vs = value[:, :, None].expand(NB, kv, g, S, D).reshape(NB, H, S, D)
+    bias = None if st.suf_plain else st.suf_bias.repeat(N, 1, 1, 1)
+    out, lse = _attend(query, ks, vs, bias, st.suf_plain, scale, _FUSED)
     kp = st.keys.get(l)
-    if kp is not None:
+    if kp is not None:  # the shared clean prefix: rows (sender, group head, token) per kv head
         s = kp.shape[2]
-        qp = q.permute(1, 2, 0, 3, 4).reshape(Bg, kv, N * g * S, D)
-        pre = torch.matmul(qp, kp.transpose(-1, -2)).view(Bg, kv, N, g, S, s)
-        parts.insert(0, pre.permute(2, 0, 1, 3, 4, 5))
-    scores = torch.cat(parts, -1).float() * scale                       # [N, Bg, kv, g, S, T']
-    mask = st.suf_mask[:, None, None]                                    # [Bg, 1, 1, S, S]
-    if kp is not None:
-        mask = torch.cat([st.pre_mask[:, None, None, None, :].expand(-1, 1, 1, S, -1), mask], -1)
-    scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores, -1).to(value.dtype)
-    out = torch.matmul(probs[..., -S:].reshape(N, Bg, kv, g * S, S), v)    # [N, Bg, kv, gS, D]
-    if kp is not None:
-        pp = probs[..., :s].permute(1, 2, 0, 3, 4, 5).reshape(Bg, kv, N * g * S, s)
-        out = out + torch.matmul(pp, st.values[l]).view(Bg, kv, N, g * S, D).permute(2, 0, 1, 3, 4)
-    out = out.view(N, Bg, kv, g, S, D).permute(0, 1, 4, 2, 3, 5).reshape(NB, S, H, D)
-    return out, None
+        qp = query.view(N, Bg, kv, g, S, D).permute(1, 2, 0, 3, 4, 5).reshape(Bg, kv, -1, D)
+        o_p, l_p = _attend(qp, kp, st.values[l], st.pre_bias, False, scale, _FUSED)
+        o_p = o_p.view(Bg, kv, N, g, S, D).permute(2, 0, 1, 3, 4, 5).reshape(NB, H, S, D)
+        l_p = l_p.view(Bg, kv, N, g, S).permute(2, 0, 1, 3, 4).reshape(NB, H, S)
+        o_p = torch.where(torch.isfinite(l_p)[..., None], o_p, 0.0)  # an all-padding prefix
+        both = torch.logaddexp(lse, l_p)
+        out = out * torch.exp(lse - both)[..., None] + o_p * torch.exp(l_p - both)[..., None]
+    return out.to(value.dtype).transpose(1, 2), None
 
 
 @contextlib.contextmanager
