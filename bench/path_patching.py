@@ -201,11 +201,16 @@ def matmul_peak(device: str, dtype: torch.dtype) -> float:
     best = float("inf")
     for _ in range(5):
         _sync(device)
-        t = time.perf_counter()
+        t = _clock()
         a @ b
         _sync(device)
-        best = min(best, time.perf_counter() - t)
+        best = min(best, _clock() - t)
     return 2 * n ** 3 / best
+
+
+#: the clock: CPU time of this process on a CPU (one thread: robust to other load on the
+#: machine), wall time on a GPU
+_clock = time.process_time
 
 
 def _sync(device: str) -> None:
@@ -238,11 +243,11 @@ def time_fast(loaded, clean, cf, step: str, bs: int, device: str, **kw):
     position, recv, kind = step_spec(step, loaded.arch)
     send = reachable(loaded.arch, recv)
     _sync(device)
-    t = time.perf_counter()
+    t = _clock()
     s = path_patching_scores(loaded, clean, cf, position, recv, kind, senders=send,
                              batch_size=bs, **kw)
     _sync(device)
-    return s, time.perf_counter() - t
+    return s, _clock() - t
 
 
 def child(args) -> None:
@@ -292,6 +297,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--before", default=None, metavar="SRC",
                     help="also time the fast path with the package at SRC (old checkout's src)")
+    ap.add_argument("--before-steps", default="pd,sr", help="steps timed by --before")
     ap.add_argument("--repeat", type=int, default=2, help="alternations for --before")
     ap.add_argument("--fast-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -299,6 +305,9 @@ def main() -> None:
     bad = [s for s in args.steps if s not in STEPS]
     if bad:
         ap.error(f"unknown steps {bad}; choose from {STEPS}")
+    global _clock
+    if args.device != "cpu":
+        _clock = time.perf_counter
     args.n = args.n or (300 if args.shape == "7b" else 50)
     args.batch_size = args.batch_size or (32 if args.shape == "7b" else 50)
     if args.naive_senders is None:
@@ -332,11 +341,11 @@ def main() -> None:
         mem = torch.cuda.max_memory_allocated() / 2 ** 30 if args.device.startswith("cuda") \
             else float("nan")
         _sync(args.device)
-        t = time.perf_counter()
+        t = _clock()
         naive = path_patching_scores(loaded, clean, cf, position, recv, kind, senders=subset,
                                      impl="naive", batch_size=args.batch_size)
         _sync(args.device)
-        t_naive = (time.perf_counter() - t) * len(send) / len(subset)
+        t_naive = (_clock() - t) * len(send) / len(subset)
         idx = torch.tensor(subset)
         diff = float((naive[idx[:, 0], idx[:, 1]] - fast[idx[:, 0], idx[:, 1]]).abs().max())
         f_naive, f_fast = flop_counts(loaded, clean, cf, position, recv, kind, send,
@@ -369,6 +378,7 @@ def main() -> None:
           f"{floor:.1f} s ({100 * floor / total:.0f}% of it reached)")
     if args.before:
         print(f"\nbefore/after: fast path with {args.before} (old) vs this checkout (new)")
+        args.steps = args.before_steps.split(",")
         res = before_after(args, args.before)
         for step in args.steps:
             new = min(v["s"] for v in res["new"][step])
