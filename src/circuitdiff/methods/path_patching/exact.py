@@ -209,7 +209,8 @@ def _pass1(rep: _Replay, c: _Clean, req: _Request, senders: list[Head],
 
 # -- pass 2: the suffix forward with a clean prefix shared by every sender ----------------------
 _ATTN = "circuitdiff_shared_prefix"
-_ACTIVE: "_PrefixState | None" = None   # the prefix the attention function reads (see _attend)
+#: the prefix :func:`_shared_prefix_attention` reads during one pass-2 forward
+_ACTIVE: "_PrefixState | None" = None
 
 
 class _PrefixState:
@@ -217,7 +218,8 @@ class _PrefixState:
     pass 2 needs it: per layer ``>= lo`` the clean keys and values of positions ``[0, s)``
     (``[Bg, kv, s, D]``, after any k-norm and RoPE: what the model's own cache holds) and the
     clean residual entering that layer at positions ``>= s`` (``[Bg, T - s, hidden]``), from one
-    clean forward. Nothing is tiled over senders: :func:`_shared_prefix_attention` broadcasts it.
+    clean forward. Nothing is stored tiled over senders: the stacked senders of a pass-2
+    forward share it (:func:`_shared_prefix_attention`).
     """
 
     def __init__(self, model: nn.Module, arch: Architecture, inputs: dict, s: int, lo: int,
