@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -387,3 +388,145 @@ def test_unsupported_layer_falls_back_to_naive(tiny, tokenizer):
         layer.forward = orig
     assert torch.equal(fast, naive)
     assert math.isfinite(float(fast.sum()))
+
+
+# -- the fast path's pass 2: shared prefix, per-sender start, cache reuse -----------------------
+import circuitdiff.methods.path_patching.exact as exact_mod  # noqa: E402
+from circuitdiff.methods.path_patching import CaptureCache, reuse_captures  # noqa: E402
+
+KV_STEPS = ["structure_reader", "k_at_labels", "v_at_labels", "position_detector",
+            "position_transmitter"]
+
+
+def _mixed_prompts(tok, n=6, seed=0):
+    """3-box prompts of two templates in one batch: different lengths, so the batch is
+    left-padded and the clean prefix of pass 2 holds padding for some samples."""
+    a, xa = _prompts(tok, n=n // 2, boxes=3, seed=seed)
+    task = EntityTrackingTask(tok, TaskConfig(n_boxes=3, segment_template=TEMPLATE),
+                              seed=seed + 1)
+    b = task.sample(n - n // 2)
+    xb = task.corrupt(b)
+    return [c for pair in zip(b, a) for c in pair], [x for pair in zip(xb, xa) for x in pair]
+
+
+def _strict_equal(loaded, clean, cf, pos, recv, kind, senders=None, tol=1e-5):
+    naive = path_patching_scores(loaded, clean, cf, pos, recv, kind, senders=senders,
+                                 impl="naive", batch_size=8)
+    fast = path_patching_scores(loaded, clean, cf, pos, recv, kind, senders=senders,
+                                batch_size=8)
+    assert naive.abs().max() > 1e-3, "oracle gives ~0 everywhere: the comparison proves nothing"
+    assert (fast - naive).abs().max() <= tol, float((fast - naive).abs().max())
+    return fast
+
+
+@pytest.mark.parametrize("mode,fused", [("shared", True), ("shared", False), ("tiled", True)])
+@pytest.mark.parametrize("step", KV_STEPS)
+def test_pass2_attention_modes_equal_naive(tiny, tokenizer, monkeypatch, mode, fused, step):
+    """Both ways of attending to the prefix shared by the stacked senders (merged by
+    log-sum-exp, fused kernel or plain matmuls; or one call over a per-layer tile with the GQA
+    query heads folded) give the oracle's scores, on a GQA model (4 q / 2 kv heads) and on a
+    left-padded batch whose prefixes hold padding."""
+    monkeypatch.setattr(exact_mod, "_MODE", mode)
+    monkeypatch.setattr(exact_mod, "_FUSED", fused)
+    loaded = _sharpen(tiny)
+    assert loaded.arch.n_kv_heads < loaded.arch.n_heads
+    clean, cf = _mixed_prompts(tokenizer)
+    from circuitdiff.core.task import encode
+    assert bool((encode(clean, tokenizer).attention_mask == 0).any())  # really padded
+    _strict_equal(loaded, clean, cf, *STEPS[step])
+
+
+@pytest.mark.parametrize("mode", ["shared", "tiled"])
+@pytest.mark.parametrize("step", ["k_at_labels", "v_at_labels", "structure_reader"])
+def test_pass2_under_lora_unmerged(tiny_lora, tokenizer, monkeypatch, mode, step):
+    """With a peft LoRA adapter attached un-merged, the suffix forward runs the adapter's
+    q/k/v/o deltas (its own modules) and still equals the oracle."""
+    monkeypatch.setattr(exact_mod, "_MODE", mode)
+    loaded = _sharpen(tiny_lora)
+    clean, cf = _mixed_prompts(tokenizer, seed=3)
+    fast = _strict_equal(loaded, clean, cf, *STEPS[step])
+    with loaded.adapter_disabled():
+        base = path_patching_scores(loaded, clean, cf, *STEPS[step], batch_size=8)
+    assert (base - fast).abs().max() > 1e-4
+
+
+def test_pass2_starts_at_each_senders_first_receiver_layer(tokenizer, monkeypatch):
+    """Pass 2 runs a sender only from its first reachable receiver layer (receivers at or below
+    its own layer keep their clean input), and the scores still equal the oracle's."""
+    loaded = _deep_tiny(tokenizer)
+    clean, cf = _prompts(tokenizer, n=5, boxes=3, seed=2)
+    recv = [(1, 0), (3, 2), (3, 1), (5, 3)]  # receivers in layers 1, 3, 5 (v at an early role)
+    starts: dict[int, set] = {}
+    orig = exact_mod._pass2
+
+    def spy(model, rep, inputs, pc, start, p, req, recv_vals, *a, **k):
+        starts.setdefault(start, set()).update(recv_vals)
+        return orig(model, rep, inputs, pc, start, p, req, recv_vals, *a, **k)
+    monkeypatch.setattr(exact_mod, "_pass2", spy)
+    _strict_equal(loaded, clean, cf, "labels", recv, "v")
+    # senders in layer 0 start at 1, in 1-2 at 3, in 3-4 at 5; each patches only layers >= start
+    assert starts == {1: {1, 3, 5}, 3: {3, 5}, 5: {5}}
+
+
+def test_capture_cache_reuse_is_exact(tiny, tokenizer):
+    """Reusing the clean/counterfactual captures and prefix states across calls (as discovery
+    does) gives identical scores; a model changed in place never hits a stale entry."""
+    loaded = _sharpen(tiny)
+    clean, cf = _prompts(tokenizer, n=5, seed=4)
+    steps = ["k_at_labels", "v_at_labels", "value_fetcher", "position_transmitter"]
+    ref = {s: path_patching_scores(loaded, clean, cf, *STEPS[s]) for s in steps}
+    with reuse_captures() as cache:
+        got = {s: path_patching_scores(loaded, clean, cf, *STEPS[s]) for s in steps}
+        again = path_patching_scores(loaded, clean, cf, *STEPS["k_at_labels"])
+    assert cache.hits >= 3  # labels twice more, last once more
+    for s in steps:
+        assert torch.equal(got[s], ref[s]), s
+    assert torch.equal(again, ref["k_at_labels"])
+    own = CaptureCache()
+    path_patching_scores(loaded, clean, cf, *STEPS["v_at_labels"], cache=own)
+    _sharpen(loaded, 1.5)  # in place: bumps the parameters' versions
+    fresh = path_patching_scores(loaded, clean, cf, *STEPS["v_at_labels"])
+    assert torch.equal(path_patching_scores(loaded, clean, cf, *STEPS["v_at_labels"],
+                                            cache=own), fresh)
+    assert not torch.equal(fresh, ref["v_at_labels"])
+
+
+def test_discovery_reuses_captures(tokenizer, tmp_path, monkeypatch):
+    """discover() shares one capture cache over its steps (same circuit as without)."""
+    loaded = _deep_tiny(tokenizer)
+    clean, cf = _prompts(tokenizer, n=4, boxes=3)
+    cfg = DiscoveryConfig(sizes=(3, 2, 2, 1), chain="paper")
+    seen = []
+    orig = exact_mod._fast_batch
+
+    def spy(*a, **k):
+        seen.append(a[7] if len(a) > 7 else k.get("cache"))
+        return orig(*a, **k)
+    monkeypatch.setattr(exact_mod, "_fast_batch", spy)
+    res = discover(loaded, tmp_path / "a", cfg, clean=clean, counterfactual=cf)
+    assert seen and all(c is seen[0] for c in seen) and seen[0] is not None
+    assert seen[0].hits >= 1  # value fetchers and position transmitters share 'last'
+    monkeypatch.setattr(exact_mod, "_REUSE", None)
+    import circuitdiff.methods.discovery as disc
+    monkeypatch.setattr(disc, "reuse_captures", lambda: contextlib.nullcontext())
+    plain = discover(loaded, tmp_path / "b", cfg, clean=clean, counterfactual=cf)
+    assert plain.circuit.groups == res.circuit.groups
+
+
+def test_bench_runs_on_a_tiny_shape():
+    """The bench's code path (the one ``--device cuda --shape 7b`` runs) on a tiny CPU shape:
+    every step's table row, fast = naive."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, str(root / "bench" / "path_patching.py"), "--shape",
+                          "tiny", "-n", "4", "--naive-senders", "3"], capture_output=True,
+                         text=True, check=True, cwd=root,
+                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"}).stdout
+    rows = [l for l in out.splitlines() if re.match(r"\| (vf|pt|pd|sr|kv) \|", l)]
+    assert len(rows) == 5, out
+    assert all(float(r.rstrip(" |").split("|")[-1].split()[0]) <= 1e-5 for r in rows), out
+    assert "FLOP floor" in out

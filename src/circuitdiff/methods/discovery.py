@@ -36,7 +36,7 @@ from ..core.runs import RunFolder, settings_digest
 from ..core.task import EntityTrackingTask, Prompt, TaskConfig, load_jsonl, save_jsonl
 from .scan import ScanResult
 from .path_patching import (IMPLS, PathPatchingError, ScoreComparison, attribution_scores,
-                            compare_scores, path_patching_scores, top_heads)
+                            compare_scores, path_patching_scores, reuse_captures, top_heads)
 
 #: (group, position, receiver kind for the next group) — receivers of step i are group i-1
 PAPER_CHAIN: tuple[tuple[str, str, str | None], ...] = (
@@ -273,15 +273,17 @@ def discover(loaded: LoadedModel, out: str | Path, config: DiscoveryConfig | Non
 
     ``clean``/``counterfactual`` default to the config's task prompts and ``task.corrupt()`` of
     them (saved as clean.jsonl / counterfactual.jsonl, reused on resume). Writes the scores of
-    every step (safetensors) and ``circuit.json``; returns a :class:`DiscoveryResult`.
+    every step (safetensors) and ``circuit.json``; returns a :class:`DiscoveryResult`. The
+    steps' exact scores share one :class:`~circuitdiff.methods.path_patching.CaptureCache`.
     """
     cfg = config or DiscoveryConfig()
-    if cfg.chain == "auto":
-        from .auto_chain import discover_auto
+    with reuse_captures():  # the steps share clean/counterfactual runs of the same prompts
+        if cfg.chain == "auto":
+            from .auto_chain import discover_auto
 
-        return discover_auto(loaded, out, cfg, clean=clean, counterfactual=counterfactual,
-                             progress=progress)
-    return _discover_paper(loaded, out, cfg, clean, counterfactual, progress)
+            return discover_auto(loaded, out, cfg, clean=clean, counterfactual=counterfactual,
+                                 progress=progress)
+        return _discover_paper(loaded, out, cfg, clean, counterfactual, progress)
 
 
 def _prompt_pairs(loaded: LoadedModel, folder: RunFolder, cfg: DiscoveryConfig,

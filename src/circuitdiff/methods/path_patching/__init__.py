@@ -49,8 +49,8 @@ Also here: a gradient estimate (``attribution_scores``, one forward/backward pai
 from .attribution import ScoreComparison, attribution_scores, compare_scores
 from .common import (IMPLS, RECEIVER_KINDS, PathPatchingError, all_heads, check_position,
                      top_heads)
-from .exact import path_patching_scores
+from .exact import CaptureCache, path_patching_scores, reuse_captures
 
-__all__ = ["IMPLS", "PathPatchingError", "RECEIVER_KINDS", "ScoreComparison", "all_heads",
-           "attribution_scores", "check_position", "compare_scores", "path_patching_scores",
-           "top_heads"]
+__all__ = ["CaptureCache", "IMPLS", "PathPatchingError", "RECEIVER_KINDS", "ScoreComparison",
+           "all_heads", "attribution_scores", "check_position", "compare_scores", "path_patching_scores",
+           "reuse_captures", "top_heads"]

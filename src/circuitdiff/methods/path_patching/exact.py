@@ -5,13 +5,15 @@ replay a layer)."""
 from __future__ import annotations
 
 import contextlib
-import copy
+import hashlib
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ...core.arch import Architecture, unwrap
 from ...core.circuit import Head
@@ -205,42 +207,195 @@ def _pass1(rep: _Replay, c: _Clean, req: _Request, senders: list[Head],
     return recv, answer_prob(rep.logits(state), answers)
 
 
-class _PrefixCache:
-    """Clean KV cache of positions ``[0, s)``, tiled over senders on demand (and reused), plus
-    the clean residual entering layer ``start`` at positions ``>= s`` when the suffix forward
-    may skip the layers below the first receiver (they are clean in pass 2)."""
+# -- pass 2: the suffix forward with a clean prefix shared by every sender ----------------------
+_ATTN = "circuitdiff_shared_prefix"
+#: the prefix :func:`_shared_prefix_attention` reads during one pass-2 forward
+_ACTIVE: "_PrefixState | None" = None
 
-    def __init__(self, model: nn.Module, arch: Architecture, inputs: dict, s: int, start: int):
-        self.batch = inputs["input_ids"].shape[0]
-        self.cache = None
+
+class _PrefixState:
+    """The clean run of one group of samples (``Bg`` rows, all with suffix start ``s``), as
+    pass 2 needs it: per layer ``>= lo`` the clean keys and values of positions ``[0, s)``
+    (``[Bg, kv, s, D]``, after any k-norm and RoPE: what the model's own cache holds) and the
+    clean residual entering that layer at positions ``>= s`` (``[Bg, T - s, hidden]``), from one
+    clean forward. Nothing is stored tiled over senders: the stacked senders of a pass-2
+    forward share it (:func:`_shared_prefix_attention`).
+    """
+
+    def __init__(self, model: nn.Module, arch: Architecture, inputs: dict, s: int, lo: int,
+                 feed: bool = True):
+        self.s, self.lo = s, lo
+        T = inputs["input_ids"].shape[1]
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        self.hidden: dict[int, torch.Tensor] = {}
+        handles = []
+
+        def grab(i):
+            def hook(_m, args, kwargs):
+                h = args[0] if args else kwargs["hidden_states"]
+                self.hidden[i] = h[:, s:].detach().clone()
+            return hook
+        try:
+            for i in range(max(lo, 1) if feed else arch.n_layers, arch.n_layers):
+                handles.append(arch.layers[i].register_forward_pre_hook(grab(i),
+                                                                        with_kwargs=True))
+            out = model(**inputs, use_cache=s > 0, logits_to_keep=1)
+        finally:
+            for h in handles:
+                h.remove()
         if s > 0:
-            pre = {k: v[:, :s] for k, v in inputs.items()}
-            self.cache = model(**pre, use_cache=True, logits_to_keep=1).past_key_values
-        self.start, self.hidden = 0, None
-        if start > 0:
-            got = {}
+            for i, layer in enumerate(out.past_key_values.layers):
+                if i >= lo:
+                    self.keys[i] = layer.keys[:, :, :s].contiguous()
+                    self.values[i] = layer.values[:, :, :s].contiguous()
+        mask = inputs["attention_mask"].bool()
+        neg = torch.tensor(float("-inf"), device=mask.device)
+        zero = torch.tensor(0.0, device=mask.device)
+        self.pre_bias = torch.where(mask[:, None, None, :s], zero, neg)  # [Bg, 1, 1, s]
+        t = torch.arange(T - s, device=mask.device)
+        causal = t[None, :] <= t[:, None]                                # [S, S]
+        # a query always sees itself (no all-masked row, hence no NaN, even at a pad query)
+        allowed = (causal[None] & mask[:, None, s:]) | torch.eye(
+            T - s, dtype=torch.bool, device=mask.device)[None]           # [Bg, S, S]
+        self.suf_plain = bool(mask[:, s:].all())  # no padding in the suffix: plain causal
+        self.suf_bias = torch.where(allowed, zero, neg)[:, None]         # [Bg, 1, S, S]
+        self.n = 1  # senders stacked in the current forward (set by _pass2)
+        self._fold: dict[tuple[int, int], torch.Tensor] = {}
 
-            def grab(_m, _i, out):
-                got["h"] = (out[0] if isinstance(out, tuple) else out)[:, s:].detach()
-            handle = arch.layers[start - 1].register_forward_hook(grab)
-            try:
-                run_with_edits(model, inputs, [StopAfter(start - 1)], arch)
-            finally:
-                handle.remove()
-            self.start, self.hidden = start, got["h"]
-        self._tiled: dict[int, object] = {}
+    def fold_mask(self, g: int, n: int) -> torch.Tensor:
+        """Bool ``[n*Bg or 1, 1, g*S, s + S]`` mask of the tiled attention (queries of a kv
+        group folded: row ``j*S + t`` is query head ``j`` at suffix token ``t``)."""
+        if (g, n) not in self._fold:
+            self._fold.clear()
+            allowed = self.suf_bias == 0                                     # [Bg, 1, S, S]
+            if self.s > 0:
+                pre = (self.pre_bias == 0).expand(-1, -1, allowed.shape[2], -1)
+                allowed = torch.cat([pre, allowed], -1)
+            if bool(allowed.all(0).eq(allowed.any(0)).all()):  # same for every sample
+                allowed = allowed[:1]
+            allowed = allowed.repeat(1, 1, g, 1)
+            self._fold[(g, n)] = allowed if len(allowed) == 1 else allowed.repeat(n, 1, 1, 1)
+        return self._fold[(g, n)]
 
-    def tiled(self, n: int):
-        """The cache repeated ``n`` times along the batch (row ``i*B + b`` = sample ``b``)."""
-        if self.cache is None:
-            return None
-        if n not in self._tiled:
-            self._tiled.clear()
-            c = copy.deepcopy(self.cache)
-            dev = next(iter(c.layers)).keys.device
-            c.batch_select_indices(torch.arange(self.batch, device=dev).repeat(n))
-            self._tiled[n] = c
-        return _fresh(self._tiled[n])
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for d in (self.keys, self.values, self.hidden)
+                   for t in d.values())
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+            causal: bool, scale: float, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention ``[..., Lq, D]`` of ``q`` over ``k``/``v`` (same leading dims; ``bias``
+    additive, broadcastable to the scores) and its log-sum-exp ``[..., Lq]``, in float32. The
+    CPU uses PyTorch's fused flash kernel (it returns the log-sum-exp); elsewhere, or with
+    ``fused=False``, plain matmuls and softmax."""
+    q, k, v = q.float(), k.float(), v.float()
+    if fused and q.device.type == "cpu":
+        try:
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q, k, v, 0.0, causal, attn_mask=bias, scale=scale)
+            return out, lse
+        except (RuntimeError, AttributeError):  # an older/newer PyTorch without this kernel
+            pass
+    s = torch.matmul(q * scale, k.transpose(-1, -2))
+    if causal:
+        Lq, Lk = s.shape[-2:]
+        s = s.masked_fill(torch.ones(Lq, Lk, dtype=torch.bool, device=s.device).triu(1),
+                          float("-inf"))
+    if bias is not None:
+        s = s + bias
+    lse = torch.logsumexp(s, -1)
+    return torch.matmul(torch.exp(s - lse[..., None]), v), lse
+
+
+#: the fused CPU attention kernel may be used (tests switch it off to check the plain one)
+_FUSED = True
+#: how pass 2 attends to the shared prefix: "shared" (prefix and suffix attended apart, merged
+#: by log-sum-exp: the prefix is never copied), "tiled" (one fused call per layer over the prefix
+#: copied for this layer's senders, queries of a kv group folded together: fastest where the
+#: kernel's per-call cost dominates, e.g. small heads on a CPU) or "auto" (tiled on CPU)
+_MODE = "auto"
+
+
+def _tiled_attention(st: "_PrefixState", l: int, query: torch.Tensor, key: torch.Tensor,
+                     value: torch.Tensor, scale: float, N: int, Bg: int, kv: int, g: int):
+    """One fused attention call per layer: keys ``[N*Bg, kv, s + S, D]`` (this layer's clean
+    prefix repeated over the ``N`` senders, then each one's suffix) and the ``g`` query heads of
+    a kv head folded into one query block ``[N*Bg, kv, g*S, D]`` (grouped-query aware: no
+    ``repeat_kv``), with a mask built once per forward."""
+    NB, H, S, D = query.shape
+    kp = st.keys.get(l)
+    if kp is not None:
+        key = torch.cat([kp.repeat(N, 1, 1, 1), key], 2)
+        value = torch.cat([st.values[l].repeat(N, 1, 1, 1), value], 2)
+    mask = st.fold_mask(g, N)
+    q = query.reshape(NB, kv, g * S, D)
+    out = F.scaled_dot_product_attention(q, key.to(q.dtype), value.to(q.dtype), attn_mask=mask,
+                                         scale=scale)
+    return out.view(NB, kv, g, S, D).permute(0, 3, 1, 2, 4).reshape(NB, S, H, D), None
+
+
+def _shared_prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
+                             value: torch.Tensor, attention_mask, scaling: float | None = None,
+                             dropout: float = 0.0, **kwargs):
+    """Attention of ``N`` stacked senders' suffixes (``query`` ``[N*Bg, H, S, D]``, sender-major)
+    over the clean prefix shared by all of them plus each one's own suffix, grouped-query aware:
+    the prefix keys/values ``[Bg, kv, s, D]`` are neither tiled over senders nor repeated over
+    query heads (every query of a kv head's group, of every sender, is one row against them).
+    The two parts are attended separately and merged by their log-sum-exps (exact softmax over
+    the union). Registered as a transformers attention function; returns ``[N*Bg, S, H, D]``."""
+    st = _ACTIVE
+    if st is None:
+        raise RuntimeError("the shared-prefix attention runs only inside pass 2")
+    if kwargs.get("sliding_window") or kwargs.get("softcap") or kwargs.get("s_aux") is not None:
+        raise _Unsupported("attention with a sliding window, soft-capping or sinks")
+    l = module.layer_idx
+    NB, H, S, D = query.shape
+    N = st.n
+    Bg = NB // N
+    kv = key.shape[1]
+    g = H // kv
+    scale = D ** -0.5 if scaling is None else scaling
+    if _MODE == "tiled" or (_MODE == "auto" and query.device.type == "cpu"):
+        return _tiled_attention(st, module.layer_idx, query, key, value, scale, N, Bg, kv, g)
+    # own suffix: causal (plus the suffix's padding, if any); kv heads repeated for the query
+    # heads of their group (suffix-sized, not prefix-sized)
+    ks = key[:, :, None].expand(NB, kv, g, S, D).reshape(NB, H, S, D)
+    vs = value[:, :, None].expand(NB, kv, g, S, D).reshape(NB, H, S, D)
+    bias = None if st.suf_plain else st.suf_bias.repeat(N, 1, 1, 1)
+    out, lse = _attend(query, ks, vs, bias, st.suf_plain, scale, _FUSED)
+    kp = st.keys.get(l)
+    if kp is not None:  # the shared clean prefix: rows (sender, group head, token) per kv head
+        s = kp.shape[2]
+        qp = query.view(N, Bg, kv, g, S, D).permute(1, 2, 0, 3, 4, 5).reshape(Bg, kv, -1, D)
+        o_p, l_p = _attend(qp, kp, st.values[l], st.pre_bias, False, scale, _FUSED)
+        o_p = o_p.view(Bg, kv, N, g, S, D).permute(2, 0, 1, 3, 4, 5).reshape(NB, H, S, D)
+        l_p = l_p.view(Bg, kv, N, g, S).permute(2, 0, 1, 3, 4).reshape(NB, H, S)
+        o_p = torch.where(torch.isfinite(l_p)[..., None], o_p, 0.0)  # an all-padding prefix
+        both = torch.logaddexp(lse, l_p)
+        out = out * torch.exp(lse - both)[..., None] + o_p * torch.exp(l_p - both)[..., None]
+    return out.to(value.dtype).transpose(1, 2), None
+
+
+@contextlib.contextmanager
+def _shared_prefix(model: nn.Module, state: _PrefixState, n: int):
+    """Within the block the model attends with :func:`_shared_prefix_attention` over ``state``'s
+    prefix (the config's attention implementation is restored afterwards)."""
+    global _ACTIVE
+    from transformers import AttentionInterface
+
+    if _ATTN not in AttentionInterface._global_mapping:
+        AttentionInterface.register(_ATTN, _shared_prefix_attention)
+    cfg = unwrap(model).config
+    old, prev = cfg._attn_implementation, _ACTIVE
+    state.n = n
+    cfg._attn_implementation = _ATTN
+    _ACTIVE = state
+    try:
+        yield
+    finally:
+        cfg._attn_implementation = old
+        _ACTIVE = prev
 
 
 @contextlib.contextmanager
@@ -264,41 +419,31 @@ def _skip_layers(rep: "_Replay", start: int, hidden: torch.Tensor):
         handle.remove()
 
 
-def _fresh(cache):
-    """A shallow copy a forward may grow: DynamicCache layers replace, never modify, their
-    tensors (``torch.cat``), so the tiled prefix tensors stay clean for the next chunk."""
-    new = copy.copy(cache)
-    new.layers = [copy.copy(layer) for layer in cache.layers]
-    return new
-
-
-def _pass2(model: nn.Module, rep: "_Replay", inputs: dict, pc: "_PrefixCache | None", s: int,
+def _pass2(model: nn.Module, rep: "_Replay", inputs: dict, pc: _PrefixState, start: int,
            p: torch.Tensor, req: _Request, recv: dict[int, torch.Tensor],
-           active: dict[int, torch.Tensor], answers: torch.Tensor,
-           last: torch.Tensor) -> torch.Tensor:
-    """Clean suffix forward (positions >= s) with receiver inputs replaced at the role's tokens
-    ``p`` ``[B, P]`` (``recv`` values ``[N, B, P, units, D]``); ``[N, B]`` probs."""
+           answers: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """Clean suffix forward (positions ``>= pc.s``) of layers ``>= start`` with the receiver
+    inputs of ``recv`` (layers ``>= start``, all reached by every sender; values
+    ``[N, B, P, units, D]``) replaced
+    at the role's tokens ``p`` ``[B, P]``; ``[N, B]`` probs. The layers below ``start`` are clean
+    for these senders: their residual is fed in, and every layer attends to the shared prefix."""
     arch = rep.arch
+    s = pc.s
     N, B, P = next(iter(recv.values())).shape[:3]
     dev = p.device
     T = inputs["input_ids"].shape[1]
     rep_in = {"input_ids": inputs["input_ids"][:, s:].repeat(N, 1),
-              "attention_mask": inputs["attention_mask"].repeat(N, 1),
               "position_ids": inputs["position_ids"][:, s:].repeat(N, 1)}
     pos = (p - s).repeat(N, 1)  # [N*B, P]
     edits = []
     for lr, vals in recv.items():
-        where = req.unit_mask(arch, lr).to(dev)[None, :] & active[lr].to(dev)[:, None]  # [N, U]
-        edits.append(Write(lr, vals.reshape(N * B, P, *vals.shape[3:]), pos,
-                           where.repeat_interleave(B, 0)[:, None, :], req.kind))
-    cache = pc.tiled(N) if pc is not None else None
-    kw = {"past_key_values": cache, "use_cache": True} if cache is not None else \
-        {"use_cache": False}
+        where = req.unit_mask(arch, lr).to(dev)[None, None, :]  # [1, 1, U]
+        edits.append(Write(lr, vals.reshape(N * B, P, *vals.shape[3:]), pos, where, req.kind))
     keep = {"logits_to_keep": 1} if bool((last == T - 1).all()) else {}
-    skip = _skip_layers(rep, pc.start, pc.hidden.repeat(N, 1, 1)) \
-        if pc is not None and pc.start > 0 else contextlib.nullcontext()
-    with intervene(model, edits, arch), skip:
-        logits = model(**rep_in, **kw, **keep).logits
+    skip = _skip_layers(rep, start, pc.hidden[start].repeat(N, 1, 1)) if start > 0 \
+        else contextlib.nullcontext()
+    with intervene(model, edits, arch), skip, _shared_prefix(model, pc, N):
+        logits = model(**rep_in, use_cache=False, **keep).logits
     if keep:
         logits = logits[:, -1]
     else:
@@ -307,65 +452,178 @@ def _pass2(model: nn.Module, rep: "_Replay", inputs: dict, pc: "_PrefixCache | N
     return answer_prob(logits.view(N, B, -1), answers)
 
 
+def _first_receiver_layer(ls: int, recv_layers: list[int]) -> int:
+    """The first receiver layer a sender in layer ``ls`` reaches: receivers at or below ``ls``
+    keep their clean input, so pass 2 is clean below it and may start there."""
+    return min(lr for lr in recv_layers if lr > ls)
+
+
+# -- reuse of clean/counterfactual runs across calls --------------------------------------------
+class CaptureCache:
+    """Clean and counterfactual captures (per prompt batch and role) and clean prefix states
+    (per prompt batch and suffix start) reused by later :func:`path_patching_scores` calls on
+    the same model and prompts — the steps of a discovery chain share them.
+
+    Entries are keyed by the prompts' token ids, the role's token indices, the model object,
+    its parameters' in-place version counters and the adapters' enabled state, so a changed
+    model or other prompts never hit a stale entry. ``max_bytes`` bounds what is kept (oldest
+    first out; default 2 GiB, or 20 % of the GPU's memory on CUDA)."""
+
+    def __init__(self, max_bytes: int | None = None):
+        self.max_bytes = max_bytes
+        self._store: "OrderedDict[tuple, tuple[object, int]]" = OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, key: tuple, make, nbytes, device: torch.device):
+        if key in self._store:
+            self._store.move_to_end(key)
+            self.hits += 1
+            return self._store[key][0]
+        self.misses += 1
+        value = make()
+        size = nbytes(value)
+        limit = self.max_bytes
+        if limit is None:
+            limit = int(torch.cuda.get_device_properties(device).total_memory * 0.2) \
+                if device.type == "cuda" else 2 << 30
+        while self._store and sum(b for _, b in self._store.values()) + size > limit:
+            self._store.popitem(last=False)
+        if size <= limit:
+            self._store[key] = (value, size)
+        return value
+
+    def clear(self) -> None:
+        self._store.clear()
+
+
+_REUSE: CaptureCache | None = None
+
+
+@contextlib.contextmanager
+def reuse_captures(cache: CaptureCache | None = None):
+    """Within the block every :func:`path_patching_scores` call without its own ``cache`` shares
+    ``cache`` (a new :class:`CaptureCache` by default); yields it."""
+    global _REUSE
+    prev, _REUSE = _REUSE, cache or CaptureCache()
+    try:
+        yield _REUSE
+    finally:
+        _REUSE = prev
+
+
+def _model_state(model: nn.Module) -> tuple:
+    """What a cached capture depends on besides the prompts: the model object, its parameters'
+    in-place version counters and which adapters are enabled."""
+    version = sum(p._version for p in model.parameters())
+    disabled = tuple(bool(getattr(m, "disable_adapters", False)) for m in model.modules()
+                     if hasattr(m, "disable_adapters") and hasattr(m, "lora_A"))
+    active = getattr(model, "active_adapters", None)
+    try:
+        active = tuple(active) if active is not None and not callable(active) else None
+    except TypeError:
+        active = None
+    return id(model), version, disabled, active
+
+
+def _digest(*tensors: torch.Tensor) -> str:
+    h = hashlib.sha1()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _clean_nbytes(c: _Clean) -> int:
+    return sum(t.numel() * t.element_size() for t in (c.z, c.z_cf, c.resid, c.attn, c.logits))
+
+
 def _fast_batch(loaded: LoadedModel, rep: _Replay, bc: Batch, bx: Batch, req: _Request,
-                max_rows: int, bar=None) -> torch.Tensor:
+                max_rows: int, bar=None, cache: CaptureCache | None = None) -> torch.Tensor:
     """Per-sample score of every sender on this batch: ``[len(senders), B]`` (0 for senders at
     or after the last receiver layer)."""
     model, arch, dev = loaded.model, loaded.arch, loaded.device
-    c = _capture(loaded, bc, bx, req.position)
-    err = max(_replay_error(rep, c), _logits_error(rep, c, bc.positions["last"]))
+    state = _model_state(model) if cache is not None else None
+    batch_key = _digest(bc.input_ids, bc.attention_mask, bx.input_ids, bx.attention_mask) \
+        if cache is not None else None
+    p_role = role_positions(bc, req.position)
+
+    def capture() -> tuple[_Clean, float]:
+        c = _capture(loaded, bc, bx, req.position)
+        return c, max(_replay_error(rep, c), _logits_error(rep, c, bc.positions["last"]))
+    if cache is None:
+        c, err = capture()
+    else:
+        c, err = cache.get(("clean", state, batch_key, _digest(p_role)), capture,
+                           lambda v: _clean_nbytes(v[0]), dev)
     if err > _tolerance(c.resid.dtype):
         raise _Unsupported(f"replaying the clean run at one position misses by {err:.2g} "
                            f"(relative); this decoder layer is not of the supported shape")
     answers = bc.answer_ids.to(dev)
     B = len(bc)
-    order = sorted(range(len(req.senders)), key=lambda i: req.senders[i])
-    out = torch.zeros(len(req.senders), len(bc), dtype=torch.float32)
     recv_layers = req.recv_layers()
     last_recv = max(recv_layers) if recv_layers else arch.n_layers
-    live = [i for i in order if req.senders[i][0] < last_recv]  # others score exactly 0
+    can_skip = rep.layer_owner is not None
+    out = torch.zeros(len(req.senders), len(bc), dtype=torch.float32)
+    live = [i for i in range(len(req.senders)) if req.senders[i][0] < last_recv]
     inputs = bc.model_inputs(dev)
     last = bc.positions["last"].to(dev)
-    groups = []  # samples sharing a receiver position share a prefix cache and a suffix
-    chunk = max(1, max_rows // B)
+    # senders sharing their first reachable receiver layer share a batch (sorted by layer for
+    # pass 1): pass 2 patches only receivers at or above it, and starts there when it can
+    batches: dict[int, list[int]] = {}
+    for i in sorted(live, key=lambda i: req.senders[i]):
+        first = _first_receiver_layer(req.senders[i][0], recv_layers) if recv_layers else 0
+        batches.setdefault(first, []).append(i)
+    groups = []  # samples sharing a role start share a prefix state and a suffix forward
+    chunk = max(1, max_rows // (B * c.p.shape[1]))  # pass-1 rows: sender x sample x role token
     if recv_layers:
         T = inputs["input_ids"].shape[1]
+        lo = min(batches) if batches and can_skip else 0
         starts = c.p.min(1).values  # the suffix of a sample starts at its role's first token
+        budget = _cache_budget(dev)
         for s in torch.unique(starts).tolist():
             rows = (starts == s).nonzero()[:, 0]
             sub = {k: v[rows] for k, v in inputs.items()}
-            start = min(recv_layers) if rep.layer_owner is not None else 0
-            groups.append((s, rows, sub, _PrefixCache(model, arch, sub, s, start)))
-            # rows of one pass-2 forward are (sender, sample) pairs over the suffix: bound them
-            chunk = max(1, min(chunk, max_rows // (len(rows) * max(1, T - s))))
-        # every group keeps its prefix cache tiled over the chunk's senders: bound their bytes
-        cache_row = 2 * arch.n_layers * arch.n_kv_heads * arch.head_dim * \
-            max(1, int(c.p.max())) * c.z.element_size()
-        chunk = max(1, min(chunk, _cache_budget(dev) // (B * cache_row)))
-    for i in range(0, len(live), chunk):
-        idx = live[i:i + chunk]
-        senders = [req.senders[j] for j in idx]
-        recv, probs = _pass1(rep, c, req, senders, answers)
-        if probs is None:
-            active = {lr: torch.tensor([l < lr for l, _ in senders]) for lr in recv_layers}
-            probs = torch.empty(len(idx), B, device=dev)
-            P = c.p.shape[1]
-            for s, rows, sub, cache in groups:
-                probs[:, rows] = _pass2(
-                    model, rep, sub, cache, s, c.p[rows], req,
-                    {lr: v.view(len(idx), B, P, *v.shape[2:])[:, rows] for lr, v in recv.items()},
-                    active, answers[rows], last[rows])
-        score = (probs - c.p_clean[None]) / c.p_clean[None]
-        out[torch.tensor(idx)] = score.float().cpu()
-        if bar is not None:
-            bar.update(len(idx) * B)
+
+            def make(sub=sub, s=s) -> _PrefixState:
+                return _PrefixState(model, arch, sub, s, lo, feed=can_skip)
+            if cache is None:
+                pc = make()
+            else:
+                pc = cache.get(("prefix", state, batch_key, _digest(rows), s, lo), make,
+                               _PrefixState.nbytes, dev)
+            groups.append((rows, sub, pc))
+            # pass-2 rows are (sender, sample, suffix token); its attention scores are
+            # (sender, sample, head, suffix token, key): bound both
+            S = T - s
+            chunk = min(chunk, max(1, max_rows // (len(rows) * S)),
+                        max(1, budget // (len(rows) * arch.n_heads * S * T * 4 * 3)))
+    P = c.p.shape[1]
+    for first, members in batches.items():
+        start = first if can_skip else 0
+        for i in range(0, len(members), chunk):
+            idx = members[i:i + chunk]
+            senders = [req.senders[j] for j in idx]
+            recv, probs = _pass1(rep, c, req, senders, answers)
+            if probs is None:
+                probs = torch.empty(len(idx), B, device=dev)
+                for rows, sub, pc in groups:
+                    probs[:, rows] = _pass2(
+                        model, rep, sub, pc, start, c.p[rows], req,
+                        {lr: v.view(len(idx), B, P, *v.shape[2:])[:, rows]
+                         for lr, v in recv.items() if lr >= first},
+                        answers[rows], last[rows])
+            score = (probs - c.p_clean[None]) / c.p_clean[None]
+            out[torch.tensor(idx)] = score.float().cpu()
+            if bar is not None:
+                bar.update(len(idx) * B)
     if bar is not None:
         bar.update((len(req.senders) - len(live)) * B)
     return out
 
 
 def _cache_budget(device: torch.device) -> int:
-    """Bytes the repeated prefix caches of one pass-2 forward may take."""
+    """Bytes the attention scores of one pass-2 forward may take."""
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         return int(free * 0.3)
@@ -384,7 +642,7 @@ def path_patching_scores(loaded: LoadedModel, clean: Sequence[Prompt],
                          senders: Sequence[Head | str] | None = None, impl: str = "fast",
                          batch_size: int = 32, max_rows: int | None = None,
                          progress: bool = False, desc: str = "path patching",
-                         return_se: bool = False
+                         return_se: bool = False, cache: CaptureCache | None = None
                          ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Path-patching score of every sender head: a float32 ``[n_layers, n_heads]`` tensor.
 
@@ -395,7 +653,9 @@ def path_patching_scores(loaded: LoadedModel, clean: Sequence[Prompt],
     (default 16384 on CPU, 131072 on CUDA).
     Scores are means over samples; the most negative heads matter most. ``return_se`` also
     returns each mean's standard error over samples (``[n_layers, n_heads]``, 0 where not scored):
-    the spread significance tests compare a score with.
+    the spread significance tests compare a score with. ``cache`` (default: the one of an
+    enclosing :func:`reuse_captures` block, else none) reuses the fast path's clean and
+    counterfactual runs of the same prompts across calls; scores are the same either way.
     """
     if impl not in IMPLS:
         raise PathPatchingError(f"impl must be one of {IMPLS}, got {impl!r}")
@@ -425,7 +685,8 @@ def path_patching_scores(loaded: LoadedModel, clean: Sequence[Prompt],
                                      counterfactual[i:i + batch_size], position)
             if rep is not None:
                 try:
-                    per_sample.append(_fast_batch(loaded, rep, bc, bx, req, max_rows, bar))
+                    per_sample.append(_fast_batch(loaded, rep, bc, bx, req, max_rows, bar,
+                                                  cache if cache is not None else _REUSE))
                     continue
                 except _Unsupported as e:
                     warnings.warn(f"fast path patching unsupported: {e}; using the naive path",
