@@ -119,3 +119,19 @@ def test_study_accuracy_only(saved_models, tmp_path, capsys):
                  "-n", "6"]) == 0
     assert "7-box accuracy" in capsys.readouterr().out
     assert (out / "report.md").exists()
+
+
+def test_python_api_runs_the_study_with_default_loading(tmp_path):
+    """The API needs no loader: ``run_study(models, out=..., cfg=...)`` loads by spec."""
+    from circuitdiff import StudyConfig, run_study
+    from circuitdiff.methods.evaluation import EvalConfig
+
+    lines = []
+    s = run_study(["organism:base", "organism:full"], out=tmp_path / "api",
+                  cfg=StudyConfig(evaluation=EvalConfig(n_prompts=20, n_mean=20),
+                                  steps=("accuracy",)),
+                  progress=False, log=lines.append)
+    assert s["steps"] == ["accuracy"] and set(s["accuracy"]) == {"organism:base", "organism:full"}
+    assert s["accuracy"]["organism:full"]["n"] == 20
+    assert (tmp_path / "api" / "report.html").exists()
+    assert any("organism:full: 7-box accuracy" in line for line in lines)

@@ -251,12 +251,24 @@ class _Study:
         return result
 
 
-def run_study(models: Sequence[str], load: Callable[[str], LoadedModel], out: str | Path,
-              cfg: StudyConfig | None = None, progress: bool = True,
-              log: Callable[[str], None] = print) -> dict:
+def run_study(models: Sequence[str] = ORGANISM_STUDY,
+              load: Callable[[str], LoadedModel] | None = None,
+              out: str | Path = "runs/study", cfg: StudyConfig | None = None,
+              progress: bool = True, log: Callable[[str], None] = print) -> dict:
     """Run the study on ``models`` (the first is the base whose circuit is found); returns the
-    summary (also ``summary.json``), with ``report.md`` and ``report.html`` written beside it."""
+    summary (also ``summary.json``), with ``report.md`` and ``report.html`` written beside it.
+
+    ``load(spec)`` loads a model (default :func:`circuitdiff.core.model.load_model` on CPU, float32)::
+
+        from circuitdiff import StudyConfig, run_study
+        summary = run_study(out="runs/study")                       # the shipped organisms
+        summary["verdicts"]["organism:lora"]["gain_carried"]["answer"]
+        run_study(["my/base", "my/lora-adapter"], out="runs/mine",
+                  cfg=StudyConfig(steps=("discover", "faithfulness")))
+    """
     cfg = cfg or StudyConfig()
+    if load is None:
+        from .core.model import load_model as load
     if not models:
         raise ValueError("the study needs at least one model")
     if len(set(models)) != len(models):
