@@ -38,11 +38,10 @@ from .core.runs import RunFolder, atomic_write_text, model_tag, safe_name, setti
 from .core.task import EntityTrackingTask, TaskConfig
 from .methods.accuracy import evaluate_accuracy
 from .methods.auto_chain import DiscoveryError, NoCircuitError
-from .methods.cmap import CMAPConfig, CMAPResult, cmap
+from .methods.cmap import CMAPConfig, cmap
 from .methods.dcm import DCMConfig, DCMResult, dcm, dcm_view, functional_patching, prepare
 from .methods.discovery import DiscoveryConfig, discover
 from .methods.evaluation import EvalConfig, evaluate_matrix
-from .methods.faithfulness import FaithfulnessRow
 from .methods.knockout import Edge, KnockoutCurve, knockout_curve
 from .methods.stats import difference_interval
 from .methods.verdicts import VerdictRules, unit_overlap, verdicts
@@ -620,5 +619,5 @@ def _screenshot(st: _Study, html_path: Path) -> None:
         st.log(f"  warning: the report did not render cleanly in {browser}: {res}")
 
 
-__all__ = ["STEPS", "StudyConfig", "run_study", "parse_steps", "ORGANISM_STUDY",
-           "FaithfulnessRow", "CMAPResult"]
+__all__ = ["STEPS", "StudyConfig", "run_study", "parse_steps", "with_dependencies",
+           "ORGANISM_STUDY"]

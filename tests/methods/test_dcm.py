@@ -371,3 +371,20 @@ def test_position_missing_in_counterfactual_is_an_error(task):
     enc.counterfactual.positions["prev_query_label"][0] = -1
     with pytest.raises(D.DesiderataError, match="no prev_query_label token"):
         D.check_position(enc, "prev_query_label")
+
+
+def test_dcm_view_keeps_what_dcm_can_train_and_says_what_it_changed():
+    from circuitdiff.core.circuit import Circuit, CircuitGroup
+    from circuitdiff.methods.dcm import dcm_view
+
+    c = Circuit({"readers": CircuitGroup([(1, 0), (1, 1)], "last"),
+                 "mover": CircuitGroup([(0, 2)], "last"),
+                 "movers": CircuitGroup([(0, 3), (0, 4)], "labels"),
+                 "lonely": CircuitGroup([(0, 5)], "query_label"),
+                 "empty": CircuitGroup([], "prev_query_label")}, 2, 8, "m")
+    view, notes = dcm_view(c)
+    assert {n: (g.position, g.heads) for n, g in view.groups.items()} == {
+        "readers+mover": ("last", [(1, 0), (1, 1), (0, 2)])}
+    assert any("movers is read at labels" in n for n in notes)
+    assert any("lonely is one head (0.5) alone at query_label" in n for n in notes)
+    assert any("mover (one head, 0.2) merged into readers" in n for n in notes)

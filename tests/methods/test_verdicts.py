@@ -69,6 +69,13 @@ def test_uses_base_circuit_needs_faithfulness_and_overlap():
                              "auto_circuit")["answer"] == NO
     assert uses_base_circuit({"faithfulness": [good], "own_circuits": far}, "ft", RULES,
                              "auto_circuit")["answer"] == NO
+    # a smaller own circuit inside the base's is the same circuit (the fine-tune needs fewer
+    # units): the overlap counts against the smaller circuit, not the base's
+    inside = {"ft": {"overlap": {"shared": 3, "n_reference": 10, "n_other": 3, "recall": 0.3,
+                                 "precision": 1.0, "jaccard": 0.3, "coefficient": 1.0},
+                     "sizing": {"faithfulness_paper": 0.95}}}
+    assert uses_base_circuit({"faithfulness": [good], "own_circuits": inside}, "ft", RULES,
+                             "auto_circuit")["answer"] == YES
     # an own circuit that is not itself faithful says nothing by its overlap
     v = uses_base_circuit({"faithfulness": [good], "own_circuits": broken}, "ft", RULES,
                           "auto_circuit")

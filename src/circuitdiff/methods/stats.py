@@ -61,6 +61,11 @@ def difference_interval(a_hits: Sequence, b_hits: Sequence, resamples: int = 100
     return interval(a[idx].mean(1) - b[idx].mean(1), confidence)
 
 
+def format_interval(ci: Sequence[float] | None, missing: str = "") -> str:
+    """``[lo, hi]`` to two decimals, or ``missing`` when there is no interval."""
+    return missing if not ci else f"[{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
 def mean_interval(hits: Sequence, resamples: int = 1000, seed: int = 0,
                   confidence: float = 0.95) -> list[float] | None:
     """Bootstrap interval of an accuracy over prompts."""

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from ..core.circuit import Circuit
-from .stats import difference_interval
+from .stats import difference_interval, format_interval
 
 YES, NO, UNDECIDED = "yes", "no", "undecided"
 CLAIMS: tuple[str, ...] = ("uses_base_circuit", "same_functions", "gain_carried")
@@ -66,7 +66,7 @@ def unit_overlap(reference: Circuit, other: Circuit) -> dict[str, Any]:
 
 
 def _ci(ci: Sequence[float] | None) -> str:
-    return "[-]" if not ci else f"[{ci[0]:.2f}, {ci[1]:.2f}]"
+    return format_interval(ci, "[-]")
 
 
 def against(ci: Sequence[float] | None, threshold: float) -> str:

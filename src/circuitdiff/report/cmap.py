@@ -8,12 +8,13 @@ from pathlib import Path
 
 from ..core.runs import RunFolder, atomic_write_text, safe_name
 from ..methods.cmap import CMAPResult, DirectionResult
+from ..methods.stats import format_interval
 from .figures import integer_ticks, pyplot, save_figure
 from .tables import fmt, short_name
 
 
 def _ci(ci: list[float] | None) -> str:
-    return "" if ci is None else f" [{ci[0]:.2f}, {ci[1]:.2f}]"
+    return "" if ci is None else " " + format_interval(ci)
 
 
 def direction_header(d: DirectionResult) -> str:

@@ -16,11 +16,9 @@ from typing import Sequence
 from ..core.circuit import Circuit, format_head
 from ..core.runs import model_tag
 from .html import HtmlPage, definitions, esc, figure, table, verdict
-from .tables import short_name
-
-CLAIM_TITLES = {"uses_base_circuit": "uses the base circuit",
-                "same_functions": "same functions (DCM)",
-                "gain_carried": "gain carried by the circuit (CMAP)"}
+from ..methods.stats import format_interval
+from ..methods.verdicts import CLAIM_TITLES
+from .tables import fmt, short_name
 
 #: one line per metric, shown at the end of the report
 DEFINITIONS: dict[str, str] = {
@@ -58,14 +56,6 @@ DEFINITIONS: dict[str, str] = {
 }
 
 
-def _f(x, nd: int = 2) -> str:
-    return "undefined" if x is None else f"{x:.{nd}f}"
-
-
-def _ci(ci: Sequence[float] | None) -> str:
-    return "" if not ci else f"[{ci[0]:.2f}, {ci[1]:.2f}]"
-
-
 def _table(header: Sequence[str], rows: Sequence[Sequence], caption: str = "") -> str:
     """A table, or nothing when there are no rows (an empty table reads as a failure)."""
     return table(header, rows, caption) if rows else ""
@@ -100,7 +90,7 @@ def _summary_section(s: dict) -> str:
         chance = next(iter(acc.values())).get("chance")
         line = ", ".join(f"{short_name(m)} {a['accuracy']:.2f}" for m, a in acc.items())
         parts.append(f"<p>Accuracy on {next(iter(acc.values()))['n']} evaluation prompts: "
-                     f"{esc(line)} (chance {_f(chance)}).</p>")
+                     f"{esc(line)} (chance {fmt(chance)}).</p>")
     if "no_circuit" in s:
         parts.append(f"<p><b>No circuit:</b> {esc(s['no_circuit'])}</p>")
     circuit = s.get("circuit")
@@ -115,8 +105,8 @@ def _summary_section(s: dict) -> str:
                      f"groups, {units} (head, role) units.</p>")
     base_rows = [r for r in s.get("faithfulness", []) if r["circuit"] == "auto_circuit"]
     if base_rows:
-        cells = ", ".join(f"{short_name(r['model'])} {_f(r['faithfulness'])} "
-                          f"{_ci(r.get('faithfulness_ci'))}" for r in base_rows)
+        cells = ", ".join(f"{short_name(r['model'])} {fmt(r['faithfulness'])} "
+                          f"{format_interval(r.get('faithfulness_ci'))}" for r in base_rows)
         rnd = [r["random_mean"] / r["full"] for r in base_rows
                if r.get("random_mean") is not None and r["full"] > 0]
         parts.append(f"<p>Its faithfulness on every model: {esc(cells)}"
@@ -142,8 +132,8 @@ def _faithfulness_section(s: dict, folder: Path) -> str:
         rnd = ("-" if r.get("random_mean") is None
                else f"{r['random_mean']:.2f} ± {r.get('random_sd') or 0:.2f}")
         body.append([short_name(r["model"]), r["circuit"], r["full"], r["circuit_accuracy"],
-                     rnd, r.get("faithfulness"), _ci(r.get("faithfulness_ci")) or "-",
-                     _f(by.get("keep-other-positions", {}).get("faithfulness"))])
+                     rnd, r.get("faithfulness"), format_interval(r.get("faithfulness_ci")) or "-",
+                     fmt(by.get("keep-other-positions", {}).get("faithfulness"))])
     n = rows[0]["n"] if rows else 0
     notes = []
     for r in rows:
@@ -239,12 +229,12 @@ def _cmap_section(s: dict, folder: Path) -> str:
             continue
         d = res["directions"][0]
         body = [[r["kind"], r["name"], r["n_heads"], r["accuracy"], r["share"],
-                 _ci(r.get("share_ci")) or "-", r.get("random_share")]
+                 format_interval(r.get("share_ci")) or "-", r.get("random_share")]
                 for r in d["rows"] if not r.get("empty")]
         parts.append(f"<h3>{esc(short_name(m))} → {esc(short_name(d['target']))}</h3>"
                      f"<p class='muted'>base accuracy {d['target_accuracy']:.2f}, fine-tune "
                      f"{d['source_accuracy']:.2f}, gap {d['gap']:+.2f} "
-                     f"{esc(_ci(d.get('gap_ci')))}; n={d['n']} prompts</p>"
+                     f"{esc(format_interval(d.get('gap_ci')))}; n={d['n']} prompts</p>"
                      + _table(["kind", "patched", "heads", "accuracy", "gap share", "95% CI",
                               "random share"], body)
                      + _fig(folder, f"cmap/{model_tag(m)}.png",
