@@ -141,3 +141,18 @@ def test_answer_weighted_loss_targets_the_query_answers():
     # answer-only loss is the cross-entropy of that one answer token
     answer_ce = torch.nn.functional.cross_entropy(logits[r, c - 1][None], ids[r, c][None])
     assert torch.allclose(weighted_lm_loss(logits, labels, w), answer_ce, atol=1e-6)
+
+
+def test_aux_corpus_styles_restrict_the_wording():
+    """``styles`` draws only the named auxiliary wordings; the default never uses the evaluation
+    wording and is a pure function of the seed."""
+    from circuitdiff.organisms.data import aux_corpus
+
+    inside = aux_corpus(60, 3, binding_frac=0.0, styles=(3,))
+    assert all(" inside Box " in d for d in inside)
+    crates = aux_corpus(60, 3, binding_frac=0.0, styles=(0, 2))
+    assert not any(" inside Box " in d or " -> " in d for d in crates)
+    default = aux_corpus(200, 5)
+    assert default == aux_corpus(200, 5)
+    assert any(" inside Box " in d for d in default) and any(" -> " in d for d in default)
+    assert not any(" contains the " in d or " is in Box " in d for d in default)

@@ -115,12 +115,16 @@ def _tracking_eval_wording(rng: random.Random, n: int, n_queries: int,
     return text
 
 
-def _tracking_aux_wording(rng: random.Random, n: int, n_queries: int) -> str:
-    """Tracking in wordings that are never the evaluation template."""
+def _tracking_aux_wording(rng: random.Random, n: int, n_queries: int,
+                          styles: tuple[int, ...] | None = None) -> str:
+    """Tracking in wordings that are never the evaluation template: style 0 ``the o sits in
+    crate l ;``, 1 ``o : l ; which crate ? l -> o``, 2 ``put the o into crate l``, 3 ``the o is
+    inside Box l, ... Box l holds the o`` (weights 1, 1, 1, 3; ``styles`` restricts the draw to
+    those styles, uniformly)."""
     cont = rng.choice(AUX_CONTAINERS)
     objs = rng.sample(OBJECTS, n)
     labs = rng.sample(LABELS, n)
-    style = rng.choices(range(4), (1, 1, 1, 3))[0]
+    style = rng.choices(range(4), (1, 1, 1, 3))[0] if styles is None else rng.choice(styles)
     if style == 3:  # same box words, other verbs: "is inside" / "holds" (never "is in"/"contains")
         segs = [f"the {o} is inside Box {l}" for o, l in zip(objs, labs)]
         text = ", ".join(segs) + "."
@@ -231,8 +235,10 @@ def base_corpus(n: int, seed: int, max_boxes: int = 7, box_weights: tuple[float,
 
 
 def aux_corpus(n: int, seed: int, min_boxes: int = 3, max_boxes: int = 9,
-               binding_frac: float = 0.25) -> list[str]:
-    """Fine-tuning documents for lora/full: binding-like data, never the evaluation wording."""
+               binding_frac: float = 0.25, styles: tuple[int, ...] | None = None) -> list[str]:
+    """Fine-tuning documents for lora/full: binding-like data, never the evaluation wording.
+    A ``binding_frac`` share is variable binding (``x = 5 ; print x -> 5``), the rest tracking in
+    the auxiliary wordings (``styles``: see :func:`_tracking_aux_wording`)."""
     rng = random.Random(seed)
     docs = []
     for _ in range(n):
@@ -240,7 +246,7 @@ def aux_corpus(n: int, seed: int, min_boxes: int = 3, max_boxes: int = 9,
         if rng.random() < binding_frac:
             docs.append(_variable_binding(rng, k, rng.randint(2, 4)))
         else:
-            docs.append(_tracking_aux_wording(rng, k, rng.randint(3, k + 1)))
+            docs.append(_tracking_aux_wording(rng, k, rng.randint(3, k + 1), styles))
     return docs
 
 
