@@ -2,7 +2,7 @@
 
 Not part of the package or the tests: the probe behind the #16 diagnosis (README.md here).
 
-    ft BASE LR:STEPS:SEED[:REPLAY] ...  full fine-tune of BASE on the aux corpus (the recipe's
+    ft BASE LR:STEPS:SEED[:REPLAY] ... [--lora]  full (or the recipe's LoRA) fine-tune of BASE on the aux corpus (the recipe's
         full stage: batch 32, 20 warm-up steps, cosine to 0.1), optionally with a REPLAY share
         of base-corpus documents (evaluation wording, 2-5 boxes); prints 7-box accuracy (500
         prompts, seed 0) every 100 steps (200 prompts) and 2/3/5-box accuracy (200 prompts)
@@ -39,7 +39,7 @@ def log(record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def fine_tune(base: Path, spec: str, styles: str | None, tok) -> None:
+def fine_tune(base: Path, spec: str, styles: str | None, tok, lora: bool = False) -> None:
     lr, steps, seed, *rest = spec.split(":")
     replay = float(rest[0]) if rest else 0.0
     kw = {}
@@ -58,12 +58,19 @@ def fine_tune(base: Path, spec: str, styles: str | None, tok) -> None:
     t0 = time.time()
     before = T._reload(base)
     model = T._reload(base)
+    if lora:  # the recipe's LoRA stage: rank 8, alpha 16, on q/k/v/o
+        from peft import LoraConfig, get_peft_model
+
+        T.set_seed(int(seed))
+        model = get_peft_model(model, LoraConfig(
+            r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
     stage = T.StageSpec(steps=int(steps), lr=float(lr), batch_size=32, warmup=20)
     curve = T.train_stage(model, tok, docs, stage, int(seed), "ft", False, log_every=100,
                           eval_fn=lambda m, _s: T.accuracy(m, tok, 200, 0))
     per_box = {b: [round(T.accuracy(before, tok, 200, 0, n_boxes=b), 3),
                    round(T.accuracy(model, tok, 200, 0, n_boxes=b), 3)] for b in (2, 3, 5)}
-    log({"exp": "ft", "base": str(base), "lr": float(lr), "steps": int(steps), "seed": int(seed),
+    log({"exp": "lora" if lora else "ft", "base": str(base), "lr": float(lr), "steps": int(steps), "seed": int(seed),
          "replay": replay, "styles": styles or "all",
          "acc7_before": T.accuracy(before, tok, 500, 0), "acc7_after": T.accuracy(model, tok, 500, 0),
          "acc_2_3_5_before_after": per_box, "curve7": [(s, round(a, 3)) for s, _, a in curve],
@@ -94,6 +101,7 @@ def main() -> None:
     f.add_argument("base", type=Path)
     f.add_argument("specs", nargs="+", help="LR:STEPS:SEED[:REPLAY]")
     f.add_argument("--styles", default=None, help="3 | 0,1,2 | bind (default: the recipe's mix)")
+    f.add_argument("--lora", action="store_true", help="the recipe's LoRA instead of full")
     e = sub.add_parser("extend")
     e.add_argument("base", type=Path)
     e.add_argument("weights")
@@ -106,7 +114,7 @@ def main() -> None:
     tok = D.build_tokenizer()
     if args.what == "ft":
         for spec in args.specs:
-            fine_tune(args.base, spec, args.styles, tok)
+            fine_tune(args.base, spec, args.styles, tok, args.lora)
     else:
         extend(args.base, args.weights, args.lr, args.steps, args.out, args.min_lr_frac, tok)
 
