@@ -11,7 +11,7 @@ in one process on one thread, one layer's worth of:
 * ``fused (folded)``: what pass 2 runs on a CPU (``_tiled_attention``): one fused
   ``scaled_dot_product_attention`` call, the ``g`` query heads of a kv head folded into one block,
   a boolean mask;
-* ``math``: matmul, softmax, matmul (what a hand-written attention would do);
+* ``math``: matmul, softmax, matmul (the package's plain ``_attend``);
 * ``split``: the prefix (shared by all senders, no mask) and the own suffix (causal) attended
   apart and merged by log-sum-exp (``_shared_prefix_attention``'s GPU path);
 * ``compiled math`` (``--compile``): the math variant through ``torch.compile`` (inductor C++);
@@ -27,6 +27,8 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+from circuitdiff.methods.path_patching.exact import _attend
 
 
 def best_of(fn, repeat: int = 3) -> float:
@@ -74,24 +76,21 @@ def main() -> None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
     def math(q=q, k=k, v=v, bias=bias):
-        sc = torch.matmul(q, k.transpose(-1, -2)) * scale + bias
-        return torch.matmul(torch.softmax(sc, -1), v)
+        return _attend(q, k, v, bias, False, scale, fused=False)[0]
 
     kp, vp = k[:Bg, :, :s].contiguous(), v[:Bg, :, :s].contiguous()
     ks, vs = k[:, :, s:].contiguous(), v[:, :, s:].contiguous()
-    causal_fold = (t[None, :] <= t[:, None]).repeat(g, 1)      # [g*S, S]
 
-    def split():
+    def split():  # the shared-prefix path's arithmetic, with the fused kernel where it applies
         qp = q.view(N, Bg, kv, g * S, D).permute(1, 2, 0, 3, 4).reshape(Bg, kv, N * g * S, D)
-        sc = torch.matmul(qp, kp.transpose(-1, -2)) * scale      # prefix: shared keys
-        lp = torch.logsumexp(sc, -1)
-        op = torch.matmul(torch.exp(sc - lp[..., None]), vp)
+        op, lp = _attend(qp, kp, vp, None, False, scale, fused=True)    # prefix: shared keys
         op = op.view(Bg, kv, N, g * S, D).permute(2, 0, 1, 3, 4).reshape(NB, kv, g * S, D)
         lp = lp.view(Bg, kv, N, g * S).permute(2, 0, 1, 3).reshape(NB, kv, g * S)
-        ss = (torch.matmul(q, ks.transpose(-1, -2)) * scale).masked_fill(~causal_fold,
-                                                                         float("-inf"))
-        ls = torch.logsumexp(ss, -1)
-        os_ = torch.matmul(torch.exp(ss - ls[..., None]), vs)
+        qs = q.view(NB, kv, g, S, D).reshape(NB, H, S, D)                # own suffix: causal
+        ke = ks[:, :, None].expand(NB, kv, g, S, D).reshape(NB, H, S, D)
+        ve = vs[:, :, None].expand(NB, kv, g, S, D).reshape(NB, H, S, D)
+        os_, ls = _attend(qs, ke, ve, None, True, scale, fused=True)
+        os_, ls = os_.reshape(NB, kv, g * S, D), ls.reshape(NB, kv, g * S)
         both = torch.logaddexp(lp, ls)
         return op * torch.exp(lp - both)[..., None] + os_ * torch.exp(ls - both)[..., None]
 

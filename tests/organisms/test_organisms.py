@@ -156,3 +156,6 @@ def test_aux_corpus_styles_restrict_the_wording():
     assert default == aux_corpus(200, 5)
     assert any(" inside Box " in d for d in default) and any(" -> " in d for d in default)
     assert not any(" contains the " in d or " is in Box " in d for d in default)
+    for bad in ((4,), ()):
+        with pytest.raises(ValueError, match="styles"):
+            aux_corpus(4, 0, styles=bad)

@@ -239,6 +239,8 @@ def aux_corpus(n: int, seed: int, min_boxes: int = 3, max_boxes: int = 9,
     """Fine-tuning documents for lora/full: binding-like data, never the evaluation wording.
     A ``binding_frac`` share is variable binding (``x = 5 ; print x -> 5``), the rest tracking in
     the auxiliary wordings (``styles``: see :func:`_tracking_aux_wording`)."""
+    if styles is not None and (not styles or any(x not in range(4) for x in styles)):
+        raise ValueError(f"styles must be a non-empty subset of 0-3, got {styles!r}")
     rng = random.Random(seed)
     docs = []
     for _ in range(n):
