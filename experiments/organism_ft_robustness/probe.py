@@ -10,7 +10,8 @@ Not part of the package or the tests: the probe behind the #16 diagnosis (README
         aux corpus to those wordings (or to variable binding alone).
     extend BASE WEIGHTS LR STEPS OUT [MIN_LR_FRAC]  continue pre-training BASE on base-corpus
         contexts with box-count WEIGHTS (``0,1,1,1,1,1,1``: 2-7 boxes), probing 7-box accuracy
-        every 50 steps; saves the model to OUT.
+        every 50 steps; saves the model to OUT. ``--aux-wording F`` phrases a share F of the
+        tracking contexts in the auxiliary wordings.
 
 Every result is appended to ``results.jsonl`` beside this file.
 
@@ -78,11 +79,11 @@ def fine_tune(base: Path, spec: str, styles: str | None, tok, lora: bool = False
 
 
 def extend(base: Path, weights: str, lr: float, steps: int, out: Path, min_lr_frac: float,
-           tok) -> None:
+           tok, aux_wording: float = 0.0) -> None:
     model = T._reload(base)
     w = tuple(float(x) for x in weights.split(","))
     phase = T.Phase("extend", w, other_weight=0.1, steps=steps, lr=lr, warmup=20,
-                    min_lr_frac=min_lr_frac, fresh_optimizer=True,
+                    min_lr_frac=min_lr_frac, fresh_optimizer=True, aux_wording_frac=aux_wording,
                     gate=T.Gate(boxes=7, threshold=1.01, every=50, required=False))
     t0 = time.time()
     rec = T.train_phases(model, tok, (phase,), 5,
@@ -90,6 +91,7 @@ def extend(base: Path, weights: str, lr: float, steps: int, out: Path, min_lr_fr
                          stop_on_failure=False)
     T._save_model(model, tok, out)
     log({"exp": "extend", "base": str(base), "out": str(out), "weights": w, "lr": lr,
+         "aux_wording": aux_wording,
          "min_lr_frac": min_lr_frac, "curve7": [(p["step"], p["acc7"]) for p in rec[0]["probes"]],
          "acc7_after": T.accuracy(model, tok, 500, 0), "seconds": round(time.time() - t0)})
 
@@ -109,6 +111,8 @@ def main() -> None:
     e.add_argument("steps", type=int)
     e.add_argument("out", type=Path)
     e.add_argument("min_lr_frac", type=float, nargs="?", default=1.0)
+    e.add_argument("--aux-wording", type=float, default=0.0,
+                   help="share of tracking contexts in the auxiliary wordings")
     args = ap.parse_args()
     torch.set_num_threads(1)
     tok = D.build_tokenizer()
@@ -116,7 +120,8 @@ def main() -> None:
         for spec in args.specs:
             fine_tune(args.base, spec, args.styles, tok, args.lora)
     else:
-        extend(args.base, args.weights, args.lr, args.steps, args.out, args.min_lr_frac, tok)
+        extend(args.base, args.weights, args.lr, args.steps, args.out, args.min_lr_frac, tok,
+               args.aux_wording)
 
 
 if __name__ == "__main__":

@@ -130,6 +130,14 @@ def test_answer_weighted_loss_targets_the_query_answers():
     r, c = torch.nonzero(w)[0].tolist()
     assert r == 0 and tok.convert_ids_to_tokens(int(ids[r, c])) == " map"
     assert tok.convert_ids_to_tokens(int(ids[r, c - 1])) == " the"
+    # the auxiliary wordings' answers weigh too, and nothing else in them
+    aux = ["The map is inside Box C, the cup is inside Box F. Box F holds the cup.",
+           "map : C ; cup : F ; which crate ? F -> cup ;",
+           "put the map into bin C , put the cup into bin F . what is inside bin F ? the cup ."]
+    aids, _, alabels = tensorize(aux, tok)
+    aw = loss_weights(aids, alabels, answer_cue_ids(tok), other_weight=0.0)
+    assert aw.sum(1).tolist() == [1.0, 1.0, 1.0]
+    assert {tok.convert_ids_to_tokens(int(aids[r, c])) for r, c in torch.nonzero(aw).tolist()} == {" cup"}
     # padding never weighs, and other_weight=1 is plain next-token loss
     w1 = loss_weights(ids, labels, answer_cue_ids(tok), other_weight=1.0)
     assert (w1[mask == 0] == 0).all()
@@ -159,3 +167,17 @@ def test_aux_corpus_styles_restrict_the_wording():
     for bad in ((4,), ()):
         with pytest.raises(ValueError, match="styles"):
             aux_corpus(4, 0, styles=bad)
+
+
+def test_base_corpus_aux_wording_share():
+    from circuitdiff.organisms.data import base_corpus
+
+    kw = dict(box_weights=(0, 1, 1, 1))
+    # the option off leaves the corpus as it was; on, a share of contexts leaves the eval wording
+    assert base_corpus(50, 3, **kw) == base_corpus(50, 3, aux_wording_frac=0.0, **kw)
+    tracking = lambda docs: [d for d in docs if "Box" in d or ";" in d or "put" in d]  # noqa: E731
+    allaux = tracking(base_corpus(200, 3, aux_wording_frac=1.0, **kw))
+    assert allaux and not any(" contains the" in d for d in allaux)
+    half = tracking(base_corpus(400, 3, aux_wording_frac=0.5, **kw))
+    share = sum(" contains the" not in d for d in half) / len(half)
+    assert 0.35 < share < 0.65

@@ -210,12 +210,15 @@ def _chat(rng: random.Random, n_turns: int) -> str:
 
 def base_corpus(n: int, seed: int, max_boxes: int = 7, box_weights: tuple[float, ...] | None = None,
                 tracking_frac: float = 0.8, all_queries: bool = False,
-                n_queries: int | None = 1) -> list[str]:
+                n_queries: int | None = 1, aux_wording_frac: float = 0.0) -> list[str]:
     """Pre-training documents: tracking in the evaluation wording mixed with generic prose.
 
     With ``all_queries`` every box of a context is queried once (random order); otherwise
     ``n_queries`` random queries (2-4 when None). One query per context is what lets binding
     emerge (measured): repeated queries let later answers be copied from earlier ones.
+    ``aux_wording_frac``: the share of tracking contexts phrased in the auxiliary wordings
+    (:func:`_tracking_aux_wording`) instead, with the same box counts (0: none, and the output is
+    what it was before the option existed).
     """
     rng = random.Random(seed)
     weights = list(box_weights or [1.0] * max_boxes)
@@ -224,7 +227,10 @@ def base_corpus(n: int, seed: int, max_boxes: int = 7, box_weights: tuple[float,
     for _ in range(n):
         if rng.random() < tracking_frac:
             k = rng.choices(sizes, weights)[0]
-            if all_queries:
+            if aux_wording_frac and rng.random() < aux_wording_frac:
+                nq = rng.randint(2, 4) if n_queries is None else n_queries
+                docs.append(_tracking_aux_wording(rng, k, nq))
+            elif all_queries:
                 docs.append(_tracking_eval_wording(rng, k, k + rng.randint(0, 2), distinct=True))
             else:
                 nq = rng.randint(2, 4) if n_queries is None else n_queries

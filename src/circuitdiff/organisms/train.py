@@ -95,6 +95,8 @@ class Phase:
     gate: Gate | None = None
     fresh_optimizer: bool = False
     batch_size: int = 64
+    # share of the tracking contexts phrased in the auxiliary wordings (same box counts)
+    aux_wording_frac: float = 0.0
 
 
 def _default_base_phases() -> tuple[Phase, ...]:
@@ -222,16 +224,22 @@ def lr_at(step: int, spec: StageSpec) -> float:
     return spec.lr * (spec.min_lr_frac + (1 - spec.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def answer_cue_ids(tokenizer, cue: str = " contains the") -> list[int]:
-    """Token ids of the words that precede a query answer in the evaluation wording."""
-    return tokenizer(cue, add_special_tokens=False)["input_ids"]
+# the words right before a query answer: the evaluation wording, then the auxiliary ones
+# (``Box F holds the apple``, ``which crate ? F -> apple``, ``what is inside crate F ? the apple``)
+ANSWER_CUES = (" contains the", " holds the", " keeps the", " has the", " ->", " ? the")
 
 
-def loss_weights(ids: torch.Tensor, labels: torch.Tensor, cue: list[int] | None,
+def answer_cue_ids(tokenizer, cues: tuple[str, ...] = ANSWER_CUES) -> list[list[int]]:
+    """Token ids of each cue that precedes a query answer (see :data:`ANSWER_CUES`)."""
+    return [tokenizer(c, add_special_tokens=False)["input_ids"] for c in cues]
+
+
+def loss_weights(ids: torch.Tensor, labels: torch.Tensor, cues: list[list[int]] | None,
                  other_weight: float) -> torch.Tensor:
-    """Per-token loss weights: 1 on tokens that follow ``cue`` (query answers), else ``other_weight``."""
+    """Per-token loss weights: 1 on tokens that follow any of ``cues`` (query answers), else
+    ``other_weight``."""
     w = torch.full(ids.shape, float(other_weight))
-    if cue:
+    for cue in cues or ():
         n = len(cue)
         hit = torch.ones(ids.shape[0], ids.shape[1] - n, dtype=torch.bool)
         for j, c in enumerate(cue):
@@ -359,7 +367,8 @@ def train_phases(model, tokenizer, phases: tuple[Phase, ...], seed: int, probe,
         shown = {}
         for step in bar:
             docs = D.base_corpus(phase.batch_size, seed * 1_000_003 + step0 + step,
-                                 box_weights=phase.box_weights)
+                                 box_weights=phase.box_weights,
+                                 aux_wording_frac=phase.aux_wording_frac)
             loss = _step(model, tokenizer, opt, params, docs, answer_cue, phase.other_weight,
                          _lr_in_phase(step, phase))
             ema = loss if ema is None else 0.98 * ema + 0.02 * loss
