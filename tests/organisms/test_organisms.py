@@ -181,3 +181,16 @@ def test_base_corpus_aux_wording_share():
     half = tracking(base_corpus(400, 3, aux_wording_frac=0.5, **kw))
     share = sum(" contains the" not in d for d in half) / len(half)
     assert 0.35 < share < 0.65
+
+
+def test_base_corpus_gap_puts_prose_between_context_and_query():
+    from circuitdiff.organisms.data import base_corpus
+
+    kw = dict(box_weights=(0, 1, 1), tracking_frac=1.0)
+    assert base_corpus(50, 4, **kw) == base_corpus(50, 4, gap_frac=0.0, **kw)
+    for doc in base_corpus(40, 4, gap_frac=1.0, **kw):
+        context, _, rest = doc.partition(". ")
+        query = rest[rest.rindex(" Box ") + 1:] if " Box " in rest else rest
+        gap = rest[:len(rest) - len(query)].strip()
+        assert context.count(" is in Box ") >= 1 and query.startswith("Box ")
+        assert gap and "Box" not in gap, doc   # 1-3 prose sentences, then the query

@@ -100,12 +100,14 @@ def build_tokenizer():
 
 # -- text generators --------------------------------------------------------------------------
 def _tracking_eval_wording(rng: random.Random, n: int, n_queries: int,
-                           distinct: bool = False) -> str:
+                           distinct: bool = False, gap: str = "") -> str:
+    """Tracking in the evaluation wording; ``gap`` (prose) sits between the context and its
+    queries, so the answer's distance from the query varies beyond what the box count gives."""
     objs = rng.sample(OBJECTS, n)
     labs = rng.sample(LABELS, n)
     segs = [f"the {o} is in Box {l}" for o, l in zip(objs, labs)]
     segs[0] = "T" + segs[0][1:]
-    text = ", ".join(segs) + "."
+    text = ", ".join(segs) + "." + (" " + gap if gap else "")
     if distinct:  # every box once, then repeats
         order = rng.sample(range(n), n) + [rng.randrange(n) for _ in range(n_queries - n)]
     else:
@@ -210,7 +212,8 @@ def _chat(rng: random.Random, n_turns: int) -> str:
 
 def base_corpus(n: int, seed: int, max_boxes: int = 7, box_weights: tuple[float, ...] | None = None,
                 tracking_frac: float = 0.8, all_queries: bool = False,
-                n_queries: int | None = 1, aux_wording_frac: float = 0.0) -> list[str]:
+                n_queries: int | None = 1, aux_wording_frac: float = 0.0,
+                gap_frac: float = 0.0) -> list[str]:
     """Pre-training documents: tracking in the evaluation wording mixed with generic prose.
 
     With ``all_queries`` every box of a context is queried once (random order); otherwise
@@ -218,7 +221,8 @@ def base_corpus(n: int, seed: int, max_boxes: int = 7, box_weights: tuple[float,
     emerge (measured): repeated queries let later answers be copied from earlier ones.
     ``aux_wording_frac``: the share of tracking contexts phrased in the auxiliary wordings
     (:func:`_tracking_aux_wording`) instead, with the same box counts (0: none, and the output is
-    what it was before the option existed).
+    what it was before the option existed). ``gap_frac``: the share of evaluation-wording
+    contexts with 1-3 prose sentences between the context and its queries (0: none).
     """
     rng = random.Random(seed)
     weights = list(box_weights or [1.0] * max_boxes)
@@ -234,7 +238,9 @@ def base_corpus(n: int, seed: int, max_boxes: int = 7, box_weights: tuple[float,
                 docs.append(_tracking_eval_wording(rng, k, k + rng.randint(0, 2), distinct=True))
             else:
                 nq = rng.randint(2, 4) if n_queries is None else n_queries
-                docs.append(_tracking_eval_wording(rng, k, nq))
+                gap = (_prose(rng, rng.randint(1, 3))
+                       if gap_frac and rng.random() < gap_frac else "")
+                docs.append(_tracking_eval_wording(rng, k, nq, gap=gap))
         else:
             docs.append(_prose(rng, rng.randint(2, 5)))
     return docs

@@ -97,6 +97,8 @@ class Phase:
     batch_size: int = 64
     # share of the tracking contexts phrased in the auxiliary wordings (same box counts)
     aux_wording_frac: float = 0.0
+    # share of evaluation-wording contexts with prose between the context and the query
+    gap_frac: float = 0.0
 
 
 def _default_base_phases() -> tuple[Phase, ...]:
@@ -368,7 +370,8 @@ def train_phases(model, tokenizer, phases: tuple[Phase, ...], seed: int, probe,
         for step in bar:
             docs = D.base_corpus(phase.batch_size, seed * 1_000_003 + step0 + step,
                                  box_weights=phase.box_weights,
-                                 aux_wording_frac=phase.aux_wording_frac)
+                                 aux_wording_frac=phase.aux_wording_frac,
+                                 gap_frac=phase.gap_frac)
             loss = _step(model, tokenizer, opt, params, docs, answer_cue, phase.other_weight,
                          _lr_in_phase(step, phase))
             ema = loss if ema is None else 0.98 * ema + 0.02 * loss
