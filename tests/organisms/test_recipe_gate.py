@@ -44,6 +44,30 @@ def test_phase_advances_only_when_the_probe_crosses_the_threshold():
     assert grow["steps"] == 2 and grow["passed"] is None
 
 
+
+def test_phase_whose_gate_already_holds_is_skipped():
+    """``check_at_start``: extend runs no steps when grow already reached the 7-box range, and
+    runs (probing as usual) when it did not."""
+    from circuitdiff.organisms.data import build_tokenizer
+    from circuitdiff.organisms.train import make_model
+
+    tok = build_tokenizer()
+    reach = Gate(boxes=7, threshold=0.55, every=1, required=False)
+    phases = (Phase("grow", (0, 1, 1), 0.1, steps=3, lr=1e-3, gate=reach),
+              Phase("extend", (0, 1, 1, 1), 0.1, steps=4, lr=1e-3,
+                    gate=Gate(boxes=7, threshold=0.55, every=2, required=False,
+                              check_at_start=True)))
+    for acc7, extend_steps in ((0.6, 0), (0.3, 4)):
+        model = make_model(tok, TINY, 0)
+        grow, extend = train_phases(model, tok, phases, 0,
+                                    lambda _m, boxes: acc7 if boxes == 7 else 1.0,
+                                    progress=False)
+        assert grow["steps"] == (1 if acc7 >= 0.55 else 3)
+        assert extend["steps"] == extend_steps
+        assert [p["step"] for p in extend["probes"]] == ([0] if acc7 >= 0.55 else [0, 2, 4])
+        assert extend["passed"] is (acc7 >= 0.55)
+        assert extend["passed_at"] == (0 if acc7 >= 0.55 else None)
+
 def test_recipe_that_never_learns_fails_loudly(tmp_path):
     # lr 0: the model never leaves chance, so the bind gate can never pass
     recipe = Recipe(model=TINY, base_phases=(
