@@ -109,17 +109,18 @@ def _default_base_phases() -> tuple[Phase, ...]:
     # so the first phase lasts until a held-out 2-box probe is solved, not a fixed share of the
     # schedule (a fixed 2400 steps left seed 7 at chance). 2-4 boxes with the whole text follow,
     # until the 7-box probe reaches 0.55 (checked every 25 steps); "extend" (up to 5 boxes and a
-    # 0.25 share of 6) runs only when "grow" ended below that. In grow and extend a 0.25 share
-    # of the contexts has 1-3 prose sentences between the context and its query: without it the
-    # bases of seeds 1 and 7 failed on the boxes furthest from the query and every fine-tune
-    # lowered them; with it, grow alone took seed 1 to 0.77 at 7 boxes, and stopped at 0.55 its
-    # base met all four targets. Not in bind: there it slowed seed 7 past the 4000-step cap
-    # (2-box 0.875 at the cap; 2900 steps without it).
+    # 0.25 share of 6) runs only when "grow" ended below that. In every phase a 0.25 share of the
+    # contexts has 1-3 prose sentences between the context and its query: without it the bases
+    # of seeds 1 and 7 failed on the boxes furthest from the query and every fine-tune lowered
+    # them; with it from bind on, seed 1's grow reached 0.55 at 7 boxes by step 1150 and its base
+    # met all four targets. Gaps in grow alone did not do that (seed 1: 0.2 at step 1100; seed 7:
+    # fine-tunes no longer fell, but did not gain either). The gap slows bind: seed 7's 2-box
+    # probe was 0.875 at step 4000 (it passes at ~2900 without), hence the 5000-step cap.
     gap = 0.25
     reach = Gate(boxes=EVAL_BOXES, threshold=0.55, every=25, required=False)
     return (
-        Phase("bind", (0, 1, 0, 0, 0, 0, 0), other_weight=0.0, steps=4000, lr=1e-3, warmup=100,
-              gate=Gate(boxes=2, threshold=0.9, consecutive=2)),
+        Phase("bind", (0, 1, 0, 0, 0, 0, 0), other_weight=0.0, steps=5000, lr=1e-3, warmup=100,
+              gate=Gate(boxes=2, threshold=0.9, consecutive=2), gap_frac=gap),
         Phase("grow", (0, 1, 1, 1, 0, 0, 0), other_weight=0.1, steps=2000, lr=1e-3,
               min_lr_frac=0.25, gate=reach, gap_frac=gap),
         Phase("extend", (0, 1, 1, 1, 1, 0.25, 0), other_weight=0.1, steps=1500, lr=3e-4,
