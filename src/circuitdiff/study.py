@@ -26,7 +26,6 @@ others, and says which.
 from __future__ import annotations
 
 import json
-import platform
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -34,7 +33,8 @@ from typing import Any, Callable, Sequence
 
 from .core.circuit import Circuit
 from .core.model import LoadedModel
-from .core.runs import RunFolder, atomic_write_text, model_tag, safe_name, settings_digest
+from .core.runs import (RunFolder, atomic_write_text, environment, model_tag, safe_name,
+                        settings_digest)
 from .core.task import EntityTrackingTask, TaskConfig
 from .methods.accuracy import evaluate_accuracy
 from .methods.auto_chain import DiscoveryError, NoCircuitError
@@ -295,9 +295,7 @@ def run_study(models: Sequence[str] = ORGANISM_STUDY,
         summary["verdicts"] = verdicts(st.results, st.base_spec, st.fine_tunes, cfg.rules,
                                        AUTO_CIRCUIT)
     summary["timings"] = st.timings
-    summary["run"] = {"seconds": round(time.perf_counter() - t_start, 1),
-                      "python": platform.python_version(), "versions": _versions(),
-                      "machine": platform.machine()}
+    summary["run"] = {"seconds": round(time.perf_counter() - t_start, 1), **environment()}
     return _finish(st, summary)
 
 
@@ -575,18 +573,6 @@ def _collect(st: _Study) -> dict:
                              for row in r["functional"]]
     if "cmap" in r:
         out["cmap"] = r["cmap"]
-    return out
-
-
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {}
-    for pkg in ("circuitdiff", "torch", "transformers", "peft"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = "?"
     return out
 
 

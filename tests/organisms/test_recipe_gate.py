@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from circuitdiff.organisms.train import (Gate, GateTracker, ModelSpec, Phase, Recipe,
                                          RecipeFailed, Targets, train_all, train_phases)
@@ -94,6 +95,10 @@ def test_finetune_target_miss_is_retried_then_reported(tmp_path):
     summary = json.loads((tmp_path / "train_summary.json").read_text())
     assert summary["ok"] is False
     assert [a["sub_seed"] for a in summary["attempts"]["full"]] == [2, 102]
+    # where it ran: trajectories differ across machines and library versions
+    env = summary["environment"]
+    assert env["versions"]["torch"] == torch.__version__
+    assert env["cpu_count"] >= 1 and env["cpu"]
 
 
 def test_targets_say_what_was_missed():

@@ -21,6 +21,31 @@ from typing import Any, Callable, Iterator
 import torch
 
 
+def environment() -> dict[str, Any]:
+    """Where a run ran: Python, the versions of the packages that set its floats, the CPU.
+
+    Recorded in every summary a run writes (study, organism recipe): training trajectories and
+    timings differ between machines and library versions, and a reader needs to know which.
+    """
+    import importlib.metadata as md
+    import platform
+
+    versions = {}
+    for pkg in ("circuitdiff", "torch", "transformers", "peft"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = "?"
+    cpu = platform.processor() or "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {"python": platform.python_version(), "versions": versions,
+            "machine": platform.machine(), "cpu": cpu, "cpu_count": os.cpu_count()}
+
+
 def settings_digest(settings, length: int = 16) -> str:
     """Hex sha256 of ``settings`` as sorted JSON (the one digest every cache key uses)."""
     blob = json.dumps(settings, sort_keys=True, default=str).encode()

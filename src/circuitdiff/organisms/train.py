@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from circuitdiff.core.runs import atomic_write_text, environment
 from circuitdiff.organisms import data as D
 
 EVAL_BOXES = 7
@@ -506,8 +507,7 @@ def train_all(out_dir, seed: int = 0, progress: bool = True, scale: float = 1.0,
                "eval_n": eval_n, "eval_seed": recipe.eval_seed, "accuracy": acc,
                "seconds": {k: round(v, 1) for k, v in times.items()},
                "minutes_total": round((time.time() - t_start) / 60, 1),
-               "attempts": attempts, "recipe": asdict(recipe)}
-        from circuitdiff.core.runs import atomic_write_text
+               "attempts": attempts, "recipe": asdict(recipe), "environment": environment()}
         atomic_write_text(out / "train_summary.json", json.dumps(doc, indent=2))
         return doc
 
