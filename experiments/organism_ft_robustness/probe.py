@@ -40,7 +40,8 @@ def log(record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def fine_tune(base: Path, spec: str, styles: str | None, tok, lora: bool = False) -> None:
+def fine_tune(base: Path, spec: str, styles: str | None, tok, lora: bool = False,
+              lora_targets: str = "q,k,v,o", lora_rank: int = 8) -> None:
     lr, steps, seed, *rest = spec.split(":")
     replay = float(rest[0]) if rest else 0.0
     kw = {}
@@ -59,19 +60,20 @@ def fine_tune(base: Path, spec: str, styles: str | None, tok, lora: bool = False
     t0 = time.time()
     before = T._reload(base)
     model = T._reload(base)
-    if lora:  # the recipe's LoRA stage: rank 8, alpha 16, on q/k/v/o
+    if lora:  # the recipe's LoRA stage: rank 8, alpha 16 (alpha = 2 x rank), on q/k/v/o
         from peft import LoraConfig, get_peft_model
 
         T.set_seed(int(seed))
         model = get_peft_model(model, LoraConfig(
-            r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
-            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+            r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0, task_type="CAUSAL_LM",
+            target_modules=[f"{t}_proj" for t in lora_targets.split(",")]))
     stage = T.StageSpec(steps=int(steps), lr=float(lr), batch_size=32, warmup=20)
     curve = T.train_stage(model, tok, docs, stage, int(seed), "ft", False, log_every=100,
                           eval_fn=lambda m, _s: T.accuracy(m, tok, 200, 0))
     per_box = {b: [round(T.accuracy(before, tok, 200, 0, n_boxes=b), 3),
                    round(T.accuracy(model, tok, 200, 0, n_boxes=b), 3)] for b in (2, 3, 5)}
-    log({"exp": "lora" if lora else "ft", "base": str(base), "lr": float(lr), "steps": int(steps), "seed": int(seed),
+    log({"exp": "lora" if lora else "ft", "base": str(base),
+         **({"lora_targets": lora_targets, "lora_rank": lora_rank} if lora else {}), "lr": float(lr), "steps": int(steps), "seed": int(seed),
          "replay": replay, "styles": styles or "all",
          "acc7_before": T.accuracy(before, tok, 500, 0), "acc7_after": T.accuracy(model, tok, 500, 0),
          "acc_2_3_5_before_after": per_box, "curve7": [(s, round(a, 3)) for s, _, a in curve],
@@ -104,6 +106,9 @@ def main() -> None:
     f.add_argument("specs", nargs="+", help="LR:STEPS:SEED[:REPLAY]")
     f.add_argument("--styles", default=None, help="3 | 0,1,2 | bind (default: the recipe's mix)")
     f.add_argument("--lora", action="store_true", help="the recipe's LoRA instead of full")
+    f.add_argument("--lora-targets", default="q,k,v,o",
+                   help="LoRA modules, without _proj (q,k,v,o,gate,up,down)")
+    f.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (alpha is twice it)")
     e = sub.add_parser("extend")
     e.add_argument("base", type=Path)
     e.add_argument("weights")
@@ -118,7 +123,8 @@ def main() -> None:
     tok = D.build_tokenizer()
     if args.what == "ft":
         for spec in args.specs:
-            fine_tune(args.base, spec, args.styles, tok, args.lora)
+            fine_tune(args.base, spec, args.styles, tok, args.lora, args.lora_targets,
+                      args.lora_rank)
     else:
         extend(args.base, args.weights, args.lr, args.steps, args.out, args.min_lr_frac, tok,
                args.aux_wording)
