@@ -165,9 +165,11 @@ class Recipe:
     aux: StageSpec = field(default_factory=lambda: StageSpec(steps=300, lr=1e-3, batch_size=32,
                                                              warmup=20))
     # measured on the gated recipe's seed-0 base (0.614): 300 steps gave 0.69 / 0.67 / 0.67 over
-    # three sub-seeds (< base + 0.10); 600 steps at the same lr gave 0.834, as did lr 5e-3 for
-    # 300 steps (experiments/organism_ft_robustness)
-    lora: StageSpec = field(default_factory=lambda: StageSpec(steps=600, lr=2e-3, batch_size=32,
+    # three sub-seeds (< base + 0.10); 600 steps at the same lr gave 0.834. 1200 since stop 22:
+    # on seed 4's base (0.552) 600 steps gave 0.620 / 0.580 / 0.542, 1200 steps 0.702 / 0.690
+    # (sub-seeds 43 / 143); lr 5e-3 for 300 steps 0.570, LoRA on the MLPs too 0.624
+    # (experiments/organism_ft_robustness)
+    lora: StageSpec = field(default_factory=lambda: StageSpec(steps=1200, lr=2e-3, batch_size=32,
                                                               warmup=20))
     lora_rank: int = 8
     lora_alpha: int = 16
