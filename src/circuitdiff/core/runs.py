@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.metadata as md
 import json
 import os
+import platform
 import re
 import sys
 import uuid
@@ -27,9 +29,6 @@ def environment() -> dict[str, Any]:
     Recorded in every summary a run writes (study, organism recipe): training trajectories and
     timings differ between machines and library versions, and a reader needs to know which.
     """
-    import importlib.metadata as md
-    import platform
-
     versions = {}
     for pkg in ("circuitdiff", "torch", "transformers", "peft"):
         try:

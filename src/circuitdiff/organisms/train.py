@@ -502,6 +502,7 @@ def train_all(out_dir, seed: int = 0, progress: bool = True, scale: float = 1.0,
     probe = lambda m, boxes: accuracy(m, tok, probe_n, recipe.probe_seed,  # noqa: E731
                                       n_boxes=boxes)
     t_start = time.time()
+    where = environment()
 
     def summary(failures: list[str]) -> dict:
         doc = {"ok": not failures, "failures": failures, "seed": seed, "threads": threads,
@@ -509,7 +510,7 @@ def train_all(out_dir, seed: int = 0, progress: bool = True, scale: float = 1.0,
                "eval_n": eval_n, "eval_seed": recipe.eval_seed, "accuracy": acc,
                "seconds": {k: round(v, 1) for k, v in times.items()},
                "minutes_total": round((time.time() - t_start) / 60, 1),
-               "attempts": attempts, "recipe": asdict(recipe), "environment": environment()}
+               "attempts": attempts, "recipe": asdict(recipe), "environment": where}
         atomic_write_text(out / "train_summary.json", json.dumps(doc, indent=2))
         return doc
 
