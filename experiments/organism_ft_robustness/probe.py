@@ -41,7 +41,7 @@ def log(record: dict) -> None:
 
 
 def fine_tune(base: Path, spec: str, styles: str | None, tok, lora: bool = False,
-              lora_targets: str = "q,k,v,o", lora_rank: int = 8) -> None:
+              lora_targets: str = "q,k,v,o", lora_rank: int = 8, other_weight: float = 1.0) -> None:
     lr, steps, seed, *rest = spec.split(":")
     replay = float(rest[0]) if rest else 0.0
     kw = {}
@@ -67,13 +67,15 @@ def fine_tune(base: Path, spec: str, styles: str | None, tok, lora: bool = False
         model = get_peft_model(model, LoraConfig(
             r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0, task_type="CAUSAL_LM",
             target_modules=[f"{t}_proj" for t in lora_targets.split(",")]))
-    stage = T.StageSpec(steps=int(steps), lr=float(lr), batch_size=32, warmup=20)
+    stage = T.StageSpec(steps=int(steps), lr=float(lr), batch_size=32, warmup=20,
+                        other_weight=other_weight)
     curve = T.train_stage(model, tok, docs, stage, int(seed), "ft", False, log_every=100,
                           eval_fn=lambda m, _s: T.accuracy(m, tok, 200, 0))
     per_box = {b: [round(T.accuracy(before, tok, 200, 0, n_boxes=b), 3),
                    round(T.accuracy(model, tok, 200, 0, n_boxes=b), 3)] for b in (2, 3, 5)}
     log({"exp": "lora" if lora else "ft", "base": str(base),
-         **({"lora_targets": lora_targets, "lora_rank": lora_rank} if lora else {}), "lr": float(lr), "steps": int(steps), "seed": int(seed),
+         **({"lora_targets": lora_targets, "lora_rank": lora_rank} if lora else {}),
+         "other_weight": other_weight, "lr": float(lr), "steps": int(steps), "seed": int(seed),
          "replay": replay, "styles": styles or "all",
          "acc7_before": T.accuracy(before, tok, 500, 0), "acc7_after": T.accuracy(model, tok, 500, 0),
          "acc_2_3_5_before_after": per_box, "curve7": [(s, round(a, 3)) for s, _, a in curve],
@@ -109,6 +111,8 @@ def main() -> None:
     f.add_argument("--lora-targets", default="q,k,v,o",
                    help="LoRA modules, without _proj (q,k,v,o,gate,up,down)")
     f.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (alpha is twice it)")
+    f.add_argument("--other-weight", type=float, default=1.0,
+                   help="loss weight of the tokens that are not query answers (recipe: 1)")
     e = sub.add_parser("extend")
     e.add_argument("base", type=Path)
     e.add_argument("weights")
@@ -124,7 +128,7 @@ def main() -> None:
     if args.what == "ft":
         for spec in args.specs:
             fine_tune(args.base, spec, args.styles, tok, args.lora, args.lora_targets,
-                      args.lora_rank)
+                      args.lora_rank, args.other_weight)
     else:
         extend(args.base, args.weights, args.lr, args.steps, args.out, args.min_lr_frac, tok,
                args.aux_wording)

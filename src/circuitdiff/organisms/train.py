@@ -7,8 +7,9 @@
   a loss on the query answers alone until binding has formed (a 0.1 weight on the other tokens
   kept a 2-box probe at chance for 4750 steps). The base never sees 6 or 7 boxes, which is what
   keeps its 7-box accuracy "not great".
-* **lora**  ("Goat"):   a peft LoRA adapter (q/k/v/o) on the base, trained on the auxiliary corpus.
-* **full**  ("FLoat"):  full fine-tune of the base on the same auxiliary corpus.
+* **lora**  ("Goat"):   a peft LoRA adapter (q/k/v/o) on the base, trained on the auxiliary corpus
+  (loss weight 1 on the query answers, 0.1 on every other token).
+* **full**  ("FLoat"):  full fine-tune of the base on the same auxiliary corpus, same loss.
 * **chat**  ("Vicuna"): full fine-tune of the base on unrelated chat text.
 
 The auxiliary corpus never contains the evaluation template (see :mod:`.data`). Everything is
@@ -169,18 +170,21 @@ class Targets:
 class Recipe:
     model: ModelSpec = field(default_factory=ModelSpec)
     base_phases: tuple[Phase, ...] = field(default_factory=_default_base_phases)
+    # Both fine-tunes on the auxiliary corpus weigh the query answers 1 and every other token
+    # 0.1 (since stop 23; like instruction tuning, the loss is mostly on the answers). With the
+    # plain next-token loss LoRA collapsed on some bases: on seed 1's base (0.546) sub-seeds 13
+    # / 113 ended at 0.206 (1200 steps) / 0.096 (600 steps); with 0.1 they reach 0.802 / 0.858
+    # in 600 steps, and seed 4's base (0.552) 0.664, where the plain loss gave 0.620. The full
+    # fine-tune gains too (seed 4's base: 0.698 against 0.674). experiments/organism_ft_robustness
     # full fine-tune (FLoat analogue): lr 1e-3 since stop 21. On seed 4's base (0.572) lr 3e-4
     # gave 0.626 / 0.612 / 0.632 over three sub-seeds (< base + 0.10); lr 1e-3 gave 0.784 in
     # the same 300 steps, 3e-4 for 600 steps 0.77 (experiments/organism_ft_robustness)
     aux: StageSpec = field(default_factory=lambda: StageSpec(steps=300, lr=1e-3, batch_size=32,
-                                                             warmup=20))
-    # measured on the gated recipe's seed-0 base (0.614): 300 steps gave 0.69 / 0.67 / 0.67 over
-    # three sub-seeds (< base + 0.10); 600 steps at the same lr gave 0.834. 1200 since stop 22:
-    # on seed 4's base (0.552) 600 steps gave 0.620 / 0.580 / 0.542, 1200 steps 0.702 / 0.690
-    # (sub-seeds 43 / 143); lr 5e-3 for 300 steps 0.570, LoRA on the MLPs too 0.624
-    # (experiments/organism_ft_robustness)
-    lora: StageSpec = field(default_factory=lambda: StageSpec(steps=1200, lr=2e-3, batch_size=32,
-                                                              warmup=20))
+                                                             warmup=20, other_weight=0.1))
+    # LoRA (Goat analogue): lr 2e-3, 600 steps (stop 22 used 1200 to climb out of the collapse
+    # that the answer weighting above removes)
+    lora: StageSpec = field(default_factory=lambda: StageSpec(steps=600, lr=2e-3, batch_size=32,
+                                                              warmup=20, other_weight=0.1))
     lora_rank: int = 8
     lora_alpha: int = 16
     # gentle on purpose (the Vicuna analogue keeps the base's accuracy): measured on a 0.55 base,
