@@ -50,6 +50,8 @@ def test_length_grouped_eager_step_matches_one_padded_sdpa_batch(docs_kind, othe
             else D.aux_corpus(24, 5))
     lengths = {len(x) for x in tok(docs)["input_ids"]}
     assert len(lengths) > LENGTH_GROUPS  # the groups really cut different lengths
+    if other_weight == 0:  # some documents (prose) have no answer: the fast step skips them
+        assert any(" contains the " not in d for d in docs)
     loss_naive, grads_naive = _grads_after_step(model, tok, docs, other_weight, False, "sdpa")
     loss_fast, grads_fast = _grads_after_step(model, tok, docs, other_weight, True, "eager")
     assert loss_fast == pytest.approx(loss_naive, rel=1e-5)

@@ -38,7 +38,7 @@ EVAL_BOXES = 7
 # Training steps split each batch into this many groups of similar length (sorted by length,
 # each group cut to its own longest document) and accumulate their gradients: same loss, same
 # gradient up to float summation order (:func:`grouped_loss_backward`), but no compute on
-# padding. A base batch is 18-63 tokens long (half of a padded batch is padding), an auxiliary
+# padding or on documents the loss does not see. A base batch is 18-63 tokens long (half of a padded batch is padding), an auxiliary
 # one 28-112. ``bench/organism_step.py`` measures the speed-up.
 LENGTH_GROUPS = 4
 # Attention kernel used while training: the eager one (matmul + softmax) beats the CPU sdpa
@@ -376,21 +376,27 @@ def grouped_loss_backward(model, ids: torch.Tensor, mask: torch.Tensor, labels: 
                           weights: torch.Tensor, length_groups: int = LENGTH_GROUPS) -> float:
     """Backpropagate :func:`weighted_lm_loss` of a right-padded batch without its waste.
 
-    The rows run in ``length_groups`` groups of similar length, each cut to its longest row
-    (causal attention: a row's tokens never see its right padding), and the vocabulary
-    projection runs only where a next token has weight (in the answer-only "bind" phase, one
-    position in ~30). Each group's loss is divided by the whole batch's weight, so the
-    accumulated gradient is the batch's. Returns the loss. The naive twin is
-    ``weighted_lm_loss(model(ids, mask).logits, labels, weights)``.
+    Only what the loss can see is computed. A row is run up to its last weighted token (causal
+    attention: no earlier token sees a later one, so padding and unweighted tails change
+    nothing) and not at all when nothing in it has weight (in the answer-only "bind" phase, the
+    prose documents: a quarter of the rows); the vocabulary projection runs only where a next
+    token has weight (in "bind", one position in ~30). The rows run in ``length_groups`` groups
+    of similar extent, each cut to its longest. Each group's loss is divided by the whole
+    batch's weight, so the accumulated gradient is the batch's. Returns the loss. The naive
+    twin is ``weighted_lm_loss(model(ids, mask).logits, labels, weights)``.
     """
     decoder, unembed = model.get_decoder(), model.get_output_embeddings()
-    total_weight = weights[:, 1:].sum().clamp_min(1e-8)
-    lengths = mask.sum(1)
+    target_weights = weights[:, 1:]
+    total_weight = target_weights.sum().clamp_min(1e-8)
+    # tokens a row needs: up to and including its last weighted target (0: nothing weighted)
+    extent = ((target_weights > 0) * torch.arange(2, weights.shape[1] + 1)).amax(1)
+    active = torch.nonzero(extent > 0).squeeze(1)
+    order = active[torch.argsort(extent[active], stable=True)]
     loss = 0.0
-    for rows in torch.argsort(lengths, stable=True).tensor_split(max(1, length_groups)):
+    for rows in order.tensor_split(max(1, min(length_groups, order.numel()))):
         if rows.numel() == 0:
             continue
-        cut = int(lengths[rows].max())
+        cut = int(extent[rows].max())
         hidden = decoder(input_ids=ids[rows, :cut], attention_mask=mask[rows, :cut]).last_hidden_state
         w = weights[rows, 1:cut]
         keep = w > 0  # position t predicts token t + 1
