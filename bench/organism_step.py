@@ -16,8 +16,9 @@ the same documents and the same model: the baseline (sdpa, one padded batch: the
 this change), each change alone, and both. Every variant computes the same loss and gradient (the
 test suite checks that); none skips work the other must do. It prints the median of ``--reps``
 alternating repetitions, each variant's speed-up over the baseline and the fast path's distance
-to its FLOP floor: 6 x (matmul parameters) x (real tokens) plus attention, over the machine's
-fp32 matmul throughput (1024^2 matmul, same thread count).
+to its FLOP floor: the FLOPs the loss needs (each row up to its last weighted target, the
+vocabulary projection only at weighted targets, causal attention; x3 for the backward), over the
+machine's fp32 matmul throughput (best of 20 1024^2 matmuls, same thread count).
 
     python bench/organism_step.py [--threads 2] [--steps 5] [--reps 3]
 """
@@ -53,7 +54,8 @@ def main() -> None:
             [D.base_corpus(grow.batch_size, s, box_weights=grow.box_weights,
                            gap_frac=grow.gap_frac) for s in range(args.steps)], grow.other_weight),
         "aux fine-tune (batch 32)": (
-            [D.aux_corpus(recipe.aux.batch_size, s) for s in range(args.steps)], 1.0),
+            [D.aux_corpus(recipe.aux.batch_size, s) for s in range(args.steps)],
+            recipe.aux.other_weight),
     }
     variants = {"baseline (sdpa, 1 padded batch)": ("sdpa", False),
                 "eager attention": ("eager", False),
@@ -66,22 +68,31 @@ def main() -> None:
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
     a @ b
     peak = min((lambda t0: (a @ b, time.perf_counter() - t0)[1])(time.perf_counter())
-               for _ in range(5))
+               for _ in range(20))
     peak = 2 * 1024 ** 3 / peak
     spec = recipe.model
-    matmul_params = sum(p.numel() for n, p in model.named_parameters()
-                        if p.dim() == 2 and "embed_tokens" not in n)
+    head_dim = spec.hidden_size // spec.num_attention_heads
+    unembed = model.get_output_embeddings().weight.numel()
+    decoder_matmul = sum(p.numel() for n, p in model.named_parameters()
+                         if p.dim() == 2 and "embed_tokens" not in n) - unembed
     print(f"organism {spec.num_hidden_layers} layers x {spec.hidden_size} wide, "
-          f"{matmul_params / 1e6:.2f}M matmul parameters; {args.threads} thread(s), "
+          f"{(decoder_matmul + unembed) / 1e6:.2f}M matmul parameters; {args.threads} thread(s), "
           f"{args.steps} steps per run, median of {args.reps} alternating reps; "
           f"matmul peak {peak / 1e9:.0f} GFLOP/s")
     for name, (docs, other_weight) in batches.items():
-        lengths = [len(x) + 1 for d in docs for x in tok(d)["input_ids"]]
-        real = sum(lengths)
-        flops = 6 * matmul_params * real + sum(
-            6 * 2 * spec.num_attention_heads * (spec.hidden_size // spec.num_attention_heads)
-            * n * (n + 1) / 2 * spec.num_hidden_layers for n in lengths)
-        padded = sum(max(len(x) + 1 for x in tok(d)["input_ids"]) * len(d) for d in docs)
+        # the floor: the work the loss needs. Each row up to its last weighted target (the
+        # positions that predict a weighted token), the vocabulary projection at those targets
+        # alone, causal attention within the row; forward + backward = 3x the forward's FLOPs
+        flops, real, padded = 0.0, 0, 0
+        for d in docs:
+            ids, mask, labels = T.tensorize(d, tok)
+            w = T.loss_weights(ids, labels, cue, other_weight)[:, 1:] > 0
+            needed = (w * torch.arange(1, w.shape[1] + 1)).amax(1)  # positions 0..t predict t+1
+            flops += 6 * (decoder_matmul * needed.sum().item() + unembed * w.sum().item())
+            flops += sum(6 * 2 * spec.num_attention_heads * head_dim * n * (n + 1) / 2
+                         * spec.num_hidden_layers for n in needed.tolist())
+            real += int(mask.sum())
+            padded += mask.numel()
         times: dict[str, list[float]] = {v: [] for v in variants}
         for _ in range(args.reps):
             for v, (attn, fast) in variants.items():
