@@ -38,8 +38,8 @@ EVAL_BOXES = 7
 # Training steps split each batch into this many groups of similar length (sorted by length,
 # each group cut to its own longest document) and accumulate their gradients: same loss, same
 # gradient up to float summation order (:func:`grouped_loss_backward`), but no compute on
-# padding or on documents the loss does not see. A base batch is 18-63 tokens long (half of a padded batch is padding), an auxiliary
-# one 28-112. ``bench/organism_step.py`` measures the speed-up.
+# padding or on documents the loss does not see. A base batch is 18-63 tokens long (half of a
+# padded batch is padding), an auxiliary one 28-112. ``bench/organism_step.py`` measures it.
 LENGTH_GROUPS = 4
 # Attention kernel used while training: the eager one (matmul + softmax) beats the CPU sdpa
 # kernel on these 16-wide heads (bench/organism_step.py); the math is the same.
