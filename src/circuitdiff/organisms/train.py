@@ -120,7 +120,7 @@ def _default_base_phases() -> tuple[Phase, ...]:
     # on the answer alone leave the binding plateau after ~1000-3000 steps depending on the seed,
     # so the first phase lasts until a held-out 2-box probe is solved, not a fixed share of the
     # schedule (a fixed 2400 steps left seed 7 at chance). 2-4 boxes with the whole text follow,
-    # until the 7-box probe reaches 0.55 (checked every 25 steps); "extend" (up to 5 boxes and a
+    # until the 7-box probe reaches 0.6 (checked every 25 steps); "extend" (up to 5 boxes and a
     # 0.25 share of 6) runs only when "grow" ended below that. In every phase a 0.25 share of the
     # contexts has 1-3 prose sentences between the context and its query: without it the bases
     # of seeds 1 and 7 failed on the boxes furthest from the query and every fine-tune lowered
@@ -128,9 +128,12 @@ def _default_base_phases() -> tuple[Phase, ...]:
     # met all four targets. Gaps in grow alone did not do that (seed 1: 0.2 at step 1100; seed 7:
     # fine-tunes no longer fell, but did not gain either). The gap slows bind: seed 7's 2-box
     # probe was 0.875 at step 4000 at 1 thread (it passes at ~2900 without), hence the 5000-step
-    # cap; at 2 threads it passed at ~4700 and met all four targets in 25 min.
+    # cap; at 2 threads it passed at ~4700 and met all four targets in 25 min. The 7-box gate was
+    # 0.55 until stop 23: seed 7's 200-prompt probe hit 0.55 once and its 500-prompt check gave
+    # 0.492, below the base band (seeds 1 / 3: probe 0.57 / 0.56, check 0.546 / 0.572); 0.6 keeps
+    # about two standard errors of the probe-vs-check difference above the band's floor.
     gap = 0.25
-    reach = Gate(boxes=EVAL_BOXES, threshold=0.55, every=25, required=False)
+    reach = Gate(boxes=EVAL_BOXES, threshold=0.6, every=25, required=False)
     return (
         Phase("bind", (0, 1, 0, 0, 0, 0, 0), other_weight=0.0, steps=5000, lr=1e-3, warmup=100,
               gate=Gate(boxes=2, threshold=0.9, consecutive=2), gap_frac=gap),
