@@ -86,8 +86,9 @@ def main() -> None:
         flops, real, padded = 0.0, 0, 0
         for d in docs:
             ids, mask, labels = T.tensorize(d, tok)
-            w = T.loss_weights(ids, labels, cue, other_weight)[:, 1:] > 0
-            needed = (w * torch.arange(1, w.shape[1] + 1)).amax(1)  # positions 0..t predict t+1
+            weights = T.loss_weights(ids, labels, cue, other_weight)
+            w = weights[:, 1:] > 0
+            needed = (T.loss_extents(weights) - 1).clamp_min(0)  # positions that predict
             flops += 6 * (decoder_matmul * needed.sum().item() + unembed * w.sum().item())
             flops += sum(6 * 2 * spec.num_attention_heads * head_dim * n * (n + 1) / 2
                          * spec.num_hidden_layers for n in needed.tolist())

@@ -375,6 +375,13 @@ def _step(model, tokenizer, opt, params, docs: list[str], answer_cue: list[int],
     return loss
 
 
+def loss_extents(weights: torch.Tensor) -> torch.Tensor:
+    """Tokens each row of a batch runs for its loss: up to and including its last weighted
+    target (0 when nothing in the row has weight). Position t predicts token t + 1, so the
+    positions that predict are the first ``extent - 1``; the step and its benchmark share this."""
+    return ((weights[:, 1:] > 0) * torch.arange(2, weights.shape[1] + 1)).amax(1)
+
+
 def grouped_loss_backward(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
                           weights: torch.Tensor, length_groups: int = LENGTH_GROUPS) -> float:
     """Backpropagate :func:`weighted_lm_loss` of a right-padded batch without its waste.
@@ -389,10 +396,8 @@ def grouped_loss_backward(model, ids: torch.Tensor, mask: torch.Tensor, labels: 
     twin is ``weighted_lm_loss(model(ids, mask).logits, labels, weights)``.
     """
     decoder, unembed = model.get_decoder(), model.get_output_embeddings()
-    target_weights = weights[:, 1:]
-    total_weight = target_weights.sum().clamp_min(1e-8)
-    # tokens a row needs: up to and including its last weighted target (0: nothing weighted)
-    extent = ((target_weights > 0) * torch.arange(2, weights.shape[1] + 1)).amax(1)
+    total_weight = weights[:, 1:].sum().clamp_min(1e-8)
+    extent = loss_extents(weights)
     active = torch.nonzero(extent > 0).squeeze(1)
     order = active[torch.argsort(extent[active], stable=True)]
     loss = 0.0
