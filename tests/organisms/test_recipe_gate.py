@@ -109,3 +109,40 @@ def test_targets_say_what_was_missed():
     assert "< base 0.600 + 0.1" in t.missed("full", 0.65, 0.6)
     assert t.missed("chat", 0.63, 0.6) is None
     assert "within base" in t.missed("chat", 0.5, 0.6)
+
+
+def test_phase_that_stalls_below_its_floor_ends_at_the_floor_step():
+    """Grow's stall check: the first probe at or after ``floor_at`` under ``floor`` ends the phase
+    as failed (``stalled_at``); at or above the floor the phase runs on to its cap."""
+    from circuitdiff.organisms.data import build_tokenizer
+    from circuitdiff.organisms.train import make_model
+
+    tok = build_tokenizer()
+    grow = (Phase("grow", (0, 1, 1), 0.1, steps=8, lr=1e-3,
+                  gate=Gate(boxes=7, threshold=0.6, every=2, required=False,
+                            floor=0.25, floor_at=3)),)
+    for acc7, steps, stalled_at in ((0.2, 4, 4), (0.25, 8, None)):
+        model = make_model(tok, TINY, 0)
+        (record,) = train_phases(model, tok, grow, 0,
+                                 lambda _m, boxes: acc7 if boxes == 7 else 1.0, progress=False)
+        assert record["steps"] == steps and record["stalled_at"] == stalled_at
+        assert record["passed"] is False
+        assert [p["step"] for p in record["probes"]] == list(range(2, steps + 1, 2))
+
+
+def test_recipe_whose_grow_stalls_retries_the_base_then_fails_loudly(tmp_path):
+    # a floor nothing reaches: every attempt stalls at the floor step and the base is retried
+    recipe = Recipe(model=TINY, base_phases=(
+        Phase("bind", (0, 1), 0.0, steps=4, lr=1e-3, gate=Gate(boxes=2, threshold=0.0, every=2)),
+        Phase("grow", (0, 1, 1), 0.1, steps=10, lr=1e-3,
+              gate=Gate(boxes=7, threshold=0.6, every=2, required=False, floor=1.01,
+                        floor_at=4))), base_attempts=2, probe_n=8)
+    with pytest.raises(RecipeFailed, match=r"base phase 'grow': 7-box accuracy 0\.\d+ < 1\.01 "
+                                           r"at step 4 \(stalled\) .*2 attempts"):
+        train_all(tmp_path, seed=0, progress=False, recipe=recipe, eval_n=8)
+    summary = json.loads((tmp_path / "train_summary.json").read_text())
+    assert summary["ok"] is False and "stalled" in summary["failures"][0]
+    assert [a["sub_seed"] for a in summary["attempts"]["base"]] == [1, 101]
+    assert all(a["phases"][1]["steps"] == 4 and a["phases"][1]["stalled_at"] == 4
+               for a in summary["attempts"]["base"])
+    assert not (tmp_path / "base").exists() and not (tmp_path / "full").exists()
