@@ -69,20 +69,38 @@ def test_phase_whose_gate_already_holds_is_skipped():
         assert extend["passed"] is (acc7 >= 0.55)
         assert extend["passed_at"] == (0 if acc7 >= 0.55 else None)
 
-def test_recipe_that_never_learns_fails_loudly(tmp_path):
-    # lr 0: the model never leaves chance, so the bind gate can never pass
-    recipe = Recipe(model=TINY, base_phases=(
-        Phase("bind", (0, 1), 0.0, steps=4, lr=0.0,
-              gate=Gate(boxes=2, threshold=0.9, every=2)),
-        Phase("grow", (0, 1, 1), 0.1, steps=2, lr=1e-3)), base_attempts=2, probe_n=8)
-    with pytest.raises(RecipeFailed, match=r"base phase 'bind': 2-box accuracy 0\.\d+ < 0\.9 "
-                                           r"after 4 steps .*2 attempts"):
+# (a) lr 0: the model never leaves chance, so the bind gate can never pass and grow never runs;
+# (b) a grow floor nothing reaches: every attempt stalls at the floor step
+NEVER_BINDS = ((Phase("bind", (0, 1), 0.0, steps=4, lr=0.0,
+                      gate=Gate(boxes=2, threshold=0.9, every=2)),
+                Phase("grow", (0, 1, 1), 0.1, steps=2, lr=1e-3)),
+               r"base phase 'bind': 2-box accuracy 0\.\d+ < 0\.9 after 4 steps .*2 attempts",
+               [4])
+GROW_STALLS = ((Phase("bind", (0, 1), 0.0, steps=4, lr=1e-3,
+                      gate=Gate(boxes=2, threshold=0.0, every=2)),
+                Phase("grow", (0, 1, 1), 0.1, steps=10, lr=1e-3,
+                      gate=Gate(boxes=7, threshold=0.6, every=2, required=False, floor=1.01,
+                                floor_at=4))),
+               r"base phase 'grow': 7-box accuracy 0\.\d+ < 1\.01 at step 4 \(stalled\) .*2 attempts",
+               [2, 4])
+
+
+@pytest.mark.parametrize("phases, message, steps", [NEVER_BINDS, GROW_STALLS],
+                         ids=["bind-never-passes", "grow-stalls"])
+def test_base_that_fails_its_gate_is_retried_then_fails_loudly(tmp_path, phases, message, steps):
+    """A base whose bind never passes, or whose grow stalls under its floor, is retrained from
+    the next sub-seed; when every attempt fails the recipe stops with the stage and the measured
+    value, and writes no model."""
+    recipe = Recipe(model=TINY, base_phases=phases, base_attempts=2, probe_n=8)
+    with pytest.raises(RecipeFailed, match=message):
         train_all(tmp_path, seed=0, progress=False, recipe=recipe, eval_n=8)
     summary = json.loads((tmp_path / "train_summary.json").read_text())
-    assert summary["ok"] is False and "bind" in summary["failures"][0]
+    assert summary["ok"] is False and phases[len(steps) - 1].name in summary["failures"][0]
     assert [a["sub_seed"] for a in summary["attempts"]["base"]] == [1, 101]
-    assert all(len(a["phases"]) == 1 for a in summary["attempts"]["base"])  # grow never ran
-    assert not (tmp_path / "lora").exists()
+    for attempt in summary["attempts"]["base"]:  # phases after the failed one never ran
+        assert [p["steps"] for p in attempt["phases"]] == steps
+        assert attempt["phases"][-1]["stalled_at"] == (4 if len(steps) == 2 else None)
+    assert not (tmp_path / "base").exists() and not (tmp_path / "lora").exists()
 
 
 def test_finetune_target_miss_is_retried_then_reported(tmp_path):
@@ -128,21 +146,3 @@ def test_phase_that_stalls_below_its_floor_ends_at_the_floor_step():
         assert record["steps"] == steps and record["stalled_at"] == stalled_at
         assert record["passed"] is False
         assert [p["step"] for p in record["probes"]] == list(range(2, steps + 1, 2))
-
-
-def test_recipe_whose_grow_stalls_retries_the_base_then_fails_loudly(tmp_path):
-    # a floor nothing reaches: every attempt stalls at the floor step and the base is retried
-    recipe = Recipe(model=TINY, base_phases=(
-        Phase("bind", (0, 1), 0.0, steps=4, lr=1e-3, gate=Gate(boxes=2, threshold=0.0, every=2)),
-        Phase("grow", (0, 1, 1), 0.1, steps=10, lr=1e-3,
-              gate=Gate(boxes=7, threshold=0.6, every=2, required=False, floor=1.01,
-                        floor_at=4))), base_attempts=2, probe_n=8)
-    with pytest.raises(RecipeFailed, match=r"base phase 'grow': 7-box accuracy 0\.\d+ < 1\.01 "
-                                           r"at step 4 \(stalled\) .*2 attempts"):
-        train_all(tmp_path, seed=0, progress=False, recipe=recipe, eval_n=8)
-    summary = json.loads((tmp_path / "train_summary.json").read_text())
-    assert summary["ok"] is False and "stalled" in summary["failures"][0]
-    assert [a["sub_seed"] for a in summary["attempts"]["base"]] == [1, 101]
-    assert all(a["phases"][1]["steps"] == 4 and a["phases"][1]["stalled_at"] == 4
-               for a in summary["attempts"]["base"])
-    assert not (tmp_path / "base").exists() and not (tmp_path / "full").exists()
