@@ -142,6 +142,8 @@ def _default_base_phases() -> tuple[Phase, ...]:
     # attempt and retrains the base from the next sub-seed. At stop 24 seed 2's probe there was
     # 0.165 (0.09-0.22 over all of grow; extend lifted it to 0.37, base 0.464: a miss after 22
     # min); every base that met the band probed 0.295-0.465 at that step (seeds 1, 3, 4, 7).
+    # On machine C (stop 25, Zen 4) it fired on seeds 2 and 4 (0.185, 0.155, 2-box 0.99) at ~12
+    # min; the bases that grew probed 0.42 and 0.52 there or passed 0.6 earlier (seed 7, at 800).
     gap = 0.25
     reach = Gate(boxes=EVAL_BOXES, threshold=0.6, every=25, required=False)
     return (
