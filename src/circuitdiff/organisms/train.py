@@ -472,8 +472,9 @@ def train_phases(model, tokenizer, phases: tuple[Phase, ...], seed: int, probe,
                 record["passed"], record["passed_at"] = True, at
                 return True
             floor_at = phase.gate.floor_at if phase.gate is not None else 0
-            first_at_floor = floor_at and at >= floor_at and all(
-                p["step"] < floor_at for p in record["probes"][:-1])
+            probes = record["probes"]  # steps increase: only the first probe past floor_at counts
+            first_at_floor = floor_at and at >= floor_at and (
+                len(probes) < 2 or probes[-2]["step"] < floor_at)
             if first_at_floor and accs[phase.gate.boxes] < phase.gate.floor:
                 record["stalled_at"] = at
                 return True
@@ -502,9 +503,12 @@ def train_phases(model, tokenizer, phases: tuple[Phase, ...], seed: int, probe,
         step0 += record["steps"]
         if tracker is not None and not tracker.passed:
             record["passed"] = False
+        # failed: a required gate that never passed, or a stall (an optional gate that did not
+        # pass is a stopping rule only); the recipe retries a failed base
+        record["failed"] = record["passed"] is False and (phase.gate.required
+                                                          or record["stalled_at"] is not None)
         records.append(record)
-        if (record["passed"] is False and (phase.gate.required or record["stalled_at"])
-                and stop_on_failure):
+        if record["failed"] and stop_on_failure:
             break
     model.eval()
     return records
@@ -622,8 +626,7 @@ def train_all(out_dir, seed: int = 0, progress: bool = True, scale: float = 1.0,
             base = make_model(tok, recipe.model, sub_seed)
             phases = train_phases(base, tok, recipe.base_phases, sub_seed, probe, progress,
                                   stop_on_failure=check_targets)
-            failed = [p for p in phases if check_targets and p["passed"] is False
-                      and (_phase(recipe, p).gate.required or p.get("stalled_at"))]
+            failed = [p for p in phases if check_targets and p["failed"]]
             attempts["base"].append({"sub_seed": sub_seed, "phases": phases,
                                      "seconds": round(time.time() - t0, 1)})
             if not failed:
@@ -633,7 +636,7 @@ def train_all(out_dir, seed: int = 0, progress: bool = True, scale: float = 1.0,
             g = _phase(recipe, p).gate
             measured = last.get(f"acc{g.boxes}", float("nan"))
             reason = (f"base phase {p['phase']!r}: {g.boxes}-box accuracy {measured:.3f} < "
-                      + (f"{g.floor} at step {p['stalled_at']} (stalled)" if p.get("stalled_at")
+                      + (f"{g.floor} at step {p['stalled_at']} (stalled)" if p["stalled_at"]
                          else f"{g.threshold} after {p['steps']} steps")
                       + f" (sub-seed {sub_seed})")
             attempts["base"][-1]["missed"] = reason
