@@ -1,5 +1,9 @@
-"""Bind (current or a variant) then grow to step 500, at 1 thread; per sub-seed: when bind passed,
-2/3/4/7-box probes at bind end, and the 7-box probe at grow 500 (stall if < 0.2)."""
+"""Bind (the recipe's or a variant), then grow cut at step 500, at 1 thread; prints per sub-seed
+the bind curve with 2/3/4-box probes, the probes at bind end, and grow's 7-box (and 3/4-box) probes.
+
+Usage: python bind_variant.py {base,lr2e-3,cos,mix23,mix23g3} SUB[,SUB...]   (SUB: a sub-seed, or
+I:D = initialisation from sub-seed I, documents from sub-seed D)
+"""
 import json, sys, time
 from dataclasses import replace
 import torch

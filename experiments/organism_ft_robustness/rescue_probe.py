@@ -1,4 +1,9 @@
-"""Reproduce a sub-seed's bind + grow to its stall (2 threads), then try rescue phases from there."""
+"""Replay a sub-seed's bind + grow to its stall (2 threads: the recipe's float path), then run each
+rescue phase from that state (documents from sub-seed + 7, not the recipe's stream).
+
+Usage: python rescue_probe.py SUB_SEED FLOOR_AT FLOOR VARIANT[,VARIANT...]   (stop 26: 41 500 0.2
+extend_as_is,six_lr1e-3)
+"""
 import json, sys, time, copy
 from dataclasses import replace
 import torch
