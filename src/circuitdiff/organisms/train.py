@@ -150,7 +150,7 @@ def _default_base_phases() -> tuple[Phase, ...]:
         Phase("bind", (0, 1, 0, 0, 0, 0, 0), other_weight=0.0, steps=5000, lr=1e-3, warmup=100,
               gate=Gate(boxes=2, threshold=0.9, consecutive=2), gap_frac=gap),
         Phase("grow", (0, 1, 1, 1, 0, 0, 0), other_weight=0.1, steps=2000, lr=1e-3,
-              min_lr_frac=0.25, gate=replace(reach, floor=0.25, floor_at=1000), gap_frac=gap),
+              min_lr_frac=0.25, gate=replace(reach, floor=0.2, floor_at=500), gap_frac=gap),
         Phase("extend", (0, 1, 1, 1, 1, 0.25, 0), other_weight=0.1, steps=1500, lr=3e-4,
               warmup=20, fresh_optimizer=True, gate=replace(reach, check_at_start=True),
               gap_frac=gap),
@@ -212,6 +212,9 @@ class Recipe:
     # a base whose bind gate never passes is retrained from a new sub-seed, at most this often
     # in all; a fine-tune that misses its target is retrained from a new sub-seed likewise
     base_attempts: int = 2
+    # initialisations raced through the first base phase per attempt (:func:`race_bind`; 1: no
+    # race, the phase runs in this process at ``threads``)
+    bind_race: int = 2
     stage_attempts: int = 3
     probe_n: int = 200       # held-out prompts per gate probe
     probe_seed: int = 1000   # never the evaluation seed
@@ -432,7 +435,9 @@ def grouped_loss_backward(model, ids: torch.Tensor, mask: torch.Tensor, labels: 
 
 def train_phases(model, tokenizer, phases: tuple[Phase, ...], seed: int, probe,
                  progress: bool = True, desc: str = "base",
-                 stop_on_failure: bool = True) -> list[dict]:
+                 stop_on_failure: bool = True, step0: int = 0,
+                 optimizer_state: dict | None = None, on_probe=None,
+                 optimizer_out: list | None = None) -> list[dict]:
     """Pre-train ``model`` through ``phases``; a gated phase ends when its gate passes.
 
     ``probe(model, boxes) -> float`` measures held-out accuracy on ``boxes``-box prompts. Every
@@ -441,6 +446,12 @@ def train_phases(model, tokenizer, phases: tuple[Phase, ...], seed: int, probe,
     ungated), the step it passed at, the step it stalled at (its gate's floor check), and the
     probes. Stops after a required gate failed or a phase stalled (later phases build on what it
     was meant to form) unless ``stop_on_failure`` is False.
+
+    To continue a run that stopped after some phases (the bind race hands its winner on this
+    way): ``step0`` is the global step to start from (the document stream continues), and
+    ``optimizer_state`` the AdamW state to resume (unless the first phase starts a fresh
+    optimizer). ``on_probe(record)`` is called after every probe; ``optimizer_out``, when a
+    list, receives the optimizer at the end.
     """
     from tqdm.auto import tqdm
 
@@ -449,10 +460,12 @@ def train_phases(model, tokenizer, phases: tuple[Phase, ...], seed: int, probe,
     opt = None
     records = []
     set_seed(seed)
-    step0 = 0  # global step: each step's documents are a pure function of (seed, global step)
+    # step0: the global step; each step's documents are a pure function of (seed, global step)
     for phase in phases:
         if opt is None or phase.fresh_optimizer:
             opt = torch.optim.AdamW(params, lr=phase.lr, betas=(0.9, 0.98), weight_decay=0.0)
+            if optimizer_state is not None and not phase.fresh_optimizer:
+                opt.load_state_dict(optimizer_state)
         tracker = GateTracker(phase.gate) if phase.gate else None
         every = phase.gate.every if phase.gate else max(1, phase.steps // 10)
         record = {"phase": phase.name, "steps": 0, "gate": None if phase.gate is None else asdict(phase.gate),
@@ -468,6 +481,12 @@ def train_phases(model, tokenizer, phases: tuple[Phase, ...], seed: int, probe,
             record["probes"].append({"step": at, "loss": None if ema is None else round(ema, 4),
                                      **{f"acc{b}": a for b, a in accs.items()}})
             shown.update({f"acc{b}": f"{a:.2f}" for b, a in accs.items() if b in (2, EVAL_BOXES)})
+            done = _gate_decides(at, accs)
+            if on_probe is not None:
+                on_probe(record)
+            return done
+
+        def _gate_decides(at: int, accs: dict[int, float]) -> bool:
             if tracker is not None and tracker.update(accs[phase.gate.boxes]):
                 record["passed"], record["passed_at"] = True, at
                 return True
@@ -511,7 +530,132 @@ def train_phases(model, tokenizer, phases: tuple[Phase, ...], seed: int, probe,
         if record["failed"] and stop_on_failure:
             break
     model.eval()
+    if optimizer_out is not None:
+        optimizer_out.append(opt)
     return records
+
+
+# -- the bind race ----------------------------------------------------------------------------
+def race_winner(reached: list[int], passed_at: list[int | None], finished: list[bool]) -> int | None:
+    """Which lane of a bind race has won, as soon as that is certain.
+
+    The winner is the lane whose gate passed at the fewest steps (the lower lane on a tie), so
+    the result does not depend on how fast each process happened to run. ``reached[i]``: the
+    step of lane i's latest probe; ``passed_at[i]``: where its gate passed (None: not yet);
+    ``finished[i]``: it ended without passing (cap or stall). Returns the lane, -1 when every lane
+    finished without passing, None while a lane that could still pass earlier is behind.
+    """
+    passed = [(at, i) for i, at in enumerate(passed_at) if at is not None]
+    if not passed:
+        return -1 if all(finished) else None
+    at, lane = min(passed)
+    for j, r in enumerate(reached):
+        if passed_at[j] is None and not finished[j] and (r < at or (r == at and j < lane)):
+            return None  # lane j has not yet been probed at step ``at`` (or could tie lower)
+    return lane
+
+
+def _bind_lane(lane: int, sub_seed: int, model_spec: ModelSpec, phase: Phase, probe_n: int,
+               probe_seed: int, stop_on_failure: bool, queue, state_path: str) -> None:
+    """One lane of the bind race, in its own process at one torch thread: trains ``phase`` from
+    the initialisation of ``sub_seed``, reports every probe, and saves its weights and optimizer
+    state when the phase ends."""
+    try:
+        torch.set_num_threads(1)
+        tok = D.build_tokenizer()
+        model = make_model(tok, model_spec, sub_seed)
+        probe = lambda m, boxes: accuracy(m, tok, probe_n, probe_seed, n_boxes=boxes)  # noqa: E731
+        report = lambda record: queue.put(("probe", lane, record["probes"][-1],  # noqa: E731
+                                           record["passed_at"]))
+        opt: list = []
+        (record,) = train_phases(model, tok, (phase,), sub_seed, probe, progress=False,
+                                 stop_on_failure=stop_on_failure, on_probe=report,
+                                 optimizer_out=opt)
+        torch.save({"model": model.state_dict(), "optimizer": opt[0].state_dict()}, state_path)
+        queue.put(("done", lane, record, None))
+    except BaseException as e:  # the parent raises it
+        import traceback
+        queue.put(("error", lane, f"{type(e).__name__}: {e}\n{traceback.format_exc()}", None))
+
+
+def race_bind(tokenizer, model_spec: ModelSpec, phase: Phase, sub_seeds: list[int], probe_n: int,
+              probe_seed: int, progress: bool = True, stop_on_failure: bool = True):
+    """Race several initialisations through the bind phase; keep the first to bind.
+
+    Whether binding forms within the cap depends on the initialisation (measured: one never
+    bound under six variations of the phase, while others bound at 1600-4100 steps), so a base
+    attempt trains ``len(sub_seeds)`` of them at once, each in a spawned process at one torch
+    thread (on this 2-core CPU two 1-thread processes do 1.4x the steps of one 2-thread
+    process). The winner is chosen by :func:`race_winner` on step counts, never on wall time,
+    and each lane runs at one thread, so the result is the same on any machine load or thread
+    count. Returns ``(model, optimizer_state, record, lanes)``: the winner's model, AdamW state
+    and phase record (when no lane passed: lane 0's, whose record says it failed), and one
+    summary per lane.
+    """
+    import multiprocessing as mp
+    import queue as queue_mod
+    import tempfile
+
+    from tqdm.auto import tqdm
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    n = len(sub_seeds)
+    reached, passed_at, finished = [0] * n, [None] * n, [False] * n
+    last: list[dict] = [{} for _ in range(n)]
+    records: list[dict | None] = [None] * n
+    with tempfile.TemporaryDirectory(prefix="circuitdiff-bind-") as tmp:
+        paths = [str(Path(tmp) / f"lane{i}.pt") for i in range(n)]
+        procs = [ctx.Process(target=_bind_lane, daemon=True,
+                             args=(i, s, model_spec, phase, probe_n, probe_seed, stop_on_failure,
+                                   q, paths[i]))
+                 for i, s in enumerate(sub_seeds)]
+        bar = tqdm(total=phase.steps, desc=f"base:{phase.name} race {sub_seeds}",
+                   disable=not progress, mininterval=2.0)
+        try:
+            for p in procs:
+                p.start()
+            winner = None
+            while winner is None or (winner >= 0 and records[winner] is None):
+                try:
+                    kind, lane, payload, at = q.get(timeout=5.0)
+                except queue_mod.Empty:
+                    dead = [i for i, p in enumerate(procs)
+                            if p.exitcode not in (None, 0) and records[i] is None]
+                    if dead:
+                        raise RuntimeError(f"bind lane {dead[0]} (sub-seed {sub_seeds[dead[0]]}) "
+                                           f"died with exit code {procs[dead[0]].exitcode}")
+                    continue
+                if kind == "error":
+                    raise RuntimeError(f"bind lane {lane} (sub-seed {sub_seeds[lane]}) failed: "
+                                       f"{payload}")
+                if kind == "probe":
+                    reached[lane], passed_at[lane], last[lane] = payload["step"], at, payload
+                    bar.n = max(reached)
+                    bar.set_postfix({f"s{sub_seeds[i]}": f"{last[i].get('acc2', 0):.2f}"
+                                     for i in range(n)})
+                else:  # done: a lane that did not pass has finished for good
+                    records[lane] = payload
+                    finished[lane] = not payload["passed"]
+                    reached[lane] = max(reached[lane], payload["steps"])
+                if winner is None:
+                    winner = race_winner(reached, passed_at, finished)
+            bar.close()
+            lanes = [{"sub_seed": s, "steps": reached[i], "passed_at": passed_at[i],
+                      "won": i == winner, "last_probe": last[i]}
+                     for i, s in enumerate(sub_seeds)]
+            winner = max(winner, 0)  # no lane passed: lane 0's failed phase goes on the record
+            state = torch.load(paths[winner], weights_only=True)
+        finally:
+            started = [p for p in procs if p.pid is not None]
+            for p in started:
+                if p.is_alive():
+                    p.terminate()
+            for p in started:
+                p.join(timeout=10)
+    model = make_model(tokenizer, model_spec, sub_seeds[winner])
+    model.load_state_dict(state["model"])
+    return model, state["optimizer"], records[winner], lanes
 
 
 @torch.no_grad()
@@ -621,13 +765,28 @@ def train_all(out_dir, seed: int = 0, progress: bool = True, scale: float = 1.0,
     if base_from is not None:
         base = _reload(Path(base_from))
     else:
+        first, rest = recipe.base_phases[0], recipe.base_phases[1:]
+        race = recipe.bind_race if first.gate is not None else 1
         for attempt in range(recipe.base_attempts):
-            sub_seed = seed * 10 + 1 + 100 * attempt
-            base = make_model(tok, recipe.model, sub_seed)
-            phases = train_phases(base, tok, recipe.base_phases, sub_seed, probe, progress,
-                                  stop_on_failure=check_targets)
+            subs = [seed * 10 + 1 + 100 * (attempt * race + lane) for lane in range(race)]
+            entry: dict = {}
+            if race > 1:
+                base, opt_state, bind, entry["race"] = race_bind(
+                    tok, recipe.model, first, subs, probe_n, recipe.probe_seed, progress,
+                    stop_on_failure=check_targets)
+                sub_seed = subs[next((i for i, r in enumerate(entry["race"]) if r["won"]), 0)]
+                phases = [bind]
+                if not (check_targets and bind["failed"]):
+                    phases += train_phases(base, tok, rest, sub_seed, probe, progress,
+                                           stop_on_failure=check_targets, step0=bind["steps"],
+                                           optimizer_state=opt_state)
+            else:
+                sub_seed = subs[0]
+                base = make_model(tok, recipe.model, sub_seed)
+                phases = train_phases(base, tok, recipe.base_phases, sub_seed, probe, progress,
+                                      stop_on_failure=check_targets)
             failed = [p for p in phases if check_targets and p["failed"]]
-            attempts["base"].append({"sub_seed": sub_seed, "phases": phases,
+            attempts["base"].append({"sub_seed": sub_seed, **entry, "phases": phases,
                                      "seconds": round(time.time() - t0, 1)})
             if not failed:
                 break
@@ -638,7 +797,8 @@ def train_all(out_dir, seed: int = 0, progress: bool = True, scale: float = 1.0,
             reason = (f"base phase {p['phase']!r}: {g.boxes}-box accuracy {measured:.3f} < "
                       + (f"{g.floor} at step {p['stalled_at']} (stalled)" if p["stalled_at"]
                          else f"{g.threshold} after {p['steps']} steps")
-                      + f" (sub-seed {sub_seed})")
+                      + (f" (sub-seed {sub_seed})" if race == 1 or p is not phases[0] else
+                         f" (sub-seeds {', '.join(map(str, subs))} raced)"))
             attempts["base"][-1]["missed"] = reason
             if progress:
                 print(f"{reason}; " + ("retrying with the next sub-seed"
