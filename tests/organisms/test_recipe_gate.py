@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from circuitdiff.organisms.train import (Gate, GateTracker, ModelSpec, Phase, Recipe,
-                                         RecipeFailed, Targets, train_all, train_phases)
+                                         RecipeFailed, Targets, race_winner, train_all,
+                                         train_phases)
 
 TINY = ModelSpec(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                  num_attention_heads=4, num_key_value_heads=2)
@@ -85,22 +86,67 @@ GROW_STALLS = ((Phase("bind", (0, 1), 0.0, steps=4, lr=1e-3,
                [2, 4])
 
 
+@pytest.mark.parametrize("race", [1, 2], ids=["in-process", "raced"])
 @pytest.mark.parametrize("phases, message, steps", [NEVER_BINDS, GROW_STALLS],
                          ids=["bind-never-passes", "grow-stalls"])
-def test_base_that_fails_its_gate_is_retried_then_fails_loudly(tmp_path, phases, message, steps):
+def test_base_that_fails_its_gate_is_retried_then_fails_loudly(tmp_path, phases, message, steps,
+                                                               race):
     """A base whose bind never passes, or whose grow stalls under its floor, is retrained from
-    the next sub-seed; when every attempt fails the recipe stops with the stage and the measured
-    value, and writes no model."""
-    recipe = Recipe(model=TINY, base_phases=phases, base_attempts=2, probe_n=8)
+    the next sub-seed(s); when every attempt fails the recipe stops with the stage and the
+    measured value, and writes no model. Raced, each attempt races two fresh sub-seeds."""
+    recipe = Recipe(model=TINY, base_phases=phases, base_attempts=2, probe_n=8, bind_race=race)
     with pytest.raises(RecipeFailed, match=message):
-        train_all(tmp_path, seed=0, progress=False, recipe=recipe, eval_n=8)
+        train_all(tmp_path, seed=0, progress=False, recipe=recipe, eval_n=8, threads=1)
     summary = json.loads((tmp_path / "train_summary.json").read_text())
     assert summary["ok"] is False and phases[len(steps) - 1].name in summary["failures"][0]
-    assert [a["sub_seed"] for a in summary["attempts"]["base"]] == [1, 101]
-    for attempt in summary["attempts"]["base"]:  # phases after the failed one never ran
+    base = summary["attempts"]["base"]
+    assert [a["sub_seed"] for a in base] == ([1, 101] if race == 1 else [1, 201])
+    if race == 2:
+        assert [[lane["sub_seed"] for lane in a["race"]] for a in base] == [[1, 101], [201, 301]]
+        # a bind nobody passes has no winner; a tie (both pass at step 2) goes to lane 0
+        assert [[lane["won"] for lane in a["race"]] for a in base] == (
+            [[False, False]] * 2 if len(steps) == 1 else [[True, False]] * 2)
+        assert ("raced" in summary["failures"][0]) is (len(steps) == 1)
+    for attempt in base:  # phases after the failed one never ran
         assert [p["steps"] for p in attempt["phases"]] == steps
         assert attempt["phases"][-1]["stalled_at"] == (4 if len(steps) == 2 else None)
     assert not (tmp_path / "base").exists() and not (tmp_path / "lora").exists()
+
+
+def test_race_winner_is_decided_on_step_counts_not_on_arrival():
+    """The lane that passed at the fewest steps wins (the lower lane on a tie), but only once no
+    slower-running lane can still pass at fewer steps; -1 when every lane ended unpassed."""
+    assert race_winner([300, 200], [300, None], [False, False]) is None  # lane 1 may pass at 200-300
+    assert race_winner([300, 300], [300, None], [False, False]) == 0
+    assert race_winner([300, 300], [None, 300], [False, False]) == 1
+    assert race_winner([300, 200], [None, 200], [False, False]) == 1   # lane 0 was at 300, unpassed
+    assert race_winner([200, 300], [None, 300], [False, False]) is None
+    assert race_winner([300, 300], [300, 300], [False, False]) == 0    # tie: the lower lane
+    assert race_winner([100, 300], [None, 300], [True, False]) == 1    # lane 0 ended unpassed
+    assert race_winner([500, 500], [None, None], [True, True]) == -1
+    assert race_winner([500, 400], [None, None], [True, False]) is None
+
+
+def test_raced_bind_hands_on_exactly_what_an_in_process_run_trains(tmp_path):
+    """Oracle for the race: when lane 0 wins, the base (bind in a spawned one-thread lane, its
+    weights and AdamW state handed back, grow here) is bit-identical to the base trained
+    entirely in this process at one thread."""
+    torch.set_num_threads(1)
+    phases = (Phase("bind", (0, 1), 0.0, steps=6, lr=1e-3,
+                    gate=Gate(boxes=2, threshold=0.0, every=3)),  # both lanes pass at step 3
+              Phase("grow", (0, 1, 1), 0.1, steps=3, lr=1e-3))
+    bases = {}
+    for race in (1, 2):
+        recipe = Recipe(model=TINY, base_phases=phases, probe_n=8, bind_race=race)
+        train_all(tmp_path / str(race), seed=0, progress=False, recipe=recipe, eval_n=8,
+                  threads=1, check_targets=False, scale=1.0)
+        from circuitdiff.organisms.train import _reload
+        bases[race] = _reload(tmp_path / str(race) / "base").state_dict()
+        summary = json.loads((tmp_path / str(race) / "train_summary.json").read_text())
+        (attempt,) = summary["attempts"]["base"]
+        assert [p["steps"] for p in attempt["phases"]] == [3, 3]
+    assert bases[1].keys() == bases[2].keys()
+    assert all(torch.equal(bases[1][k], bases[2][k]) for k in bases[1])
 
 
 def test_finetune_target_miss_is_retried_then_reported(tmp_path):

@@ -18,7 +18,8 @@ def register(sub) -> None:
     tr.add_argument("--scale", type=float, default=1.0,
                     help="multiply every stage's steps (e.g. 0.01 for a smoke run)")
     tr.add_argument("--threads", type=positive_int, default=2,
-                    help="torch threads (the shipped organisms were trained with 2; 1 is faster on a busy CPU)")
+                    help="torch threads after the bind race (which runs two processes of one thread each, "
+                         "so its result does not depend on this); the shipped organisms used 2")
     tr.add_argument("--base-from", default=None, help="reuse a trained base folder")
     tr.add_argument("--quiet", action="store_true", help="no progress bars")
     tr.set_defaults(func=run_train)

@@ -144,6 +144,10 @@ def _default_base_phases() -> tuple[Phase, ...]:
     # min); every base that met the band probed 0.295-0.465 at that step (seeds 1, 3, 4, 7).
     # On machine C (stop 25, Zen 4) it fired on seeds 2 and 4 (0.185, 0.155, 2-box 0.99) at ~12
     # min; the bases that grew probed 0.42 and 0.52 there or passed 0.6 earlier (seed 7, at 800).
+    # Since stop 27 it looks at grow step 500 with a floor of 0.2: there every base that grew
+    # (8, stops 24-26) probed at least 0.24 and every stall (3) at most 0.175, and a stalled
+    # attempt ends ~2.5 min sooner. Since stop 27 bind is also raced (Recipe.bind_race): two
+    # initialisations train it at once and the first to pass goes on (race_bind).
     gap = 0.25
     reach = Gate(boxes=EVAL_BOXES, threshold=0.6, every=25, required=False)
     return (
@@ -550,8 +554,8 @@ def race_winner(reached: list[int], passed_at: list[int | None], finished: list[
         return -1 if all(finished) else None
     at, lane = min(passed)
     for j, r in enumerate(reached):
-        if passed_at[j] is None and not finished[j] and (r < at or (r == at and j < lane)):
-            return None  # lane j has not yet been probed at step ``at`` (or could tie lower)
+        if passed_at[j] is None and not finished[j] and r < at:
+            return None  # lane j has not been probed at step ``at`` yet: it may still pass there
     return lane
 
 
