@@ -46,6 +46,26 @@ def test_phase_advances_only_when_the_probe_crosses_the_threshold():
     assert grow["steps"] == 2 and grow["passed"] is None
 
 
+def test_progress_probes_run_every_show_every_steps_and_at_the_phase_end():
+    """``show_every``: the 7-box probe the bind gate does not read runs at every ``show_every``-th
+    step and at the probe that ends the phase; the gate still reads its own probe every time."""
+    from circuitdiff.organisms.data import build_tokenizer
+    from circuitdiff.organisms.train import make_model
+
+    tok = build_tokenizer()
+    calls = []
+
+    def probe(_model, boxes):
+        calls.append(boxes)
+        return 0.95 if boxes == 2 and len([c for c in calls if c == 2]) >= 6 else 0.1
+
+    bind = Phase("bind", (0, 1), 0.0, steps=20, lr=1e-3, show_every=4,
+                 gate=Gate(boxes=2, threshold=0.9, consecutive=2, every=1))
+    (record,) = train_phases(make_model(tok, TINY, 0), tok, (bind,), 0, probe, progress=False)
+    assert record["passed_at"] == 7  # the 2-box probe reads 0.95 from step 6 on
+    assert [p["step"] for p in record["probes"] if "acc7" in p] == [4, 7]
+    assert [p["step"] for p in record["probes"] if "acc2" in p] == list(range(1, 8))
+    assert calls.count(7) == 2
 
 def test_phase_whose_gate_already_holds_is_skipped():
     """``check_at_start``: extend runs no steps when grow already reached the 7-box range, and
@@ -192,3 +212,22 @@ def test_phase_that_stalls_below_its_floor_ends_at_the_floor_step():
         assert record["steps"] == steps and record["stalled_at"] == stalled_at
         assert record["passed"] is False
         assert [p["step"] for p in record["probes"]] == list(range(2, steps + 1, 2))
+
+
+def test_only_the_first_probe_past_the_floor_step_can_stall():
+    """A probe that drops under the floor after the floor step was passed does not stall the
+    phase: the check is made once, at the first probe at or after ``floor_at``."""
+    from circuitdiff.organisms.data import build_tokenizer
+    from circuitdiff.organisms.train import make_model
+
+    tok = build_tokenizer()
+    grow = (Phase("grow", (0, 1, 1), 0.1, steps=8, lr=1e-3,
+                  gate=Gate(boxes=7, threshold=0.6, every=2, required=False,
+                            floor=0.25, floor_at=3)),)
+    script = {2: 0.1, 4: 0.3, 6: 0.1, 8: 0.1}  # under the floor before and after step 4 only
+    steps = iter(sorted(script))
+    (record,) = train_phases(make_model(tok, TINY, 0), tok, grow, 0,
+                             lambda _m, boxes: script[next(steps)] if boxes == 7 else 1.0,
+                             progress=False)
+    assert record["stalled_at"] is None and record["steps"] == 8
+    assert [p["acc7"] for p in record["probes"]] == [0.1, 0.3, 0.1, 0.1]

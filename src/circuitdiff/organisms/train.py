@@ -119,6 +119,9 @@ class Phase:
     aux_wording_frac: float = 0.0
     # share of evaluation-wording contexts with prose between the context and the query
     gap_frac: float = 0.0
+    # the progress probes (2 and 7 boxes) that the gate does not read run every ``show_every``
+    # steps and at the phase's last probe (0: at every probe); they only inform the user
+    show_every: int = 0
 
 
 def _default_base_phases() -> tuple[Phase, ...]:
@@ -152,7 +155,7 @@ def _default_base_phases() -> tuple[Phase, ...]:
     reach = Gate(boxes=EVAL_BOXES, threshold=0.6, every=25, required=False)
     return (
         Phase("bind", (0, 1, 0, 0, 0, 0, 0), other_weight=0.0, steps=5000, lr=1e-3, warmup=100,
-              gate=Gate(boxes=2, threshold=0.9, consecutive=2), gap_frac=gap),
+              gate=Gate(boxes=2, threshold=0.9, consecutive=2), gap_frac=gap, show_every=500),
         Phase("grow", (0, 1, 1, 1, 0, 0, 0), other_weight=0.1, steps=2000, lr=1e-3,
               min_lr_frac=0.25, gate=replace(reach, floor=0.2, floor_at=500), gap_frac=gap),
         Phase("extend", (0, 1, 1, 1, 1, 0.25, 0), other_weight=0.1, steps=1500, lr=3e-4,
@@ -478,14 +481,17 @@ def train_phases(model, tokenizer, phases: tuple[Phase, ...], seed: int, probe,
         ema = None
 
         def measure(at: int) -> bool:
-            """Probe 2-, 7- and gate-box accuracy; True when the gate has now passed."""
-            boxes = sorted({2, EVAL_BOXES} | ({phase.gate.boxes} if phase.gate else set()))
-            accs = {b: probe(model, b) for b in boxes}
+            """Probe the gate's accuracy and, when due, the 2- and 7-box accuracy shown to the
+            user; True when the phase ends here (gate passed or stalled)."""
+            accs = {phase.gate.boxes: probe(model, phase.gate.boxes)} if phase.gate else {}
+            entry = {"step": at, "loss": None if ema is None else round(ema, 4)}
+            record["probes"].append(entry)  # before the gate decides: its floor check reads it
+            done = _gate_decides(at, accs) if phase.gate else False
+            if done or at == phase.steps or not phase.show_every or at % phase.show_every == 0:
+                accs.update({b: probe(model, b) for b in (2, EVAL_BOXES) if b not in accs})
             model.train()
-            record["probes"].append({"step": at, "loss": None if ema is None else round(ema, 4),
-                                     **{f"acc{b}": a for b, a in accs.items()}})
+            entry.update({f"acc{b}": accs[b] for b in sorted(accs)})
             shown.update({f"acc{b}": f"{a:.2f}" for b, a in accs.items() if b in (2, EVAL_BOXES)})
-            done = _gate_decides(at, accs)
             if on_probe is not None:
                 on_probe(record)
             return done
@@ -675,11 +681,14 @@ def accuracy(model, tokenizer, n: int = 500, seed: int = 0, n_boxes: int = EVAL_
     was_training = model.training
     model.eval()
     correct = 0
-    for i in range(0, n, batch_size):
-        b = encode(prompts[i:i + batch_size], tokenizer, padding_side="left")
-        logits = model(**b.model_inputs()).logits
-        last = logits[torch.arange(len(b)), b.positions["last"]]
-        correct += (last.argmax(-1) == b.answer_ids).sum().item()
+    # no graph: 1.6x faster at 7 boxes, bit-identical logits (the recipe's probes and checks
+    # are unchanged); logits_to_keep=1 was not bit-identical on the LoRA organisms
+    with torch.no_grad():
+        for i in range(0, n, batch_size):
+            b = encode(prompts[i:i + batch_size], tokenizer, padding_side="left")
+            logits = model(**b.model_inputs()).logits
+            last = logits[torch.arange(len(b)), b.positions["last"]]
+            correct += (last.argmax(-1) == b.answer_ids).sum().item()
     model.train(was_training)
     return correct / n
 
