@@ -231,3 +231,37 @@ def test_only_the_first_probe_past_the_floor_step_can_stall():
                              progress=False)
     assert record["stalled_at"] is None and record["steps"] == 8
     assert [p["acc7"] for p in record["probes"]] == [0.1, 0.3, 0.1, 0.1]
+
+
+def test_a_terminated_bind_lane_leaks_no_semaphore(tmp_path):
+    """A losing lane is terminated; with ``lane_uses_thread_locks`` it leaves no named semaphore
+    behind (without it Python warns of a leaked semaphore at exit)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "lane.py"
+    script.write_text('''
+import multiprocessing as mp, sys, time
+
+def lane(fix, ready):
+    from tqdm.auto import tqdm
+    if fix:
+        from circuitdiff.organisms.train import lane_uses_thread_locks
+        lane_uses_thread_locks()
+    tqdm(range(3), disable=True)
+    ready.set()
+    time.sleep(120)
+
+if __name__ == "__main__":
+    ctx = mp.get_context("spawn")
+    ready = ctx.Event()
+    p = ctx.Process(target=lane, args=(sys.argv[1] == "1", ready), daemon=True)
+    p.start()
+    assert ready.wait(120)
+    p.terminate()
+    p.join()
+''')
+    runs = {fix: subprocess.run([sys.executable, str(script), fix], capture_output=True,
+                                text=True, timeout=300) for fix in ("0", "1")}
+    assert "leaked semaphore" in runs["0"].stderr  # the mechanism the fix is for
+    assert runs["1"].returncode == 0 and "leaked semaphore" not in runs["1"].stderr

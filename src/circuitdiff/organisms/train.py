@@ -565,6 +565,18 @@ def race_winner(reached: list[int], passed_at: list[int | None], finished: list[
     return lane
 
 
+def lane_uses_thread_locks() -> None:
+    """Give tqdm a threading lock in a bind lane. A spawned process makes multiprocessing
+    objects with named semaphores, and tqdm creates one for its lock; a lane that loses the race
+    is terminated before it can unlink it, and Python then warns of a "leaked semaphore" at exit.
+    A lane has no child processes, so a threading lock is all its bars need."""
+    import threading
+
+    from tqdm.auto import tqdm
+
+    tqdm.set_lock(threading.RLock())
+
+
 def _bind_lane(lane: int, sub_seed: int, model_spec: ModelSpec, phase: Phase, probe_n: int,
                probe_seed: int, stop_on_failure: bool, queue, state_path: str) -> None:
     """One lane of the bind race, in its own process at one torch thread: trains ``phase`` from
@@ -572,6 +584,7 @@ def _bind_lane(lane: int, sub_seed: int, model_spec: ModelSpec, phase: Phase, pr
     state when the phase ends."""
     try:
         torch.set_num_threads(1)
+        lane_uses_thread_locks()
         tok = D.build_tokenizer()
         model = make_model(tok, model_spec, sub_seed)
         probe = lambda m, boxes: accuracy(m, tok, probe_n, probe_seed, n_boxes=boxes)  # noqa: E731
