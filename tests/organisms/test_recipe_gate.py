@@ -67,6 +67,7 @@ def test_progress_probes_run_every_show_every_steps_and_at_the_phase_end():
     assert [p["step"] for p in record["probes"] if "acc2" in p] == list(range(1, 8))
     assert calls.count(7) == 2
 
+
 def test_phase_whose_gate_already_holds_is_skipped():
     """``check_at_start``: extend runs no steps when grow already reached the 7-box range, and
     runs (probing as usual) when it did not."""

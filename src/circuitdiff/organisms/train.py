@@ -676,7 +676,7 @@ def race_bind(tokenizer, model_spec: ModelSpec, phase: Phase, sub_seeds: list[in
                     p.terminate()
             for p in started:
                 p.join(timeout=10)
-            q.close()  # release the queue's feeder thread and semaphore before the next race
+            q.close()  # release the queue's feeder thread before the next race
             q.join_thread()
     model = make_model(tokenizer, model_spec, sub_seeds[winner])
     model.load_state_dict(state["model"])
