@@ -43,7 +43,7 @@ from .methods.dcm import DCMConfig, DCMResult, dcm, dcm_view, functional_patchin
 from .methods.discovery import DiscoveryConfig, discover
 from .methods.evaluation import EvalConfig, evaluate_matrix
 from .methods.knockout import Edge, KnockoutCurve, knockout_curve
-from .methods.stats import difference_interval
+from .core.stats import difference_interval
 from .methods.verdicts import VerdictRules, unit_overlap, verdicts
 from .report.figures import discovery_heatmaps, plot_faithfulness_bars, plot_knockout_curves
 from .report.markdown import format_protocols, study_report

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from circuitdiff.core.circuit import Circuit, CircuitGroup
-from circuitdiff.methods.stats import difference_interval, mean_interval, ratio_interval
+from circuitdiff.core.stats import difference_interval, mean_interval, ratio_interval
 from circuitdiff.methods.verdicts import (NO, UNDECIDED, YES, VerdictRules, against,
                                           gain_carried, same_functions, unit_overlap,
                                           uses_base_circuit, verdicts)

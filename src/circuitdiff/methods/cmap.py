@@ -52,7 +52,7 @@ from ..core.runs import RunFolder, atomic_write_text, model_tag, settings_digest
 from ..core.task import Batch, EntityTrackingTask, Prompt, TaskConfig, batches
 from .evaluation import same_tokenizer
 from .faithfulness import random_circuits
-from .stats import interval, resample_indices
+from ..core.stats import interval, resample_indices
 
 #: input-CMAP component sets, in the paper's order
 COMPONENTS: tuple[str, ...] = ("q", "k", "v", "qk", "qkv")

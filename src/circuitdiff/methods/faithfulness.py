@@ -22,7 +22,7 @@ from typing import Sequence
 
 from .ablation import HeadMeans, circuit_keep, variant_correct
 from .accuracy import evaluate_accuracy
-from .stats import ratio_interval
+from ..core.stats import ratio_interval
 from ..core.circuit import Circuit, CircuitGroup
 from ..core.model import LoadedModel
 from ..core.task import Prompt

@@ -15,7 +15,7 @@ The three claims of the paper, asked of every fine-tune against its base:
 Each answer is ``yes``, ``no`` or ``undecided``: yes only when the whole interval clears the
 threshold, no only when it lies wholly on the other side, undecided otherwise (and whenever a
 piece of evidence is missing or the gap itself is not distinguishable from 0). Intervals are
-paired bootstraps over prompts (:mod:`circuitdiff.methods.stats`).
+paired bootstraps over prompts (:mod:`circuitdiff.core.stats`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from ..core.circuit import Circuit
-from .stats import difference_interval, format_interval
+from ..core.stats import difference_interval, format_interval
 
 YES, NO, UNDECIDED = "yes", "no", "undecided"
 CLAIMS: tuple[str, ...] = ("uses_base_circuit", "same_functions", "gain_carried")

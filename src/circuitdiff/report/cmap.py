@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..core.runs import RunFolder, atomic_write_text, safe_name
 from ..methods.cmap import CMAPResult, DirectionResult
-from ..methods.stats import format_interval
+from ..core.stats import format_interval
 from .figures import integer_ticks, pyplot, save_figure
 from .tables import fmt, short_name
 

@@ -16,7 +16,7 @@ from typing import Sequence
 from ..core.circuit import Circuit, format_head
 from ..core.runs import model_tag
 from .html import HtmlPage, definitions, esc, figure, table, verdict
-from ..methods.stats import format_interval
+from ..core.stats import format_interval
 from ..methods.verdicts import CLAIM_TITLES
 from .tables import fmt, short_name
 

@@ -1,4 +1,4 @@
-"""Bootstrap intervals over prompts: one implementation for every method that reports one.
+"""Statistics every method shares: bootstrap intervals over prompts, and seeded draws.
 
 Every interval here resamples *prompts* (with replacement, seeded) and recomputes the statistic
 on each resample; paired statistics (a ratio of two accuracies on the same prompts, a difference
@@ -72,3 +72,23 @@ def mean_interval(hits: Sequence, resamples: int = 1000, seed: int = 0,
     h = _hits(hits)
     idx = resample_indices(h.numel(), resamples, seed)
     return None if idx is None else interval(h[idx].mean(1), confidence)
+
+
+# -- seeded draws ---------------------------------------------------------------------------------
+def draw_rng(seed: int, index: int) -> "random.Random":
+    """The generator of draw ``index`` under ``seed`` (random circuits, completeness halves, DCM
+    examples): ``random.Random(seed * 1_000_003 + index)``, one formula for every seeded draw, so
+    each draw is reproducible on its own, whatever else was drawn."""
+    import random
+
+    return random.Random(seed * 1_000_003 + index)
+
+
+def sub_seed(seed: int, name: str) -> int:
+    """A seed for the stream called ``name`` under ``seed``: a stable hash of both (same on every
+    machine and Python), so two uses with different names never share a stream the way
+    ``seed + 1`` for two purposes does."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
