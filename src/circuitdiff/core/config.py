@@ -37,7 +37,7 @@ def execution(default: Any = dataclasses.MISSING, *, default_factory: Any = data
 
 def _plain(value: Any) -> Any:
     """``value`` as JSON-able data: configs as dicts, tuples as lists, recursively."""
-    if isinstance(value, Config):
+    if hasattr(value, "to_dict") and not isinstance(value, type):  # configs, circuits
         return value.to_dict()
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
