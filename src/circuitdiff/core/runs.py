@@ -22,6 +22,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from .distributed import decide, is_main
+
 
 def environment() -> dict[str, Any]:
     """Where a run ran: Python, the versions of the packages that set its floats, the CPU.
@@ -73,8 +75,11 @@ def temp_path(path: str | Path) -> Path:
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically: a killed run never leaves half a file."""
+    """Write ``text`` to ``path`` atomically: a killed run never leaves half a file. Under
+    ``torchrun`` only rank 0 writes (the other ranks hold the same result and skip the write)."""
     path = Path(path)
+    if not is_main():
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
     try:
@@ -150,7 +155,8 @@ class RunFolder:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        if is_main():  # under torchrun the other ranks never touch the folder
+            self.path.mkdir(parents=True, exist_ok=True)
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -168,6 +174,8 @@ class RunFolder:
         from safetensors.torch import save_file
 
         p = self.file(name)
+        if not is_main():
+            return p
         p.parent.mkdir(parents=True, exist_ok=True)
         tmp = temp_path(p)
         meta = {"settings": json.dumps(settings or {}, sort_keys=True, default=str)}
@@ -186,13 +194,20 @@ class RunFolder:
 
     # -- resumable steps ---------------------------------------------------------------------
     def cached(self, name: str, settings: dict, compute: Callable[[], Any]) -> Any:
-        """JSON result of ``compute()``, loaded from ``name`` if saved with equal ``settings``."""
+        """JSON result of ``compute()``, loaded from ``name`` if saved with equal ``settings``
+        (under ``torchrun``: rank 0 decides and hands the saved result to every rank)."""
         p = self.file(name)
         digest = settings_digest(settings)
-        if p.exists():
-            saved = self.load_json(name)
-            if isinstance(saved, dict) and saved.get("_settings_digest") == digest:
-                return saved["result"]
+
+        def saved_result() -> tuple[bool, Any]:
+            if is_main() and p.exists():
+                saved = self.load_json(name)
+                if isinstance(saved, dict) and saved.get("_settings_digest") == digest:
+                    return True, saved["result"]
+            return False, None
+        hit, result = decide(saved_result())
+        if hit:
+            return result
         result = compute()
         self.save_json(name, {"_settings_digest": digest, "settings": settings, "result": result})
         return result
@@ -204,10 +219,16 @@ class RunFolder:
 
         p = self.file(name)
         want = json.dumps(settings, sort_keys=True, default=str)
-        if p.exists():
-            with safe_open(str(p), "pt") as f:
-                if (f.metadata() or {}).get("settings") == want:
-                    return {k: f.get_tensor(k) for k in f.keys()}
+
+        def saved_tensors() -> dict[str, torch.Tensor] | None:
+            if is_main() and p.exists():
+                with safe_open(str(p), "pt") as f:
+                    if (f.metadata() or {}).get("settings") == want:
+                        return {k: f.get_tensor(k) for k in f.keys()}
+            return None
+        saved = decide(saved_tensors())
+        if saved is not None:
+            return saved
         out = compute()
         self.save_tensors(name, out, settings)
         return out

@@ -1,0 +1,136 @@
+"""Ranks under ``torchrun``: who am I, which share of the work is mine, and the gathered result.
+
+circuitdiff scales out with the engine its users already run — ``torch.distributed`` launched
+by ``torchrun`` (one node, many nodes, Slurm alike) — never a home-made process pool. Every rank
+runs the same program on the same inputs; the embarrassingly parallel inner loops (the senders
+of a path-patching step, the cells of a scan) give each rank a contiguous share
+(:func:`share`) and gather the pieces back in rank order (:func:`gather_cat`), so every rank
+ends up with the result one process would have computed. Rank 0 alone writes the run folder
+(:class:`~circuitdiff.core.runs.RunFolder` asks :func:`is_main`); a cache hit is decided on
+rank 0 and broadcast (:func:`decide`), so all ranks take the same branch and never wait on
+each other in a collective that one of them skipped.
+
+Backend: NCCL when the ranks run on CUDA devices, gloo on CPU. Outside ``torchrun`` (no
+``WORLD_SIZE`` in the environment) everything here is a no-op for one process.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place: ``rank`` of ``world`` processes, ``local_rank`` on its node."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def ranks() -> Ranks:
+    """The current ranks: from the initialised process group, else one process."""
+    dist = _dist()
+    if dist is None:
+        return Ranks()
+    return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def launched() -> bool:
+    """True when this process was started by ``torchrun`` with more than one rank."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init(device: str | None = None, timeout_s: float = 1800) -> Ranks:
+    """Join the process group ``torchrun`` set up (no-op for one process): NCCL with each rank on
+    ``cuda:LOCAL_RANK`` when ``device`` is CUDA, else gloo. Returns the ranks."""
+    if not launched() or _dist() is not None:
+        return ranks()
+    import torch.distributed as dist
+
+    cuda = device is not None and str(device).startswith("cuda")
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if cuda else "gloo",
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    return ranks()
+
+
+def rank_device(device: str | None) -> str | None:
+    """``cuda`` becomes ``cuda:LOCAL_RANK`` under torchrun (each rank its own GPU)."""
+    if device == "cuda" and launched():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return device
+
+
+def is_main() -> bool:
+    """True on rank 0 (and for one process): the only rank that writes files."""
+    return ranks().main
+
+
+def share(n: int, r: Ranks | None = None) -> range:
+    """This rank's contiguous share of ``range(n)``: ranks get ``ceil``/``floor`` blocks in rank
+    order, so concatenating the shares in rank order gives ``range(n)`` back."""
+    r = r or ranks()
+    base, extra = divmod(n, r.world)
+    start = r.rank * base + min(r.rank, extra)
+    return range(start, start + base + (1 if r.rank < extra else 0))
+
+
+def gather_cat(local: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """The rank-ordered concatenation of every rank's ``local`` along ``dim`` (shapes may differ
+    along ``dim``); ``local`` itself for one process."""
+    dist = _dist()
+    if dist is None:
+        return local
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, local.detach().cpu())
+    return torch.cat(parts, dim=dim).to(local.device)
+
+
+def decide(value: T) -> T:
+    """Rank 0's ``value`` on every rank (a cache hit, a loaded result): one branch for all."""
+    dist = _dist()
+    if dist is None:
+        return value
+    box = [value if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op for one process)."""
+    dist = _dist()
+    if dist is not None:
+        dist.barrier()
+
+
+def concat_shares(values: Sequence[T]) -> list[T]:
+    """Every rank's list of Python values, concatenated in rank order."""
+    dist = _dist()
+    if dist is None:
+        return list(values)
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, list(values))
+    return [v for p in parts for v in p]
+
+
+__all__ = ["Ranks", "barrier", "concat_shares", "decide", "gather_cat", "init", "is_main",
+           "launched", "rank_device", "ranks", "share"]
