@@ -134,6 +134,7 @@ def test_unreachable_hub_id_fails_at_once(monkeypatch, capsys):
     assert model.hub_reachable() is False
 
 
+@pytest.mark.slow  # two CLI processes racing (~15 s)
 def test_two_runs_on_one_folder_end_cleanly(saved_models, tmp_path):
     """Started together on one --out: the second waits for the lock, then resumes from the
     first's results; both exit 0 and the folder holds one result set and no temp files."""

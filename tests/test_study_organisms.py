@@ -11,6 +11,8 @@ import pytest
 from circuitdiff.cli import main
 from circuitdiff.report.browser import check_page
 
+pytestmark = pytest.mark.slow  # a whole study on the organisms (~2 min): the slow tier
+
 
 @pytest.fixture(scope="module")
 def organism_study(tmp_path_factory):
