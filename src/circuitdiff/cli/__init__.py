@@ -92,12 +92,17 @@ def _add_common_options(p: argparse.ArgumentParser) -> None:
     if "--threads" not in have:
         p.add_argument("--threads", type=positive_int, default=None,
                        help="torch CPU threads (default: 1 for models under 20M parameters, "
-                            "else every core)")
+                            "else every core, shared among the ranks on one machine)")
     if "--json" not in have:
         p.add_argument("--json", action="store_true",
                        help="print only the result, as one JSON object")
     if "--quiet" not in have:
         p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    if "--workers" not in have:
+        p.add_argument("--workers", type=positive_int, default=None,
+                       help="run as N torch.distributed ranks on this machine (the same as "
+                            "torchrun --nproc-per-node N circuitdiff ...); each rank takes its "
+                            "share of the parallel work, rank 0 writes the results")
 
 
 def set_threads(args, loaded=None) -> None:
@@ -108,7 +113,8 @@ def set_threads(args, loaded=None) -> None:
         torch.set_num_threads(args.threads)
     elif loaded is not None:
         n_params = sum(p.numel() for p in loaded.model.parameters())
-        torch.set_num_threads(1 if n_params < SMALL_MODEL_PARAMS else (os.cpu_count() or 1))
+        cores = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+        torch.set_num_threads(1 if n_params < SMALL_MODEL_PARAMS else cores)
 
 
 def load_from_args(args, spec: str | None = None, adapter: str | None = None):
@@ -162,6 +168,36 @@ def _no_progress_bars():
             hf_logging.enable_progress_bar()
 
 
+def _launch_workers(args, argv: list[str]) -> int:
+    """Re-run this command as ``args.workers`` local ranks under torch's elastic launcher (what
+    ``torchrun --standalone --nproc-per-node N`` does); a rank that fails is named."""
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    rest, skip = [], False
+    for a in argv:  # the same command without --workers
+        if skip:
+            skip = False
+        elif a == "--workers":
+            skip = True
+        elif not a.startswith("--workers="):
+            rest.append(a)
+    cfg = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=args.workers,
+                       run_id=uuid.uuid4().hex[:8], rdzv_backend="c10d",
+                       rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2)
+    try:
+        elastic_launch(cfg, entrypoint=sys.executable)("-m", "circuitdiff", *rest)
+    except ChildFailedError as e:
+        rank, failure = min(e.failures.items())
+        print(f"circuitdiff {args.command}: error: rank {rank} of {args.workers} failed (exit code "
+              f"{failure.exitcode}); saved results are kept and a rerun resumes from them",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from ..core.arch import ArchitectureError
     from ..core.interventions import InterventionError
@@ -173,7 +209,14 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, --version, or a one-line usage error (exit 2)
         return int(e.code or 0)
-    quiet = args.json or args.quiet
+    from ..core import distributed
+
+    if getattr(args, "workers", None) and args.workers > 1 and not distributed.launched():
+        return _launch_workers(args, list(sys.argv[1:] if argv is None else argv))
+    ranks = distributed.init(getattr(args, "device", None))
+    if ranks.world > 1:
+        args.device = distributed.rank_device(getattr(args, "device", None))
+    quiet = args.json or args.quiet or not ranks.main  # rank 0 alone prints
     set_threads(args)
     name = args.command
     try:
@@ -198,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
               f"from them", file=sys.stderr)
         return 130
     if isinstance(result, dict):
-        if args.json:
+        if args.json and ranks.main:
             print(json.dumps(result, default=str))
         return 0
     return int(result or 0)

@@ -123,6 +123,9 @@ def open_run_folder(path: str | Path, wait: bool = True) -> Iterator[Path]:
     """
     import fcntl
 
+    if not is_main():  # under torchrun rank 0 alone creates, locks and writes the folder
+        yield Path(path).expanduser()
+        return
     check_out_folder(path)
     p = Path(path).expanduser()
     created = not p.exists()
