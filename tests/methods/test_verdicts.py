@@ -42,10 +42,27 @@ def _circuit(units):
 def test_unit_overlap_counts_head_role_units():
     a = _circuit({"last": [(1, 0), (1, 1)], "labels": [(0, 3)]})
     b = _circuit({"last": [(1, 0)], "labels": [(0, 3), (0, 4)], "separators": [(0, 3)]})
-    o = unit_overlap(a, b)
+    o = unit_overlap(a, b, grid=(4, 8))
     assert (o["shared"], o["n_reference"], o["n_other"]) == (2, 3, 4)
     assert o["recall"] == pytest.approx(2 / 3) and o["jaccard"] == pytest.approx(2 / 5)
     assert o["coefficient"] == pytest.approx(2 / 3)
+    # the exact null: at "last" 1 of 2 base heads drawn among 32, at "labels" 2 of 1
+    assert o["null_mean"] == pytest.approx(1 * 2 / 32 + 2 * 1 / 32)
+    assert 0 < o["null_p"] < 0.01
+
+
+def test_overlap_null_matches_simulated_random_circuits():
+    import random
+
+    base = _circuit({"last": [(1, h) for h in range(5)], "labels": [(0, 1), (0, 2)]})
+    own = _circuit({"last": [(1, 0), (1, 1), (2, 3)], "labels": [(0, 1), (3, 3), (2, 2)]})
+    o = unit_overlap(base, own, grid=(4, 8))
+    grid = [(l, h) for l in range(4) for h in range(8)]
+    rng, hits = random.Random(0), 0
+    for _ in range(4000):
+        r = _circuit({"last": rng.sample(grid, 3), "labels": rng.sample(grid, 3)})
+        hits += unit_overlap(base, r)["shared"] >= o["shared"]
+    assert abs(hits / 4000 - o["null_p"]) < 0.02
 
 
 def _faith(model, hits_full, hits_circ):
@@ -54,70 +71,128 @@ def _faith(model, hits_full, hits_circ):
             "faithfulness_ci": ratio_interval(hits_circ, hits_full, 300)}
 
 
-def test_uses_base_circuit_needs_faithfulness_and_overlap():
+def _own(base, own, ci=(0.85, 0.99)):
+    return {"ft": {"overlap": unit_overlap(base, own, grid=(4, 8)), "faithfulness": 0.92,
+                   "faithfulness_ci": list(ci)}}
+
+
+BASE = _circuit({"last": [(1, h) for h in range(6)], "labels": [(0, 1), (0, 2), (0, 5)]})
+STABLE = {"jaccard": 0.8}
+
+
+def test_uses_base_circuit_needs_faithfulness_overlap_beyond_chance_and_stability():
     good = _faith("ft", [1] * 100, [1] * 97 + [0] * 3)
     bad = _faith("ft", [1] * 100, [1] * 40 + [0] * 60)
-    own = {"ft": {"overlap": {"shared": 5, "n_reference": 10, "n_other": 6, "recall": 0.5,
-                              "precision": 0.83, "jaccard": 0.45, "coefficient": 0.83},
-                  "sizing": {"faithfulness_paper": 0.92}}}
-    far = {"ft": {"overlap": {"shared": 1, "n_reference": 10, "n_other": 9, "recall": 0.1,
-                              "precision": 0.1, "jaccard": 0.05, "coefficient": 0.11}}}
-    broken = {"ft": {**own["ft"], "sizing": {"faithfulness_paper": 0.05}}}
-    assert uses_base_circuit({"faithfulness": [good], "own_circuits": own}, "ft", RULES,
-                             "auto_circuit")["answer"] == YES
-    assert uses_base_circuit({"faithfulness": [bad], "own_circuits": own}, "ft", RULES,
-                             "auto_circuit")["answer"] == NO
-    assert uses_base_circuit({"faithfulness": [good], "own_circuits": far}, "ft", RULES,
-                             "auto_circuit")["answer"] == NO
-    # a smaller own circuit inside the base's is the same circuit (the fine-tune needs fewer
-    # units): the overlap counts against the smaller circuit, not the base's
-    inside = {"ft": {"overlap": {"shared": 3, "n_reference": 10, "n_other": 3, "recall": 0.3,
-                                 "precision": 1.0, "jaccard": 0.3, "coefficient": 1.0},
-                     "sizing": {"faithfulness_paper": 0.95}}}
-    assert uses_base_circuit({"faithfulness": [good], "own_circuits": inside}, "ft", RULES,
-                             "auto_circuit")["answer"] == YES
-    # an own circuit that is not itself faithful says nothing by its overlap
-    v = uses_base_circuit({"faithfulness": [good], "own_circuits": broken}, "ft", RULES,
-                          "auto_circuit")
-    assert v["answer"] == UNDECIDED and "says nothing" in v["evidence"]
+    similar = _circuit({"last": [(1, h) for h in range(5)] + [(2, 0)], "labels": [(0, 1), (0, 2)]})
+    far = _circuit({"last": [(3, h) for h in range(6)], "labels": [(2, 1), (2, 2), (0, 1)]})
+
+    def ask(faith, own, stability=STABLE):
+        return uses_base_circuit({"faithfulness": [faith], "own_circuits": own,
+                                  "stability": stability}, "ft", RULES, "auto_circuit")
+
+    assert ask(good, _own(BASE, similar))["answer"] == YES
+    assert ask(bad, _own(BASE, similar))["answer"] == NO
+    assert ask(good, _own(BASE, far))["answer"] == NO
+    # without discovery's own stability (the ceiling) the overlap cannot be judged
+    assert ask(good, _own(BASE, similar), stability=None)["answer"] == UNDECIDED
+    # an own circuit that is not itself faithful (interval) says nothing by its overlap
+    assert ask(good, _own(BASE, similar, ci=(0.2, 0.6)))["answer"] == UNDECIDED
     # faithful but its own circuit was not computed: not enough for a yes
     v = uses_base_circuit({"faithfulness": [good]}, "ft", RULES, "auto_circuit")
     assert v["answer"] == UNDECIDED and "own circuits were not computed" in v["evidence"]
 
 
-def _fun(model, hits, random_mean=0.1):
+def test_containment_alone_is_not_the_same_circuit():
+    """An own circuit holding every base unit plus many random ones has overlap coefficient 1.0
+    (the old rule's yes), but random circuits of its size hold most base units too."""
+    import random
+
+    good = _faith("ft", [1] * 100, [1] * 97 + [0] * 3)
+    rng = random.Random(1)
+    grid = [(l, h) for l in range(4) for h in range(8)]
+    extra_last = [u for u in rng.sample(grid, 28) if u not in BASE.groups["g0"].heads]
+    extra_labels = [u for u in rng.sample(grid, 28) if u not in BASE.groups["g1"].heads]
+    huge = _circuit({"last": BASE.groups["g0"].heads + extra_last,
+                     "labels": BASE.groups["g1"].heads + extra_labels})
+    own = _own(BASE, huge)
+    assert own["ft"]["overlap"]["coefficient"] == 1.0
+    v = uses_base_circuit({"faithfulness": [good], "own_circuits": own, "stability": STABLE},
+                          "ft", RULES, "auto_circuit")
+    assert v["answer"] != YES, v["evidence"]
+
+
+def test_random_own_circuits_never_get_yes():
+    """The null test of the overlap rule: 50 random own circuits of the base's shape."""
+    import random
+
+    good = _faith("ft", [1] * 100, [1] * 97 + [0] * 3)
+    grid = [(l, h) for l in range(4) for h in range(8)]
+    rng = random.Random(7)
+    answers = []
+    for _ in range(50):
+        r = _circuit({"last": rng.sample(grid, 6), "labels": rng.sample(grid, 3)})
+        answers.append(uses_base_circuit({"faithfulness": [good], "own_circuits": _own(BASE, r),
+                                          "stability": STABLE}, "ft", RULES,
+                                         "auto_circuit")["answer"])
+    assert answers.count(YES) == 0
+
+
+def _fun(model, hits):
     return {"model": model, "group": "g", "desideratum": "object_value", "accuracy":
-            sum(hits) / len(hits), "random_mean": random_mean, "no_patch": 0.0, "hits": hits,
+            sum(hits) / len(hits), "random_mean": 0.1, "no_patch": 0.0, "hits": hits,
             "selected": ["1.0"], "n": len(hits)}
 
 
-def test_same_functions_compares_paired_target_accuracy():
+def _dcm(found=True):
+    return {"rows": [{"group": "g", "desideratum": "object_value", "found": found}]}
+
+
+def test_same_functions_compares_paired_target_accuracy_of_found_functions():
     base = _fun("base", [1] * 80 + [0] * 20)
-    assert same_functions({"functional": [base, _fun("ft", [1] * 85 + [0] * 15)]}, "base", "ft",
-                          RULES)["answer"] == YES
-    assert same_functions({"functional": [base, _fun("ft", [1] * 20 + [0] * 80)]}, "base", "ft",
-                          RULES)["answer"] == NO
-    # nothing on the base beats random heads: nothing to compare
-    weak = _fun("base", [1] * 20 + [0] * 80, random_mean=0.15)
-    v = same_functions({"functional": [weak, _fun("ft", [1] * 20 + [0] * 80)]}, "base", "ft",
-                       RULES)
-    assert v["answer"] == UNDECIDED and "nothing to compare" in v["evidence"]
+    assert same_functions({"dcm": _dcm(), "functional": [base, _fun("ft", [1] * 85 + [0] * 15)]},
+                          "base", "ft", RULES)["answer"] == YES
+    assert same_functions({"dcm": _dcm(), "functional": [base, _fun("ft", [1] * 20 + [0] * 80)]},
+                          "base", "ft", RULES)["answer"] == NO
+    # the selection found no function on the base (no better than no patching / random heads)
+    v = same_functions({"dcm": _dcm(False), "functional": [base, _fun("ft", [1] * 20 + [0] * 80)]},
+                       "base", "ft", RULES)
+    assert v["answer"] == UNDECIDED and "no function found" in v["evidence"]
 
 
-def _cmap(gap_ci, share_ci, share=0.8):
+def _cmap(gap_ci, share_ci, share=0.8, excess_ci=(0.3, 0.6), checks=()):
     return {"ft": {"directions": [{"gap": 0.3, "gap_ci": gap_ci, "target_accuracy": 0.5,
                                    "source_accuracy": 0.8, "n": 200, "rows": [
-                                       {"kind": "circuit", "n_heads": 20, "share": share,
-                                        "share_ci": share_ci, "random_share": 0.01}]}]}}
+                                       {"kind": "circuit", "n_heads": 15, "n_units": 20,
+                                        "share": share, "share_ci": share_ci,
+                                        "excess_ci": list(excess_ci) if excess_ci else None,
+                                        "random_shares": [0.3, 0.35], "rank": 1,
+                                        "random_checks": list(checks)}]}]}}
 
 
-def test_gain_carried_is_undecided_without_a_gain():
+def test_gain_carried_needs_the_share_and_its_excess_over_random_circuits():
     assert gain_carried({"cmap": _cmap([0.2, 0.4], [0.7, 0.9])}, "ft", RULES)["answer"] == YES
     assert gain_carried({"cmap": _cmap([0.2, 0.4], [0.1, 0.3], 0.2)}, "ft", RULES)["answer"] == NO
     assert gain_carried({"cmap": _cmap([0.2, 0.4], [0.3, 0.7])}, "ft", RULES)["answer"] == UNDECIDED
+    # a high share that random circuits of its shape reach too is not carried by the circuit
+    v = gain_carried({"cmap": _cmap([0.2, 0.4], [0.81, 1.02], 0.92, (-0.05, 0.2))}, "ft", RULES)
+    assert v["answer"] == UNDECIDED and "ranks 1 of 3" in v["evidence"] and "20 units" in v["evidence"]
+    v = gain_carried({"cmap": _cmap([0.2, 0.4], [0.81, 1.02], 0.92, (-0.3, -0.1))}, "ft", RULES)
+    assert v["answer"] == NO
+    assert gain_carried({"cmap": _cmap([0.2, 0.4], [0.7, 0.9], excess_ci=None)}, "ft",
+                        RULES)["answer"] == UNDECIDED
     v = gain_carried({"cmap": _cmap([-0.05, 0.1], [0.7, 0.9])}, "ft", RULES)
     assert v["answer"] == UNDECIDED and "no gain to explain" in v["evidence"]
     assert gain_carried({}, "ft", RULES)["answer"] == UNDECIDED
+
+
+def test_calibration_counts_random_circuits_that_get_yes_and_flags_the_verdict():
+    checks = [{"share_ci": [0.6, 0.9], "excess_ci": [0.2, 0.4]},      # a random draw passing
+              {"share_ci": [0.2, 0.4], "excess_ci": [-0.2, 0.1]}]
+    res = {"cmap": _cmap([0.2, 0.4], [0.7, 0.9], checks=checks)}
+    v = verdicts(res, "base", ["ft"], RULES, "auto_circuit")["ft"]["gain_carried"]
+    assert v["answer"] == YES
+    assert v["calibration"]["draws"] == 2 and v["calibration"]["yes"] == 1
+    assert v["flagged"] and "1 of 2" in v["calibration"]["text"]
 
 
 def test_verdicts_cover_every_fine_tune_and_claim():

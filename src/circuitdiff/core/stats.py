@@ -92,3 +92,91 @@ def sub_seed(seed: int, name: str) -> int:
 
     digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+# -- nulls -------------------------------------------------------------------------------------------
+def _log_comb(n: int, k: int) -> float:
+    import math
+
+    return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+
+
+def hypergeom_pmf(population: int, marked: int, drawn: int) -> list[float]:
+    """``P(shared = s)`` for ``s = 0..drawn``: ``drawn`` units taken at random without
+    replacement from ``population`` units of which ``marked`` are marked (exact)."""
+    import math
+
+    if not (0 <= marked <= population and 0 <= drawn <= population):
+        raise ValueError(f"hypergeometric needs 0 <= marked, drawn <= population, got "
+                         f"{marked}, {drawn}, {population}")
+    total = _log_comb(population, drawn)
+    out = []
+    for s in range(drawn + 1):
+        if s > marked or drawn - s > population - marked:
+            out.append(0.0)
+        else:
+            out.append(math.exp(_log_comb(marked, s) + _log_comb(population - marked, drawn - s)
+                                - total))
+    return out
+
+
+def overlap_null(strata: Sequence[tuple[int, int, int]]) -> list[float]:
+    """Exact distribution of the number of shared units between a fixed circuit and a random one
+    of a given shape: one stratum per position, ``(population, fixed units there, random units
+    there)``; strata are independent, so the distribution is the convolution of their
+    hypergeometrics. ``P(shared = s)`` for ``s = 0..total``."""
+    dist = [1.0]
+    for population, marked, drawn in strata:
+        pmf = hypergeom_pmf(population, marked, drawn)
+        new = [0.0] * (len(dist) + len(pmf) - 1)
+        for i, a in enumerate(dist):
+            if a:
+                for j, b in enumerate(pmf):
+                    new[i + j] += a * b
+        dist = new
+    return dist
+
+
+def upper_tail(dist: Sequence[float], observed: int) -> float:
+    """``P(X >= observed)`` for a distribution given as probabilities of ``0..len-1``."""
+    return float(min(1.0, sum(dist[max(0, observed):])))
+
+
+def excess_interval(hits: torch.Tensor, random_hits: torch.Tensor, source_hits: torch.Tensor,
+                    target_hits: torch.Tensor, resamples: int = 1000, seed: int = 0,
+                    confidence: float = 0.95) -> dict:
+    """Gap shares of a patched set and of its random controls on the same bootstrap resamples.
+
+    ``hits [n]``: correct after patching the set; ``random_hits [draws, n]``: after patching
+    each random set of the same shape; ``source_hits``/``target_hits [n]``: the two models
+    unpatched. A share is ``(patched − target) / (source − target)`` per resample (resamples
+    with no gap are dropped). Returns the share's interval, the interval of (share − mean random
+    share) — paired, so the random draws' own noise is in it — each random draw's share, and
+    the set's rank among the draws (1 = above all of them)."""
+    n = hits.numel()
+    idx = resample_indices(n, resamples, seed)
+    if idx is None:
+        return {"share_ci": None, "excess_ci": None, "random_shares": [], "rank": None}
+    src = source_hits.double()[idx].mean(1)
+    tgt = target_hits.double()[idx].mean(1)
+    gap = src - tgt
+    ok = gap != 0
+    share = (hits.double()[idx].mean(1) - tgt) / gap
+    out: dict = {"share_ci": interval(share[ok], confidence)}
+    full_gap = float(source_hits.double().mean() - target_hits.double().mean())
+
+    def point(h: torch.Tensor) -> float | None:
+        if full_gap == 0:
+            return None
+        return (float(h.double().mean()) - float(target_hits.double().mean())) / full_gap + 0.0
+
+    if random_hits.numel() == 0:
+        out.update(excess_ci=None, random_shares=[], rank=None)
+        return out
+    rnd = (random_hits.double()[:, idx].mean(2) - tgt) / gap        # [draws, resamples]
+    out["excess_ci"] = interval((share - rnd.mean(0))[ok], confidence)
+    out["random_shares"] = [point(h) for h in random_hits]
+    mine = point(hits)
+    out["rank"] = None if mine is None else 1 + sum(
+        1 for s in out["random_shares"] if s is not None and s >= mine)
+    return out
