@@ -19,7 +19,7 @@ import sys
 #: command modules; each defines ``register(subparsers)`` which sets ``func`` on its parser
 #: (``accuracy`` registers the ``eval`` command)
 COMMANDS = ("study", "data", "accuracy", "discover", "scan", "evaluate", "knockout",
-            "organisms", "dcm", "cmap")
+            "organisms", "dcm", "cmap", "models")
 #: models below this many parameters run faster on one thread on a shared 2-core CPU (their
 #: ops are too small to split; measured, see bench/threads.py and the README "Threads")
 SMALL_MODEL_PARAMS = 20_000_000
