@@ -50,6 +50,7 @@ def parse_layers(spec: str | None) -> list[int] | None:
 
 
 def run(args) -> dict:
+    from ..core.model import default_model_spec, load_tokenizer
     from ..core.runs import RunFolder, model_tag
     from ..methods import knockout
     from ..report.figures import plot_knockout_curves
@@ -60,6 +61,8 @@ def run(args) -> dict:
                                   seed=args.seed, n_boxes=args.n_boxes,
                                   batch_size=args.batch_size, max_rows=args.max_rows)
     folder = RunFolder(args.out)
+    # every edge must block something on these prompts: checked before a model is loaded
+    knockout.check_edges(load_tokenizer(args.model or default_model_spec()), cfg)
     loaded = load_from_args(args)
     print(f"model: {loaded.name} ({loaded.arch.describe()})")
     res = knockout.run(loaded, None, cfg, store=folder, progress=True)

@@ -297,6 +297,19 @@ class KnockoutResult(Result):
         return cls(d["model"], [KnockoutCurve.from_dict(c) for c in d["curves"]])
 
 
+def check_edges(tokenizer, config: KnockoutConfig, prompts: Sequence[Prompt] | None = None
+                ) -> list[Edge]:
+    """The config's edges, each checked to block something on the first batch of ``prompts``
+    (default: the config's own) — a tokenizer is enough, so a command can check before it loads
+    a model."""
+    ps = config.prompts(tokenizer) if prompts is None else prompts
+    probe = encode(list(ps[:config.batch_size]), tokenizer)
+    edges = [Edge.parse(e) for e in config.edges]
+    for edge in edges:
+        block_matrix(probe, edge)
+    return edges
+
+
 def run(model: LoadedModel, prompts: Sequence[Prompt] | None, config: KnockoutConfig, *,
         store: "RunFolder | str | None" = None, progress: bool | None = None) -> KnockoutResult:
     """A :class:`KnockoutCurve` per edge of ``config`` on ``model``, each cached in ``store`` as
@@ -305,10 +318,7 @@ def run(model: LoadedModel, prompts: Sequence[Prompt] | None, config: KnockoutCo
     checked to block something before any curve is computed."""
     folder = as_store(store)
     ps = config.prompts(model.tokenizer) if prompts is None else list(prompts)
-    probe = encode(ps[:config.batch_size], model.tokenizer)
-    edges = [Edge.parse(e) for e in config.edges]
-    for edge in edges:
-        block_matrix(probe, edge)
+    edges = check_edges(model.tokenizer, config, ps)
     shared = {k: v for k, v in config.cache_key().items() if k != "edges"}
     dtype = str(next(model.model.parameters()).dtype).replace("torch.", "")
     slug = model_tag(model.name)
