@@ -433,3 +433,10 @@ def test_cli_evaluate_bad_inputs(saved_models, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["evaluate", "--circuit", str(good), *common]) == 2
     assert "--model" in capsys.readouterr().err
+    assert main(["evaluate", "--circuit", str(good), "--model", saved_models["a"], "--minimality",
+                 "--threshold", "nan", *common]) == 2
+    assert "threshold must be a finite number" in capsys.readouterr().err
+    empty = tmp_path / "empty.json"
+    Circuit({}, 3, 4, "tiny").save(empty)
+    assert main(["evaluate", "--circuit", str(empty), "--model", saved_models["a"], *common]) == 2
+    assert "no group" in capsys.readouterr().err
