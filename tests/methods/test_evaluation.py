@@ -440,3 +440,20 @@ def test_cli_evaluate_bad_inputs(saved_models, tmp_path, capsys):
     Circuit({}, 3, 4, "tiny").save(empty)
     assert main(["evaluate", "--circuit", str(empty), "--model", saved_models["a"], *common]) == 2
     assert "no group" in capsys.readouterr().err
+
+
+def test_accuracy_run_caches_under_its_settings(tiny, tmp_path, monkeypatch):
+    from circuitdiff.methods import accuracy
+    from circuitdiff.methods.accuracy import AccuracyConfig
+
+    cfg = AccuracyConfig(n_prompts=6, seed=2, n_boxes=N_BOXES, batch_size=4)
+    assert cfg.cache_key() == {"n_prompts": 6, "seed": 2, "n_boxes": N_BOXES}
+    res = accuracy.run(tiny, None, cfg, store=tmp_path)
+    own = EntityTrackingTask(tiny.tokenizer, TaskConfig(n_boxes=N_BOXES), seed=2).sample(6)
+    assert res == accuracy.evaluate_accuracy(tiny, own)
+    given = accuracy.run(tiny, own[:3], cfg, store=tmp_path)  # given prompts: their own key
+    assert given.n == 3
+    monkeypatch.setattr(accuracy, "evaluate_accuracy", lambda *a, **k: pytest.fail("recomputed"))
+    assert accuracy.run(tiny, own[:3], replace(cfg, batch_size=1), store=tmp_path) == given
+    with pytest.raises(ValueError, match="n_prompts must be >= 1"):
+        AccuracyConfig(n_prompts=0)
