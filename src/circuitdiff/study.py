@@ -308,7 +308,7 @@ def _step_accuracy(st: _Study) -> None:
         for spec in st.models:
             r = accuracy.run(st.load(spec), None, accuracy.AccuracyConfig(
                 n_prompts=ev.n_prompts, seed=ev.seed, n_boxes=ev.n_boxes,
-                batch_size=ev.batch_size), progress=st.progress)
+                batch_size=ev.batch_size), store=st.folder, progress=st.progress)
             out[spec] = {**r.summary(), "hits": [int(x) for x in r.correct],
                          "chance": 1 / ev.n_boxes}
             st.log(f"  {spec}: {ev.n_boxes}-box accuracy {r.accuracy:.3f} (n={r.n})")
@@ -435,10 +435,11 @@ def _step_knockout(st: _Study) -> None:
     ev = st.cfg.evaluation
     n = min(ev.n_prompts, st.cfg.knockout_prompts)
 
+    cfg = knockout.KnockoutConfig(edges=KNOCKOUT_EDGES, n=n, seed=ev.seed, n_boxes=ev.n_boxes,
+                                  batch_size=ev.batch_size)
+
     def compute() -> dict:
         out = {}
-        cfg = knockout.KnockoutConfig(edges=KNOCKOUT_EDGES, n=n, seed=ev.seed, n_boxes=ev.n_boxes,
-                                      batch_size=ev.batch_size)
         for spec in st.models:
             loaded = st.load(spec)
             # the config's prompts are the first n evaluation prompts (same task, seed)
@@ -448,8 +449,7 @@ def _step_knockout(st: _Study) -> None:
             out[spec] = {c.edge: c.to_dict() for c in res.curves}
         return out
 
-    st.step("knockout", {"models": st.models, "n": n, "seed": ev.seed,
-                         "edges": list(KNOCKOUT_EDGES)}, compute)
+    st.step("knockout", {"models": st.models, **cfg.cache_key()}, compute)
 
 
 def _step_dcm(st: _Study) -> None:
