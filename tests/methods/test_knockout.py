@@ -197,9 +197,12 @@ def test_knockout_run_caches_each_edge_and_resumes(tiny, tmp_path, monkeypatch):
     assert res.curves[0] == knockout_curve(tiny, prompts, "last:correct_object", [0, 2], seed=1)
     # a rerun (other batching) reads every curve; other boxes are another key (the study's
     # old key left n_boxes out)
-    monkeypatch.setattr(ko, "knockout_curve", lambda *a, **k: pytest.fail("recomputed"))
+    def recomputed(*a, **k):
+        raise RuntimeError("recomputed")
+
+    monkeypatch.setattr(ko, "knockout_curve", recomputed)
     assert ko.run(tiny, None, replace(cfg, batch_size=2), store=tmp_path) == res
-    with pytest.raises(BaseException, match="recomputed"):
+    with pytest.raises(RuntimeError, match="recomputed"):
         ko.run(tiny, None, replace(cfg, n_boxes=3), store=tmp_path)
 
 

@@ -60,19 +60,15 @@ def _circuit_names(paths: list[str]) -> list[str]:
 def _check_tokenizers(specs: list[str]) -> None:
     """Fail before any model is loaded when two models' tokenizers differ (when each tokenizer
     can be loaded alone; otherwise the check happens as the models load)."""
-    from ..core.pool import same_tokenizer
     from ..core.model import ModelSpecError, load_tokenizer
+    from ..methods.evaluation import check_same_tokenizer
 
     try:
         toks = [load_tokenizer(s) for s in specs]
     except (ModelSpecError, OSError, ValueError):
         return
     for spec, tok in zip(specs[1:], toks[1:]):
-        if not same_tokenizer(toks[0], tok):
-            raise ValueError(
-                f"model {spec} has a different tokenizer from {specs[0]}: the same prompts would "
-                f"be different token ids. Compare models with one tokenizer, or pass "
-                f"--per-model-tokenization to give each model its own prompts from the same seed")
+        check_same_tokenizer(specs[0], toks[0], spec, tok)
 
 
 def run(args) -> dict:

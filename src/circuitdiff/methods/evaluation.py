@@ -168,6 +168,16 @@ class EvaluationResult(Result):
                    d.get("minimality", {}), d.get("overlaps", {}))
 
 
+def check_same_tokenizer(first_spec: str, first_tokenizer, spec: str, tokenizer) -> None:
+    """Error unless ``spec``'s tokenizer is the first model's: shared prompts would otherwise be
+    different token ids (the fix: one tokenizer, or ``per_model_tokenization``)."""
+    if not same_tokenizer(first_tokenizer, tokenizer):
+        raise ValueError(
+            f"model {spec} has a different tokenizer from {first_spec}: the same prompts would "
+            f"be different token ids. Compare models with one tokenizer, or pass "
+            f"--per-model-tokenization to give each model its own prompts from the same seed")
+
+
 def _cached(folder: RunFolder | None, name: str, settings: dict, compute):
     return compute() if folder is None else folder.cached(name, settings, compute)
 
@@ -209,12 +219,7 @@ def run(model_or_pool: "LoadedModel | ModelPool", prompts: Sequence[Prompt] | No
             if shared is None:
                 shared = (tok, ps, mean_ps)
         else:
-            if not same_tokenizer(shared[0], tok):
-                raise ValueError(
-                    f"model {spec} has a different tokenizer from {models[0]}: the same prompts "
-                    f"would be different token ids. Compare models with one tokenizer, or pass "
-                    f"--per-model-tokenization to give each model its own prompts from the same "
-                    f"seed")
+            check_same_tokenizer(models[0], shared[0], spec, tok)
             ps, mean_ps = shared[1:]
         means: list[HeadMeans] = []
 
@@ -267,5 +272,5 @@ def run(model_or_pool: "LoadedModel | ModelPool", prompts: Sequence[Prompt] | No
     return result
 
 
-__all__ = ["AnalysisConfig", "EvalConfig", "EvaluationResult", "head_overlap", "run",
-           "same_tokenizer"]
+__all__ = ["AnalysisConfig", "EvalConfig", "EvaluationResult", "check_same_tokenizer",
+           "head_overlap", "run", "same_tokenizer"]
