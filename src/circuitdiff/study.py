@@ -33,16 +33,16 @@ from typing import Any, Callable, Sequence
 
 from .core.circuit import Circuit
 from .core.model import LoadedModel
-from .core.runs import (RunFolder, atomic_write_text, environment, model_tag, safe_name,
+from .core.pool import ModelPool
+from .core.runs import (RunFolder, atomic_write_text, environment, model_tag,
                         settings_digest)
 from .core.task import EntityTrackingTask, TaskConfig
-from .methods.accuracy import evaluate_accuracy
+from .methods import accuracy, evaluation, knockout
 from .methods.auto_chain import DiscoveryError, NoCircuitError
 from .methods.cmap import CMAPConfig, cmap
 from .methods.dcm import DCMConfig, DCMResult, dcm, dcm_view, functional_patching, prepare
 from .methods.discovery import DiscoveryConfig, discover
-from .methods.evaluation import EvalConfig, evaluate_matrix
-from .methods.knockout import Edge, KnockoutCurve, knockout_curve
+from .methods.evaluation import EvalConfig
 from .core.stats import difference_interval
 from .methods.verdicts import VerdictRules, unit_overlap, verdicts
 from .report.figures import discovery_heatmaps, plot_faithfulness_bars, plot_knockout_curves
@@ -300,21 +300,16 @@ def run_study(models: Sequence[str] = ORGANISM_STUDY,
 
 
 # -- the steps ------------------------------------------------------------------------------------
-def _eval_prompts(st: _Study, loaded: LoadedModel):
-    ev = st.cfg.evaluation
-    return EntityTrackingTask(loaded.tokenizer, TaskConfig(n_boxes=ev.n_boxes),
-                              seed=ev.seed).sample(ev.n_prompts)
-
-
 def _step_accuracy(st: _Study) -> None:
     ev = st.cfg.evaluation
 
     def compute() -> dict:
         out = {}
         for spec in st.models:
-            loaded = st.load(spec)
-            r = evaluate_accuracy(loaded, _eval_prompts(st, loaded), ev.batch_size, st.progress)
-            out[spec] = {**r.to_dict(), "hits": [int(x) for x in r.correct],
+            r = accuracy.run(st.load(spec), None, accuracy.AccuracyConfig(
+                n_prompts=ev.n_prompts, seed=ev.seed, n_boxes=ev.n_boxes,
+                batch_size=ev.batch_size), store=st.folder, progress=st.progress)
+            out[spec] = {**r.summary(), "hits": [int(x) for x in r.correct],
                          "chance": 1 / ev.n_boxes}
             st.log(f"  {spec}: {ev.n_boxes}-box accuracy {r.accuracy:.3f} (n={r.n})")
         return out
@@ -393,12 +388,13 @@ def _step_faithfulness(st: _Study) -> None:
 
     def compute() -> list[dict]:
         first = next(iter(circuits))
-        rows = evaluate_matrix({first: circuits[first]}, st.models, st.load, st.folder, ev,
-                               progress=st.progress)
+        pool = ModelPool(st.models, st.load)
+        rows = evaluation.run(pool, None, replace(ev, circuits={first: circuits[first]}),
+                              store=st.folder, progress=st.progress).rows
         if len(circuits) > 1:  # the paper chain's circuit is for comparison: no random draws
-            rows += evaluate_matrix({k: c for k, c in circuits.items() if k != first},
-                                    st.models, st.load, st.folder, replace(ev, n_random=0),
-                                    progress=st.progress)
+            rest = {k: c for k, c in circuits.items() if k != first}
+            rows += evaluation.run(pool, None, replace(ev, n_random=0, circuits=rest),
+                                   store=st.folder, progress=st.progress).rows
         save_table(st.folder, rows)
         plot_faithfulness_bars(rows, st.folder.file("faithfulness.png"))
         st.log(format_table(rows))
@@ -439,28 +435,21 @@ def _step_knockout(st: _Study) -> None:
     ev = st.cfg.evaluation
     n = min(ev.n_prompts, st.cfg.knockout_prompts)
 
+    cfg = knockout.KnockoutConfig(edges=KNOCKOUT_EDGES, n=n, seed=ev.seed, n_boxes=ev.n_boxes,
+                                  batch_size=ev.batch_size)
+
     def compute() -> dict:
         out = {}
         for spec in st.models:
             loaded = st.load(spec)
-            prompts = _eval_prompts(st, loaded)[:n]
-            curves = {}
-            for e in KNOCKOUT_EDGES:
-                edge = Edge.parse(e)
-                settings = {"model": loaded.name, "edge": str(edge), "n": n, "seed": ev.seed}
-                curves[str(edge)] = st.folder.cached(
-                    f"knockout/{model_tag(spec)}/{safe_name(str(edge))}.json", settings,
-                    lambda: knockout_curve(loaded, prompts, edge, seed=ev.seed,
-                                           batch_size=ev.batch_size,
-                                           progress=st.progress).to_dict())
-            plot_knockout_curves([KnockoutCurve(**c) for c in curves.values()],
-                                 st.folder.file(f"knockout/{model_tag(spec)}.png"),
+            # the config's prompts are the first n evaluation prompts (same task, seed)
+            res = knockout.run(loaded, None, cfg, store=st.folder, progress=st.progress)
+            plot_knockout_curves(res.curves, st.folder.file(f"knockout/{model_tag(spec)}.png"),
                                  f"{loaded.name}, n={n}")
-            out[spec] = curves
+            out[spec] = {c.edge: c.to_dict() for c in res.curves}
         return out
 
-    st.step("knockout", {"models": st.models, "n": n, "seed": ev.seed,
-                         "edges": list(KNOCKOUT_EDGES)}, compute)
+    st.step("knockout", {"models": st.models, **cfg.cache_key()}, compute)
 
 
 def _step_dcm(st: _Study) -> None:

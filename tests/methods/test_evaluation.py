@@ -14,9 +14,14 @@ from circuitdiff.methods.ablation import (AblationError, ablation_edits, cached_
 from circuitdiff.core.metrics import last_logits
 from circuitdiff.core.arch import ArchitectureError
 from circuitdiff.core.circuit import Circuit, CircuitGroup
-from circuitdiff.methods.evaluation import EvalConfig, evaluate_matrix, head_overlap
+from dataclasses import replace
+
+from circuitdiff.core.pool import ModelPool
+from circuitdiff.methods import evaluation
+from circuitdiff.methods.evaluation import AnalysisConfig, EvalConfig, head_overlap
 from circuitdiff.methods.completeness import completeness
-from circuitdiff.methods.faithfulness import FaithfulnessRow, faithfulness, random_circuits
+from circuitdiff.methods.faithfulness import (FaithfulnessRow, evaluate_faithfulness, faithfulness,
+                                              random_baseline, random_circuits)
 from circuitdiff.report.figures import plot_completeness
 from circuitdiff.report.tables import format_matrix, format_table, save_table
 from circuitdiff.core.interventions import Hook, Read, Write, run_with_edits
@@ -171,6 +176,13 @@ def test_circuit_with_unknown_heads_is_an_error(tiny, prompts, means):
 
 
 # -- random circuits and faithfulness --------------------------------------------------------------
+def test_random_baseline_summary():
+    assert random_baseline([]) == (None, None)
+    assert random_baseline([0.5]) == (0.5, 0.0)
+    mean, sd = random_baseline([0.0, 1.0])
+    assert mean == 0.5 and sd == pytest.approx(math.sqrt(0.5))
+
+
 def test_random_circuits_never_repeat_a_head_and_are_seeded():
     c = make_circuit({"vf": ("last", [(0, 0), (0, 1), (1, 1), (2, 2)]), "pt": ("last", [(0, 0), (1, 2)]),
                       "pd": ("query_label", [(2, 3), (1, 0), (1, 1)])})
@@ -208,9 +220,10 @@ def test_table_written_and_resumes(tiny, tokenizer, tmp_path, monkeypatch):
         loads.append(spec)
         return tiny
 
-    cfg = EvalConfig(n_prompts=8, n_mean=8, n_boxes=N_BOXES, n_random=3, batch_size=8)
+    cfg = EvalConfig(n_prompts=8, n_mean=8, n_boxes=N_BOXES, n_random=3, batch_size=8,
+                     circuits={"c": c})
     folder = RunFolder(tmp_path)
-    rows = evaluate_matrix({"c": c}, ["tiny"], load, folder, cfg)
+    rows = evaluation.run(ModelPool(["tiny"], load), None, cfg, store=folder).rows
     assert len(rows) == 1 and len(rows[0].random) == 3
     r = rows[0]
     assert r.faithfulness == (None if r.full == 0 else r.circuit_accuracy / r.full)
@@ -221,7 +234,10 @@ def test_table_written_and_resumes(tiny, tokenizer, tmp_path, monkeypatch):
     # a rerun reads every number from the run folder
     monkeypatch.setattr(cmp, "evaluate_faithfulness", lambda *a, **k: pytest.fail("recomputed"))
     monkeypatch.setattr(cmp, "evaluate_accuracy", lambda *a, **k: pytest.fail("recomputed"))
-    assert evaluate_matrix({"c": c}, ["tiny"], load, folder, cfg)[0] == r
+    assert evaluation.run(ModelPool(["tiny"], load), None, cfg, store=folder).rows[0] == r
+    # the execution fields are not in the key: another batch size still reads the saved row
+    assert evaluation.run(ModelPool(["tiny"], load), None, replace(cfg, batch_size=3),
+                          store=folder).rows[0] == r
 
 
 def shifted_tokenizer():
@@ -248,11 +264,13 @@ def test_different_tokenizers_need_per_model_tokenization(tiny, tokenizer, tmp_p
     other = LoadedModel(m2, tok2, resolve(m2), "tiny-other")
     models = {"a": tiny, "b": other}
     c = make_circuit({"vf": ("last", [(2, 1)])})
-    cfg = EvalConfig(n_prompts=4, n_mean=4, n_boxes=N_BOXES, n_random=1)
+    cfg = EvalConfig(n_prompts=4, n_mean=4, n_boxes=N_BOXES, n_random=1, circuits={"c": c})
     with pytest.raises(ValueError, match="per-model-tokenization"):
-        evaluate_matrix({"c": c}, ["a", "b"], models.__getitem__, RunFolder(tmp_path), cfg)
+        evaluation.run(ModelPool(["a", "b"], models.__getitem__), None, cfg,
+                       store=RunFolder(tmp_path))
     cfg.per_model_tokenization = True
-    rows = evaluate_matrix({"c": c}, ["a", "b"], models.__getitem__, RunFolder(tmp_path), cfg)
+    rows = evaluation.run(ModelPool(["a", "b"], models.__getitem__), None, cfg,
+                          store=RunFolder(tmp_path)).rows
     assert [r.model for r in rows] == ["tiny-llama", "tiny-other"]
     assert "tiny-other" in format_matrix(rows)
 
@@ -262,6 +280,33 @@ def test_bad_eval_config():
         EvalConfig(seed=3, mean_seed=3)
     with pytest.raises(ValueError, match="n_mean"):
         EvalConfig(n_mean=0)
+    with pytest.raises(ValueError, match="threshold must be a finite number"):
+        AnalysisConfig(minimality=True, threshold=float("nan"))
+    with pytest.raises(ValueError, match="threshold must be a finite number"):
+        minimality(make_circuit({"vf": ("last", [(2, 1)])}), lambda v: [1.0] * len(v),
+                   threshold=float("nan"))
+    with pytest.raises(ValueError, match="no group"):
+        EvalConfig(circuits={"empty": Circuit({}, 3, 4, "tiny")})
+
+
+def test_circuit_without_groups_is_an_error_not_faithfulness_one(tiny, prompts, means):
+    empty = Circuit({}, 3, 4, "tiny")
+    with pytest.raises(ValueError, match="no group"):
+        evaluate_faithfulness(tiny, prompts, means, empty, "empty", n_random=0,
+                              keep_other_positions=True)
+
+
+def test_eval_config_key_and_round_trip():
+    c = make_circuit({"vf": ("last", [(2, 1)])})
+    cfg = EvalConfig(n_prompts=8, n_mean=8, n_boxes=N_BOXES, circuits={"c": c},
+                     analyses=AnalysisConfig(completeness=True))
+    assert cfg.shared_key() == {"n_prompts": 8, "seed": 0, "n_boxes": N_BOXES, "n_mean": 8,
+                                "mean_seed": 1, "n_random": 10, "random_seed": 0,
+                                "keep_other_positions": False, "per_model_tokenization": False}
+    assert "batch_size" not in cfg.cache_key() and cfg.cache_key()["circuits"]["c"] == c.to_dict()
+    back = EvalConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert back.cache_key() == cfg.cache_key()
+    assert back.circuits["c"].to_dict() == c.to_dict() and back.analyses.completeness
 
 
 # -- completeness, minimality, overlap --------------------------------------------------------------
@@ -388,3 +433,27 @@ def test_cli_evaluate_bad_inputs(saved_models, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["evaluate", "--circuit", str(good), *common]) == 2
     assert "--model" in capsys.readouterr().err
+    assert main(["evaluate", "--circuit", str(good), "--model", saved_models["a"], "--minimality",
+                 "--threshold", "nan", *common]) == 2
+    assert "threshold must be a finite number" in capsys.readouterr().err
+    empty = tmp_path / "empty.json"
+    Circuit({}, 3, 4, "tiny").save(empty)
+    assert main(["evaluate", "--circuit", str(empty), "--model", saved_models["a"], *common]) == 2
+    assert "no group" in capsys.readouterr().err
+
+
+def test_accuracy_run_caches_under_its_settings(tiny, tmp_path, monkeypatch):
+    from circuitdiff.methods import accuracy
+    from circuitdiff.methods.accuracy import AccuracyConfig
+
+    cfg = AccuracyConfig(n_prompts=6, seed=2, n_boxes=N_BOXES, batch_size=4)
+    assert cfg.cache_key() == {"n_prompts": 6, "seed": 2, "n_boxes": N_BOXES}
+    res = accuracy.run(tiny, None, cfg, store=tmp_path)
+    own = EntityTrackingTask(tiny.tokenizer, TaskConfig(n_boxes=N_BOXES), seed=2).sample(6)
+    assert res == accuracy.evaluate_accuracy(tiny, own)
+    given = accuracy.run(tiny, own[:3], cfg, store=tmp_path)  # given prompts: their own key
+    assert given.n == 3
+    monkeypatch.setattr(accuracy, "evaluate_accuracy", lambda *a, **k: pytest.fail("recomputed"))
+    assert accuracy.run(tiny, own[:3], replace(cfg, batch_size=1), store=tmp_path) == given
+    with pytest.raises(ValueError, match="n_prompts must be >= 1"):
+        AccuracyConfig(n_prompts=0)

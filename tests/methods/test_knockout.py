@@ -180,3 +180,40 @@ def test_edges_between_schema_roles(tiny, prompts):
     assert off[rows, b.role("last"), b.role("prev_query_label") + 1].all() and off.sum() == len(b)
     curve = knockout_curve(tiny, prompts, "labels:objects", layers=[0, 1])
     assert curve.edge == "labels:objects" and len(curve.accuracy) == 2
+
+
+def test_knockout_run_caches_each_edge_and_resumes(tiny, tmp_path, monkeypatch):
+    import circuitdiff.methods.knockout as ko
+    from dataclasses import replace
+
+    cfg = ko.KnockoutConfig(edges=("last:correct_object", "random"), layers=(0, 2), n=6,
+                            seed=1, n_boxes=4, batch_size=4, max_rows=8)
+    assert cfg.edges == ("last:correct_object", "last:random")
+    assert cfg.cache_key() == {"edges": ["last:correct_object", "last:random"], "layers": [0, 2],
+                               "n": 6, "seed": 1, "n_boxes": 4}
+    res = ko.run(tiny, None, cfg, store=tmp_path)
+    assert [c.edge for c in res.curves] == list(cfg.edges) and res.curves[0].n == 6
+    prompts = EntityTrackingTask(tiny.tokenizer, TaskConfig(n_boxes=4), seed=1).sample(6)
+    assert res.curves[0] == knockout_curve(tiny, prompts, "last:correct_object", [0, 2], seed=1)
+    # a rerun (other batching) reads every curve; other boxes are another key (the study's
+    # old key left n_boxes out)
+    def recomputed(*a, **k):
+        raise RuntimeError("recomputed")
+
+    monkeypatch.setattr(ko, "knockout_curve", recomputed)
+    assert ko.run(tiny, None, replace(cfg, batch_size=2), store=tmp_path) == res
+    with pytest.raises(RuntimeError, match="recomputed"):
+        ko.run(tiny, None, replace(cfg, n_boxes=3), store=tmp_path)
+
+
+def test_knockout_config_is_checked():
+    from circuitdiff.methods.knockout import KnockoutConfig
+
+    with pytest.raises(KnockoutError, match="edges is empty"):
+        KnockoutConfig(edges=())
+    with pytest.raises(KnockoutError, match="nowhere"):
+        KnockoutConfig(edges=("last:nowhere",))
+    with pytest.raises(KnockoutError, match="layers"):
+        KnockoutConfig(layers=(-1,))
+    with pytest.raises(KnockoutError, match="n must be >= 1"):
+        KnockoutConfig(n=0)

@@ -14,19 +14,20 @@ def register(sub) -> None:
 
 
 def run(args) -> dict:
-    from ..methods.accuracy import evaluate_accuracy
-    from ..core.task import EntityTrackingTask, TaskConfig, load_jsonl
+    from ..core.task import load_jsonl
+    from ..methods import accuracy
 
+    prompts = None
     if args.data:
         prompts, _ = load_jsonl(args.data)
         if not prompts:
             raise ValueError(f"--data {args.data} holds no prompts")
+    cfg = accuracy.AccuracyConfig(n_prompts=args.n_prompts, seed=args.seed, n_boxes=args.n_boxes,
+                                  batch_size=args.batch_size)
     loaded = load_from_args(args)
-    if not args.data:
-        task = EntityTrackingTask(loaded.tokenizer, TaskConfig(n_boxes=args.n_boxes), seed=args.seed)
-        prompts = task.sample(args.n_prompts)
-    res = evaluate_accuracy(loaded, prompts, args.batch_size, progress=True)
+    res = accuracy.run(loaded, prompts, cfg, progress=True)
+    n_boxes = prompts[0].n_boxes if prompts else cfg.n_boxes
     print(f"{loaded.name} ({loaded.arch.describe()})")
-    print(f"  {prompts[0].n_boxes}-box accuracy: {res.accuracy:.3f}  "
+    print(f"  {n_boxes}-box accuracy: {res.accuracy:.3f}  "
           f"(in-context {res.in_context_accuracy:.3f}, n={res.n})")
-    return {"model": loaded.name, "n_boxes": prompts[0].n_boxes, **res.to_dict()}
+    return {"model": loaded.name, "n_boxes": n_boxes, **res.summary()}

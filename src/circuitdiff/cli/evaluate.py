@@ -60,46 +60,44 @@ def _circuit_names(paths: list[str]) -> list[str]:
 def _check_tokenizers(specs: list[str]) -> None:
     """Fail before any model is loaded when two models' tokenizers differ (when each tokenizer
     can be loaded alone; otherwise the check happens as the models load)."""
-    from ..methods.evaluation import same_tokenizer
     from ..core.model import ModelSpecError, load_tokenizer
+    from ..methods.evaluation import check_same_tokenizer
 
     try:
         toks = [load_tokenizer(s) for s in specs]
     except (ModelSpecError, OSError, ValueError):
         return
     for spec, tok in zip(specs[1:], toks[1:]):
-        if not same_tokenizer(toks[0], tok):
-            raise ValueError(
-                f"model {spec} has a different tokenizer from {specs[0]}: the same prompts would "
-                f"be different token ids. Compare models with one tokenizer, or pass "
-                f"--per-model-tokenization to give each model its own prompts from the same seed")
+        check_same_tokenizer(specs[0], toks[0], spec, tok)
 
 
 def run(args) -> dict:
     from ..core.circuit import Circuit
+    from ..core.pool import ModelPool
     from ..core.runs import RunFolder, model_tag, safe_name
-    from ..methods.evaluation import AnalysisConfig, EvalConfig, evaluate
+    from ..methods import evaluation
     from ..report.figures import plot_completeness
     from ..report.markdown import format_protocols
     from ..report.tables import format_matrix, format_overlaps, format_table, save_table, short_name
 
     if not args.model:
         raise ValueError("pass at least one --model SPEC to evaluate the circuit on")
-    analyses = AnalysisConfig(args.completeness, args.n_halves, args.minimality, args.threshold,
-                              args.max_partner_frac)
+    analyses = evaluation.AnalysisConfig(args.completeness, args.n_halves, args.minimality,
+                                         args.threshold, args.max_partner_frac)
     circuits = {n: Circuit.load(p) for n, p in zip(_circuit_names(args.circuit), args.circuit)}
     if len(args.model) > 1 and not args.per_model_tokenization:
         _check_tokenizers(args.model)
-    cfg = EvalConfig(n_prompts=args.n_prompts, seed=args.seed, n_boxes=args.n_boxes,
-                     n_mean=args.n_mean, mean_seed=args.mean_seed, n_random=args.random_draws,
-                     random_seed=args.random_seed, keep_other_positions=args.keep_other_positions,
-                     batch_size=args.batch_size, max_rows=args.max_rows,
-                     per_model_tokenization=args.per_model_tokenization)
+    cfg = evaluation.EvalConfig(
+        n_prompts=args.n_prompts, seed=args.seed, n_boxes=args.n_boxes, n_mean=args.n_mean,
+        mean_seed=args.mean_seed, n_random=args.random_draws, random_seed=args.random_seed,
+        keep_other_positions=args.keep_other_positions, batch_size=args.batch_size,
+        max_rows=args.max_rows, per_model_tokenization=args.per_model_tokenization,
+        circuits=circuits, analyses=analyses)
     folder = RunFolder(args.out)
-    folder.save_json("evaluate/config.json", {**cfg.key(), "circuits": args.circuit,
+    folder.save_json("evaluate/config.json", {**cfg.shared_key(), "circuits": args.circuit,
                                               "models": args.model})
-    res = evaluate(circuits, args.model, lambda spec: load_from_args(args, spec=spec), folder,
-                   cfg, analyses, progress=True)
+    pool = ModelPool(args.model, lambda spec: load_from_args(args, spec=spec))
+    res = evaluation.run(pool, None, cfg, store=folder, progress=True)
     for (model, name), points in res.completeness.items():
         png = plot_completeness(points, folder.file(f"completeness/{model_tag(model)}/"
                                                     f"{safe_name(name)}.png"),

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from . import add_model_options, add_out_option, add_task_options, load_from_args, positive_int
 
-DEFAULT_EDGES = ("last:correct_object", "query_label:prev_query_label", "random")
-
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -18,7 +16,8 @@ def register(sub) -> None:
     add_task_options(p, n=500)
     p.add_argument("--edge", action="append", metavar="QUERY:KEY",
                    help="edge to block (repeatable), e.g. last:correct_object; 'random' = "
-                        f"last:random (a control). Default: {' '.join(DEFAULT_EDGES)}")
+                        "last:random (a control). Default: last:correct_object "
+                        "query_label:prev_query_label random")
     p.add_argument("--layers", default=None,
                    help="first blocked layers to try, e.g. 0-15 or 0,4,8 (default: all)")
     p.add_argument("--max-rows", type=positive_int, default=256,
@@ -50,41 +49,30 @@ def parse_layers(spec: str | None) -> list[int] | None:
     return out
 
 
-def run(args) -> int:
-    from ..core.runs import RunFolder, model_tag, safe_name
-    from ..methods.knockout import Edge, KnockoutCurve, knockout_curve
+def run(args) -> dict:
+    from ..core.model import default_model_spec, load_tokenizer
+    from ..core.runs import RunFolder, model_tag
+    from ..methods import knockout
     from ..report.figures import plot_knockout_curves
     from ..report.tables import short_name
-    from ..core.model import default_model_spec, load_tokenizer
-    from ..core.task import EntityTrackingTask, TaskConfig, encode
-    from ..methods.knockout import block_matrix
 
-    edges = [Edge.parse(e) for e in (args.edge or DEFAULT_EDGES)]
-    layers = parse_layers(args.layers)
+    cfg = knockout.KnockoutConfig(edges=tuple(args.edge or knockout.DEFAULT_EDGES),
+                                  layers=parse_layers(args.layers), n=args.n_prompts,
+                                  seed=args.seed, n_boxes=args.n_boxes,
+                                  batch_size=args.batch_size, max_rows=args.max_rows)
     folder = RunFolder(args.out)
-    # check every edge blocks something on these prompts before a model is loaded
-    tok = load_tokenizer(args.model or default_model_spec())
-    task = EntityTrackingTask(tok, TaskConfig(n_boxes=args.n_boxes), seed=args.seed)
-    prompts = task.sample(args.n_prompts)
-    probe = encode(prompts[:args.batch_size], tok)
-    for edge in edges:
-        block_matrix(probe, edge)
+    # every edge must block something on these prompts: checked before a model is loaded
+    knockout.check_edges(load_tokenizer(args.model or default_model_spec()), cfg)
     loaded = load_from_args(args)
     print(f"model: {loaded.name} ({loaded.arch.describe()})")
-    slug = model_tag(loaded.name)
-    curves = []
-    for edge in edges:
-        settings = {"model": loaded.name, "edge": str(edge), "layers": layers, "n": args.n_prompts,
-                    "seed": args.seed, "n_boxes": args.n_boxes, "dtype": args.dtype}
-        d = folder.cached(f"knockout/{slug}/{safe_name(str(edge))}.json", settings, lambda: knockout_curve(
-            loaded, prompts, edge, layers, args.seed, args.batch_size, args.max_rows,
-            progress=True).to_dict())
-        c = KnockoutCurve(**d)
-        curves.append(c)
+    res = knockout.run(loaded, None, cfg, store=folder, progress=True)
+    for c in res.curves:
         pts = " ".join(f"{l}:{a:.2f}" for l, a in zip(c.layers, c.accuracy))
         print(f"{c.edge:32s} baseline {c.baseline:.2f} | L:acc {pts}")
-    png = plot_knockout_curves(curves, folder.file(f"knockout/{slug}/knockout.png"),
-                                f"attention knockout: {short_name(loaded.name)}")
-    folder.save_json(f"knockout/{slug}/curves.json", [c.to_dict() for c in curves])
+    slug = model_tag(loaded.name)
+    png = plot_knockout_curves(res.curves, folder.file(f"knockout/{slug}/knockout.png"),
+                               f"attention knockout: {short_name(loaded.name)}")
+    curves = [c.to_dict() for c in res.curves]
+    folder.save_json(f"knockout/{slug}/curves.json", curves)
     print(f"plot {png}; curves {folder.file(f'knockout/{slug}/curves.json')}")
-    return {"model": loaded.name, "curves": [c.to_dict() for c in curves], "plot": str(png)}
+    return {"model": loaded.name, "curves": curves, "plot": str(png)}

@@ -26,7 +26,7 @@ dimension (:func:`variant_accuracies`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -149,19 +149,21 @@ def without(circuit: Circuit, removed: Mapping[str, Sequence[Head]]) -> Circuit:
                    list(circuit.edges))
 
 
-def role_mask(batch: Batch, role: str) -> torch.Tensor:
+def role_mask(batch: Batch, role: str, error: type[Exception] = AblationError,
+              what: str = "circuit evaluation") -> torch.Tensor:
     """Bool ``[B, T]``: the tokens of ``role`` (scalar or multi-position, offset allowed) in each
     sample. Padding entries (``-1``) of a multi role are skipped; a scalar role absent from a
-    prompt is an error (circuit evaluation needs prompts whose query names a box)."""
+    prompt is an ``error`` (``what`` — circuit evaluation, knockout — needs prompts whose query
+    names a box). The one role scatter of ablation, the scan, discovery and knockout."""
     try:
         pos = batch.role(role)
     except TaskError as e:
-        raise AblationError(f"circuit position: {e}") from None
+        raise error(f"{what}: position: {e}") from None
     B, T = batch.input_ids.shape
     pos = pos[:, None] if pos.dim() == 1 else pos
     if bool((pos < 0).all(1).any()):
-        raise AblationError(f"position {role!r} is absent from some prompts; circuit "
-                            f"evaluation needs prompts whose query names a box")
+        raise error(f"position {role!r} is absent from some prompts; {what} needs prompts whose "
+                    f"query names a box")
     at = torch.zeros(B, T + 1, dtype=torch.bool)
     at.scatter_(1, torch.where(pos >= 0, pos, T), True)  # padding lands in the spare column
     return at[:, :T]
@@ -226,6 +228,18 @@ def circuit_accuracy(loaded: LoadedModel, prompts: Sequence[Prompt], means: Head
         means, b, keep, keep_other_positions, loaded.device))
 
 
+def variant_chunks(batch: Batch, n_variants: int, max_rows: int = 256
+                   ) -> Iterator[tuple[int, int, Batch]]:
+    """``(first_variant, k, big_batch)``: ``n_variants`` copies of ``batch`` stacked variant-major
+    along the batch dimension, ``k`` at a time so a forward holds at most ``max_rows`` rows (at
+    least one variant). The one chunking loop behind every stacked-variant forward (ablation
+    variants, the position scan, attention knockout, CMAP)."""
+    per = max(1, max_rows // len(batch))
+    for s in range(0, n_variants, per):
+        k = min(per, n_variants - s)
+        yield s, k, batch.repeat(k)
+
+
 #: ``where_for(big_batch, first_variant, k)`` → bool ``[L, k*B, T, H]`` for variants
 #: ``first_variant .. first_variant + k - 1`` stacked variant-major in ``big_batch``
 WhereFor = Callable[[Batch, int, int], torch.Tensor]
@@ -245,17 +259,13 @@ def stacked_runs(loaded: LoadedModel, prompts: Sequence[Prompt], means: HeadMean
         if bool((batch.answer_ids < 0).any()):
             raise AblationError("circuit evaluation needs prompts whose query names a box")
         _check_layout(batch, "evaluation prompts", means.seq_len)
-        B = len(batch)
-        per = max(1, max_rows // B)
-        for s in range(0, n_variants, per):
-            k = min(per, n_variants - s)
-            big = batch.repeat(k)
+        for s, k, big in variant_chunks(batch, n_variants, max_rows):
             logits = last_logits(loaded, big, where_edits(means, where_for(big, s, k),
                                                            loaded.device))
             yield i, s, k, big, logits
 
 
-def _variant_chunks(loaded: LoadedModel, prompts: Sequence[Prompt], means: HeadMeans,
+def _keep_variant_runs(loaded: LoadedModel, prompts: Sequence[Prompt], means: HeadMeans,
                     variants: Sequence[KeepMasks], keep_other_positions: bool, batch_size: int,
                     max_rows: int, progress: bool):
     """:func:`stacked_runs` of circuit variants given as keep masks per role."""
@@ -284,7 +294,7 @@ def variant_logits(loaded: LoadedModel, prompts: Sequence[Prompt], means: HeadMe
     accuracy functions below never hold more than one forward's logits)."""
     V, N = len(variants), len(prompts)
     out = None
-    for i, s, k, big, logits in _variant_chunks(loaded, prompts, means, variants,
+    for i, s, k, big, logits in _keep_variant_runs(loaded, prompts, means, variants,
                                                 keep_other_positions, batch_size, max_rows, False):
         if out is None:
             out = torch.empty(V, N, logits.shape[-1], dtype=logits.dtype)
@@ -311,7 +321,7 @@ def variant_correct(loaded: LoadedModel, prompts: Sequence[Prompt], means: HeadM
     out = torch.zeros(V, N, dtype=torch.bool)
     if not variants:
         return out
-    for i, s, k, big, logits in _variant_chunks(loaded, prompts, means, variants,
+    for i, s, k, big, logits in _keep_variant_runs(loaded, prompts, means, variants,
                                                 keep_other_positions, batch_size, max_rows, progress):
         B = len(big) // k
         start = i * batch_size

@@ -1,5 +1,8 @@
 """Completeness: does the circuit contain *all* heads that matter?
 
+A helper of :func:`circuitdiff.methods.evaluation.run` (``AnalysisConfig.completeness``), which
+gives it the prompts and means of the evaluation and caches its points.
+
 For subsets ``K`` of the circuit (whole groups, and random halves of every group) compare
 ``F(C \\ K)`` — accuracy of the circuit minus ``K`` (everything else mean-ablated, as in circuit
 evaluation) — with ``F(M \\ K)`` — the full model with only ``K``'s heads mean-ablated at their
@@ -9,7 +12,6 @@ groups' positions (all other heads and positions intact). A complete circuit has
 
 from __future__ import annotations
 
-import random
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
@@ -18,6 +20,7 @@ import torch
 from .ablation import HeadMeans, circuit_keep, variant_accuracies, without
 from ..core.circuit import Circuit, Head, format_head
 from ..core.model import LoadedModel
+from ..core.stats import draw_rng
 from ..core.task import Prompt
 
 
@@ -35,13 +38,18 @@ class CompletenessPoint:
     def to_dict(self) -> dict:
         return {**asdict(self), "difference": self.difference}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "CompletenessPoint":
+        """The point :meth:`to_dict` wrote (its derived ``difference`` is dropped)."""
+        return cls(d["subset"], d["removed"], d["circuit_minus_k"], d["model_minus_k"])
+
 
 def completeness_subsets(circuit: Circuit, n_halves: int = 5, seed: int = 0
                          ) -> list[tuple[str, dict[str, list[Head]]]]:
     """Whole groups, then ``n_halves`` random halves (half of every group, seeded)."""
     out = [(f"group:{g}", {g: list(grp.heads)}) for g, grp in circuit.groups.items()]
     for i in range(n_halves):
-        rng = random.Random(seed * 1_000_003 + i)
+        rng = draw_rng(seed, i)
         out.append((f"half:{i}", {g: rng.sample(grp.heads, len(grp.heads) // 2)
                                   for g, grp in circuit.groups.items()}))
     return out

@@ -1,26 +1,37 @@
 """Cross-model comparison: head overlap between circuits, and every circuit on every model.
 
-:func:`evaluate_matrix` is the engine behind ``circuitdiff evaluate``: models are loaded one at
-a time; for each, its full accuracy, mean-ablation means and one :class:`FaithfulnessRow` per
-circuit are cached in the run folder as they are made, so a killed run resumes (the model is still loaded, to check
-circuit and tokenizer, but nothing cached is recomputed). All models must share a tokenizer — the same prompts
-are then the same token ids for all — unless ``per_model_tokenization`` is set, in which case
-each model gets prompts generated from the same seed with its own tokenizer.
+:func:`run` is the engine behind ``circuitdiff evaluate`` and the study's faithfulness step: the
+models of a :class:`~circuitdiff.core.pool.ModelPool` are loaded one at a time; for each, its
+full accuracy, mean-ablation means and one :class:`FaithfulnessRow` per circuit of the config
+are cached in the run folder as they are made, so a killed run resumes (the model is still
+loaded, to check circuit and tokenizer, but nothing cached is recomputed). All models must share
+a tokenizer — the same prompts are then the same token ids for all — unless
+``per_model_tokenization`` is set, in which case each model gets prompts generated from the
+same seed with its own tokenizer.
+
+Completeness (:func:`~circuitdiff.methods.completeness.completeness`) and minimality
+(:func:`~circuitdiff.methods.minimality.minimality`) are helper functions this run calls while a
+model is loaded, when the config's :class:`AnalysisConfig` asks; they have no ``run`` of their
+own (they need the means and prompts of an evaluation).
 """
 
 from __future__ import annotations
 
-import gc
-from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Sequence
 
-from .ablation import cached_means
-from .accuracy import evaluate_accuracy
 from ..core.circuit import Circuit
-from .faithfulness import FaithfulnessRow, evaluate_faithfulness
+from ..core.config import Config, check_finite, execution
 from ..core.model import LoadedModel
+from ..core.pool import ModelPool, as_pool, same_tokenizer
 from ..core.runs import RunFolder, model_tag, safe_name
-from ..core.task import EntityTrackingTask, TaskConfig
+from ..core.task import EntityTrackingTask, Prompt, TaskConfig
+from .ablation import HeadMeans, cached_means
+from .accuracy import evaluate_accuracy, prompts_key
+from .base import Result, as_store
+from .completeness import CompletenessPoint, completeness
+from .faithfulness import FaithfulnessRow, check_circuit, evaluate_faithfulness
+from .minimality import batched_evaluator, minimality
 
 
 def head_overlap(reference: Circuit, other: Circuit) -> dict[str, dict]:
@@ -45,20 +56,57 @@ def head_overlap(reference: Circuit, other: Circuit) -> dict[str, dict]:
 
 
 @dataclass
-class EvalConfig:
-    """Everything that decides the numbers of an evaluation (also the cache key)."""
+class AnalysisConfig(Config):
+    """Optional analyses run while each model is loaded.
+
+    ``completeness``: F(C∖K) vs F(M∖K) per circuit and model, over whole groups and
+    ``n_halves`` random halves; ``minimality``: prune each circuit on the first model, keeping a
+    head whose best marginal effect is ≥ ``threshold`` with partner sets of at most
+    ``max_partner_frac`` of its group.
+    """
+
+    completeness: bool = False
+    n_halves: int = 5
+    minimality: bool = False
+    threshold: float = 0.01
+    max_partner_frac: float = 0.3
+
+    def __post_init__(self) -> None:
+        check_finite("minimality", threshold=self.threshold,
+                     max_partner_frac=self.max_partner_frac)
+        if not 0 <= self.max_partner_frac <= 1:
+            raise ValueError(f"--max-partner-frac must be in [0, 1], got {self.max_partner_frac}")
+        if self.n_halves < 0:
+            raise ValueError(f"--n-halves must be >= 0, got {self.n_halves}")
+
+
+@dataclass
+class EvalConfig(Config):
+    """Everything that decides the numbers of an evaluation.
+
+    ``n_prompts`` evaluation prompts of ``n_boxes`` boxes drawn with ``seed``; means over
+    ``n_mean`` prompts drawn with ``mean_seed`` (default ``seed + 1``: a set disjoint in draws);
+    ``n_random`` random circuits of each circuit's group sizes, drawn with ``random_seed``;
+    ``keep_other_positions`` makes that protocol the table's main one (both are reported);
+    ``per_model_tokenization`` gives each model its own prompts from the same seed (models with
+    different tokenizers); ``circuits`` the circuits evaluated, by name; ``analyses`` the
+    optional completeness and minimality. ``batch_size``/``max_rows``: prompts per batch and rows
+    per stacked forward (execution only).
+    """
 
     n_prompts: int = 500
     seed: int = 0
     n_boxes: int = 7
     n_mean: int = 500
-    mean_seed: int | None = None      # default: seed + 1 (a set disjoint in draws from the prompts)
+    mean_seed: int | None = None
     n_random: int = 10
     random_seed: int = 0
     keep_other_positions: bool = False
-    batch_size: int = 32
-    max_rows: int = 256
+    batch_size: int = execution(32)
+    max_rows: int = execution(256)
     per_model_tokenization: bool = False
+    circuits: dict[str, Circuit] = field(default_factory=dict)
+    analyses: AnalysisConfig = field(default_factory=AnalysisConfig)
 
     def __post_init__(self) -> None:
         if self.mean_seed is None:
@@ -69,139 +117,31 @@ class EvalConfig:
         for name in ("n_prompts", "n_mean", "batch_size", "max_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_random < 0:
+            raise ValueError(f"n_random must be >= 0, got {self.n_random}")
+        self.circuits = {str(k): Circuit.from_dict(c) if isinstance(c, dict) else c
+                         for k, c in self.circuits.items()}
+        for name, c in self.circuits.items():
+            check_circuit(c, f"circuit {name!r}")
+        if isinstance(self.analyses, dict):
+            self.analyses = AnalysisConfig.from_dict(self.analyses)
 
-    def key(self) -> dict:
-        d = asdict(self)
-        d.pop("batch_size")
-        d.pop("max_rows")
-        return d
+    def shared_key(self) -> dict:
+        """The settings every cached piece shares: the key without the circuits and the analyses
+        (each piece adds its own circuit and analysis settings)."""
+        key = self.cache_key()
+        key.pop("circuits")
+        key.pop("analyses")
+        return key
 
-
-def same_tokenizer(a, b) -> bool:
-    """Same vocabulary and same ids for a probe text (catches differing BOS handling)."""
-    if a is b:
-        return True
-    probe = "The apple is in Box A, the book is in Box B. Box A contains the"
-    return a.get_vocab() == b.get_vocab() and a(probe)["input_ids"] == b(probe)["input_ids"]
-
-
-class ModelSession:
-    """Per-model state while evaluating: the model (loaded on demand), prompts and means."""
-
-    def __init__(self, spec: str, load: Callable[[str], LoadedModel], folder: RunFolder,
-                 cfg: EvalConfig, progress: bool = False):
-        self.spec, self._load, self.folder, self.cfg, self.progress = spec, load, folder, cfg, progress
-        self._loaded: LoadedModel | None = None
-        self.prompts = None
-        self._means = None
-
-    @property
-    def loaded(self) -> LoadedModel:
-        if self._loaded is None:
-            self._loaded = self._load(self.spec)
-        return self._loaded
-
-    def bind_prompts(self, prompts, mean_prompts) -> None:
-        self.prompts, self.mean_prompts = prompts, mean_prompts
-
-    @property
-    def means(self):
-        if self._means is None:
-            c = self.cfg
-            self._means = cached_means(self.folder, self.loaded, self.mean_prompts,
-                                       {"n_mean": c.n_mean, "mean_seed": c.mean_seed,
-                                        "n_boxes": c.n_boxes,
-                                        "per_model_tokenization": c.per_model_tokenization},
-                                       c.batch_size, self.progress)
-        return self._means
-
-    def close(self) -> None:
-        self._loaded = None
-        self._means = None
-        gc.collect()
-
-
-def evaluate_matrix(circuits: dict[str, Circuit], models: Sequence[str],
-                    load: Callable[[str], LoadedModel], folder: RunFolder,
-                    cfg: EvalConfig | None = None, progress: bool = False,
-                    per_model: Callable[[ModelSession, dict[str, FaithfulnessRow]], None] | None = None,
-                    ) -> list[FaithfulnessRow]:
-    """A :class:`FaithfulnessRow` for every (circuit, model) pair, cached per pair.
-
-    ``load(spec)`` loads a model; ``per_model(session, rows)`` runs extra analyses
-    (completeness, minimality...) while that model is loaded.
-    """
-    cfg = cfg or EvalConfig()
-    if not circuits:
-        raise ValueError("no circuit to evaluate")
-    if not models:
-        raise ValueError("no model to evaluate (pass --model at least once)")
-    if len(set(models)) != len(models):
-        raise ValueError(f"a model is listed twice: {list(models)}")
-    rows: list[FaithfulnessRow] = []
-    first_tok = None
-    shared_prompts = None
-    for spec in models:
-        sess = ModelSession(spec, load, folder, cfg, progress)
-        loaded = sess.loaded
-        for c in circuits.values():
-            c.validate(loaded.arch)
-        tok = loaded.tokenizer
-        task_cfg = TaskConfig(n_boxes=cfg.n_boxes)
-        if first_tok is None or cfg.per_model_tokenization:
-            task = EntityTrackingTask(tok, task_cfg, seed=cfg.seed)
-            prompts = task.sample(cfg.n_prompts)
-            mean_prompts = task.sample(cfg.n_mean, seed=cfg.mean_seed)
-            if first_tok is None:
-                first_tok, shared_prompts = tok, (prompts, mean_prompts)
-        else:
-            if not same_tokenizer(first_tok, tok):
-                raise ValueError(
-                    f"model {spec} has a different tokenizer from {models[0]}: the same prompts "
-                    f"would be different token ids. Compare models with one tokenizer, or pass "
-                    f"--per-model-tokenization to give each model its own prompts from the same "
-                    f"seed")
-            prompts, mean_prompts = shared_prompts
-        sess.bind_prompts(prompts, mean_prompts)
-        slug = model_tag(loaded.name)
-        base = {"model": loaded.name, **cfg.key()}
-        full_hits = folder.cached(f"evaluate/{slug}/full_hits.json", base, lambda: [
-            int(x) for x in evaluate_accuracy(loaded, prompts, cfg.batch_size, progress).correct])
-        model_rows: dict[str, FaithfulnessRow] = {}
-        for name, circuit in circuits.items():
-            # row_version 2: rows carry per-prompt hits and the faithfulness interval
-            settings = {**base, "circuit": circuit.to_dict(), "row_version": 2}
-            d = folder.cached(f"evaluate/{slug}/{safe_name(name)}.json", settings,
-                              lambda: evaluate_faithfulness(
-                                  loaded, prompts, sess.means, circuit, name, cfg.n_random,
-                                  cfg.random_seed, cfg.keep_other_positions, cfg.batch_size,
-                                  cfg.max_rows, full_hits, progress).to_dict())
-            model_rows[name] = FaithfulnessRow.from_dict(d)
-        if per_model is not None:
-            per_model(sess, model_rows)
-        rows += list(model_rows.values())
-        sess.close()
-        del loaded
-    return rows
+    def means_key(self) -> dict:
+        """The settings the mean-ablation means depend on."""
+        return {k: getattr(self, k) for k in ("n_mean", "mean_seed", "n_boxes",
+                                              "per_model_tokenization")}
 
 
 @dataclass
-class AnalysisConfig:
-    """Optional per-model analyses run while each model is loaded (also part of cache keys)."""
-
-    completeness: bool = False
-    n_halves: int = 5
-    minimality: bool = False          # on the first model only
-    threshold: float = 0.01
-    max_partner_frac: float = 0.3
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.max_partner_frac <= 1:
-            raise ValueError(f"--max-partner-frac must be in [0, 1], got {self.max_partner_frac}")
-
-
-@dataclass
-class EvaluationResult:
+class EvaluationResult(Result):
     """Faithfulness rows, and what the optional analyses found.
 
     ``completeness[(model, circuit)]`` is a list of :class:`CompletenessPoint`;
@@ -220,52 +160,117 @@ class EvaluationResult:
                                  for (m, c), pts in self.completeness.items()},
                 "minimality": self.minimality, "overlaps": self.overlaps}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "EvaluationResult":
+        return cls([FaithfulnessRow.from_dict(r) for r in d["rows"]],
+                   {tuple(k.split("|", 1)): [CompletenessPoint.from_dict(p) for p in pts]
+                    for k, pts in d.get("completeness", {}).items()},
+                   d.get("minimality", {}), d.get("overlaps", {}))
 
-def evaluate(circuits: dict[str, Circuit], models: Sequence[str],
-             load: Callable[[str], LoadedModel], folder: RunFolder,
-             cfg: EvalConfig | None = None, analyses: AnalysisConfig | None = None,
-             progress: bool = False) -> EvaluationResult:
-    """Every circuit on every model (:func:`evaluate_matrix`), plus completeness and minimality
-    when ``analyses`` asks, and head overlaps between circuits. Each piece is cached in
-    ``folder`` (``completeness/<model>/<circuit>.json``, ``minimality/<circuit>.json``,
-    ``pruned/<circuit>.json``, ``overlap.json``), so a rerun resumes."""
-    from .completeness import CompletenessPoint, completeness
-    from .minimality import batched_evaluator, minimality
 
-    cfg = cfg or EvalConfig()
-    an = analyses or AnalysisConfig()
+def check_same_tokenizer(first_spec: str, first_tokenizer, spec: str, tokenizer) -> None:
+    """Error unless ``spec``'s tokenizer is the first model's: shared prompts would otherwise be
+    different token ids (the fix: one tokenizer, or ``per_model_tokenization``)."""
+    if not same_tokenizer(first_tokenizer, tokenizer):
+        raise ValueError(
+            f"model {spec} has a different tokenizer from {first_spec}: the same prompts would "
+            f"be different token ids. Compare models with one tokenizer, or pass "
+            f"--per-model-tokenization to give each model its own prompts from the same seed")
+
+
+def _cached(folder: RunFolder | None, name: str, settings: dict, compute):
+    return compute() if folder is None else folder.cached(name, settings, compute)
+
+
+def run(model_or_pool: "LoadedModel | ModelPool", prompts: Sequence[Prompt] | None,
+        config: EvalConfig, *, store: "RunFolder | str | None" = None,
+        progress: bool | None = None) -> EvaluationResult:
+    """Every circuit of ``config`` on every model of the pool: a :class:`FaithfulnessRow` per
+    (circuit, model), plus completeness and minimality when ``config.analyses`` asks, and head
+    overlaps between circuits.
+
+    ``prompts`` (default: the config's ``n_prompts`` prompts per tokenizer) are the evaluation
+    prompts. Each piece is cached in ``store`` (``evaluate/<model>/full_hits.json``,
+    ``evaluate/<model>/<circuit>.json``, ``means/…``, ``completeness/<model>/<circuit>.json``,
+    ``minimality/<circuit>.json``, with ``pruned/<circuit>.json`` and ``overlap.json``
+    beside them), so a rerun resumes.
+    """
+    cfg, an, circuits = config, config.analyses, config.circuits
+    progress = bool(progress)
+    if not circuits:
+        raise ValueError("no circuit to evaluate (EvalConfig.circuits is empty)")
+    pool = as_pool(model_or_pool)
+    models = pool.specs
+    if not models:
+        raise ValueError("no model to evaluate (pass --model at least once)")
+    if len(set(models)) != len(models):
+        raise ValueError(f"a model is listed twice: {list(models)}")
+    folder = as_store(store)
     result = EvaluationResult([])
+    shared = None  # (tokenizer, prompts, mean prompts) of the first model
+    for spec, loaded in pool.each():
+        for c in circuits.values():
+            c.validate(loaded.arch)
+        tok = loaded.tokenizer
+        if shared is None or cfg.per_model_tokenization:
+            task = EntityTrackingTask(tok, TaskConfig(n_boxes=cfg.n_boxes), seed=cfg.seed)
+            ps = task.sample(cfg.n_prompts) if prompts is None else list(prompts)
+            mean_ps = task.sample(cfg.n_mean, seed=cfg.mean_seed)
+            if shared is None:
+                shared = (tok, ps, mean_ps)
+        else:
+            check_same_tokenizer(models[0], shared[0], spec, tok)
+            ps, mean_ps = shared[1:]
+        means: list[HeadMeans] = []
 
-    def extra(sess: ModelSession, rows) -> None:
-        loaded = sess.loaded
+        def get_means() -> HeadMeans:  # computed only when a piece is not cached
+            if not means:
+                means.append(cached_means(folder, loaded, mean_ps, cfg.means_key(),
+                                          cfg.batch_size, progress))
+            return means[0]
+
         slug = model_tag(loaded.name)
-        base = {"model": loaded.name, **cfg.key()}
+        base = {"model": loaded.name, **cfg.shared_key(), **prompts_key(prompts)}
+        full_hits = _cached(folder, f"evaluate/{slug}/full_hits.json", base, lambda: [
+            int(x) for x in evaluate_accuracy(loaded, ps, cfg.batch_size, progress).correct])
         for name, circuit in circuits.items():
+            per_circuit = {**base, "circuit": circuit.to_dict()}
+            d = _cached(folder, f"evaluate/{slug}/{safe_name(name)}.json",
+                        {**per_circuit, "row_version": FaithfulnessRow.VERSION},
+                        lambda: evaluate_faithfulness(
+                            loaded, ps, get_means(), circuit, name, cfg.n_random, cfg.random_seed,
+                            cfg.keep_other_positions, cfg.batch_size, cfg.max_rows, full_hits,
+                            progress).to_dict())
+            result.rows.append(FaithfulnessRow.from_dict(d))
             if an.completeness:
-                s = {**base, "circuit": circuit.to_dict(), "n_halves": an.n_halves}
-                pts = folder.cached(f"completeness/{slug}/{safe_name(name)}.json", s, lambda: [
-                    p.to_dict() for p in completeness(
-                        loaded, sess.prompts, sess.means, circuit, an.n_halves, cfg.random_seed,
-                        cfg.keep_other_positions, cfg.batch_size, cfg.max_rows, progress)])
-                result.completeness[(loaded.name, name)] = [
-                    CompletenessPoint(p["subset"], p["removed"], p["circuit_minus_k"],
-                                      p["model_minus_k"]) for p in pts]
-            if an.minimality and sess.spec == models[0]:
-                s = {**base, "circuit": circuit.to_dict(), "threshold": an.threshold,
-                     "max_partner_frac": an.max_partner_frac}
-                res = folder.cached(f"minimality/{safe_name(name)}.json", s, lambda: minimality(
-                    circuit, batched_evaluator(loaded, sess.prompts, sess.means,
-                                               cfg.keep_other_positions, cfg.batch_size,
-                                               cfg.max_rows, progress=progress),
-                    an.threshold, an.max_partner_frac).to_dict())
-                Circuit.from_dict(res["pruned"]).save(folder.file(f"pruned/{safe_name(name)}.json"))
+                pts = _cached(folder, f"completeness/{slug}/{safe_name(name)}.json",
+                              {**per_circuit, "n_halves": an.n_halves}, lambda: [
+                                  p.to_dict() for p in completeness(
+                                      loaded, ps, get_means(), circuit, an.n_halves,
+                                      cfg.random_seed, cfg.keep_other_positions, cfg.batch_size,
+                                      cfg.max_rows, progress)])
+                result.completeness[(loaded.name, name)] = [CompletenessPoint.from_dict(p)
+                                                            for p in pts]
+            if an.minimality and spec == models[0]:
+                res = _cached(folder, f"minimality/{safe_name(name)}.json",
+                              {**per_circuit, "threshold": an.threshold,
+                               "max_partner_frac": an.max_partner_frac},
+                              lambda: minimality(circuit, batched_evaluator(
+                                  loaded, ps, get_means(), cfg.keep_other_positions,
+                                  cfg.batch_size, cfg.max_rows, progress=progress),
+                                  an.threshold, an.max_partner_frac).to_dict())
+                if folder is not None:
+                    Circuit.from_dict(res["pruned"]).save(
+                        folder.file(f"pruned/{safe_name(name)}.json"))
                 result.minimality[name] = res
-
-    result.rows = evaluate_matrix(circuits, models, load, folder, cfg, progress,
-                                  per_model=extra if (an.completeness or an.minimality) else None)
     if len(circuits) > 1:
         names = list(circuits)
         result.overlaps = {f"{a}|{b}": head_overlap(circuits[a], circuits[b])
                            for a in names for b in names if a != b}
-        folder.save_json("overlap.json", result.overlaps)
+        if folder is not None:
+            folder.save_json("overlap.json", result.overlaps)
     return result
+
+
+__all__ = ["AnalysisConfig", "EvalConfig", "EvaluationResult", "check_same_tokenizer",
+           "head_overlap", "run", "same_tokenizer"]

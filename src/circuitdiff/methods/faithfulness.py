@@ -15,14 +15,13 @@ other; a gap above :data:`PROTOCOL_DISAGREEMENT` comes with a warning.
 
 from __future__ import annotations
 
-import random
 import statistics
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 from .ablation import HeadMeans, circuit_keep, variant_correct
 from .accuracy import evaluate_accuracy
-from ..core.stats import ratio_interval
+from ..core.stats import draw_rng, ratio_interval
 from ..core.circuit import Circuit, CircuitGroup
 from ..core.model import LoadedModel
 from ..core.task import Prompt
@@ -48,8 +47,8 @@ def random_circuits(circuit: Circuit, n_draws: int = 10, seed: int = 0) -> list[
 
     Each draw samples ``sum(group sizes)`` distinct heads from the whole ``n_layers x n_heads``
     grid without replacement (no head repeats within or across groups) and deals them to the
-    groups in order. Draw ``i`` uses ``random.Random(seed * 1_000_003 + i)``: reproducible and
-    independent of how many draws are asked for.
+    groups in order. Draw ``i`` uses :func:`~circuitdiff.core.stats.draw_rng` ``(seed, i)``:
+    reproducible and independent of how many draws are asked for.
     """
     if n_draws < 0:
         raise ValueError(f"n_draws must be >= 0, got {n_draws}")
@@ -61,7 +60,7 @@ def random_circuits(circuit: Circuit, n_draws: int = 10, seed: int = 0) -> list[
                          f"replacement (use --random-draws 0 to skip the random baseline)")
     out = []
     for i in range(n_draws):
-        heads = random.Random(seed * 1_000_003 + i).sample(grid, sum(sizes))
+        heads = draw_rng(seed, i).sample(grid, sum(sizes))
         groups, k = {}, 0
         for (name, g), n in zip(circuit.groups.items(), sizes):
             groups[name] = CircuitGroup(heads[k:k + n], g.position, g.function)
@@ -69,6 +68,24 @@ def random_circuits(circuit: Circuit, n_draws: int = 10, seed: int = 0) -> list[
         out.append(Circuit(groups, circuit.n_layers, circuit.n_heads, circuit.model,
                            {"random_draw": i, "seed": seed}, list(circuit.edges)))
     return out
+
+
+def random_baseline(accuracies: Sequence[float]) -> tuple[float | None, float | None]:
+    """``(mean, sd)`` of random-circuit accuracies: ``(None, None)`` with no draw, sd 0.0 with
+    one (the sample sd needs two). The one summary of every random baseline (faithfulness, DCM,
+    CMAP)."""
+    values = [float(a) for a in accuracies]
+    if not values:
+        return None, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def check_circuit(circuit: Circuit, name: str = "circuit") -> None:
+    """Error for a circuit with no group: nothing would be kept at any role, and under the
+    keep-other-positions protocol nothing would be ablated (faithfulness 1.0 for no circuit)."""
+    if not circuit.groups:
+        raise ValueError(f"{name} has no group: there is nothing to evaluate; give a circuit "
+                         f"with at least one group")
 
 
 @dataclass
@@ -98,6 +115,9 @@ class FaithfulnessRow:
     circuit_hits: list[int] = field(default_factory=list, repr=False)
     faithfulness_ci: list[float] | None = None
 
+    #: the row's format (2: per-prompt hits and the faithfulness interval); in its cache key
+    VERSION: ClassVar[int] = 2
+
     def faithfulness_under(self, protocol: str) -> float | None:
         """Faithfulness under ``protocol`` (``None`` if undefined or not measured)."""
         return self.by_protocol.get(protocol, {}).get("faithfulness")
@@ -122,6 +142,7 @@ def evaluate_faithfulness(loaded: LoadedModel, prompts: Sequence[Prompt], means:
     prompts. Faithfulness gets a paired bootstrap interval over prompts (``bootstrap``
     resamples, seed ``bootstrap_seed``; 0 resamples: no interval).
     """
+    check_circuit(circuit, circuit_name)
     circuit.validate(loaded.arch)
     if full_hits is None:
         full_hits = evaluate_accuracy(loaded, prompts, batch_size, progress).correct
@@ -143,9 +164,7 @@ def evaluate_faithfulness(loaded: LoadedModel, prompts: Sequence[Prompt], means:
           protocol_name(not keep_other_positions): {"circuit_accuracy": other,
                                                     "faithfulness": faithfulness(full, other)}}
     return FaithfulnessRow(
-        loaded.name, circuit_name, full, accs[0],
-        statistics.fmean(rnd) if rnd else None,
-        statistics.stdev(rnd) if len(rnd) > 1 else (0.0 if rnd else None),
+        loaded.name, circuit_name, full, accs[0], *random_baseline(rnd),
         faithfulness(full, accs[0]), len(prompts), rnd, protocol_name(keep_other_positions),
         {p: by[p] for p in PROTOCOLS}, protocol_warning(by), full_hits, circuit_hits,
         ratio_interval(circuit_hits, full_hits, bootstrap, bootstrap_seed))

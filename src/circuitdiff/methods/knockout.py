@@ -26,15 +26,21 @@ first blocked layer.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
 
 from ..core.arch import Architecture
-from ..core.model import LoadedModel
+from ..core.config import Config, execution
 from ..core.metrics import correct, last_logits
-from ..core.task import POSITION_NAMES, Batch, Prompt, TaskError, batches, check_role
+from ..core.model import LoadedModel
+from ..core.runs import RunFolder, model_tag, safe_name
+from ..core.task import (POSITION_NAMES, Batch, EntityTrackingTask, Prompt, TaskConfig, TaskError,
+                         batches, check_role, encode)
+from .ablation import role_mask, variant_chunks
+from .accuracy import prompts_key
+from .base import Result, as_store, cached_result
 
 #: key names besides the schema's roles
 MULTI_KEYS = ("all", "random")
@@ -87,16 +93,7 @@ def block_matrix(batch: Batch, edge: Edge, generator: torch.Generator | None = N
     rows = torch.arange(B)
 
     def at(role: str) -> torch.Tensor:  # bool [B, T]: the role's tokens in each sample
-        try:
-            p = batch.role(role)
-        except TaskError as e:
-            raise KnockoutError(str(e)) from None
-        p = p[:, None] if p.dim() == 1 else p
-        if bool((p < 0).all(1).any()):
-            raise KnockoutError(f"position {role!r} is absent from some prompts (use prompts "
-                                f"whose query names a box)")
-        return torch.zeros(B, T + 1, dtype=torch.bool).scatter_(
-            1, torch.where(p >= 0, p, T), True)[:, :T]
+        return role_mask(batch, role, KnockoutError, "knockout")
 
     queries = at(edge.query)
     first_q = queries.float().argmax(1)
@@ -188,7 +185,7 @@ def attention_knockout(arch: Architecture, block: torch.Tensor,
 
 
 @dataclass
-class KnockoutCurve:
+class KnockoutCurve(Result):
     """Accuracy with ``edge`` blocked in layers ≥ L, for each L in ``layers``."""
 
     edge: str
@@ -200,15 +197,13 @@ class KnockoutCurve:
     n: int
     seed: int = 0
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 @torch.no_grad()
 def knockout_curve(loaded: LoadedModel, prompts: Sequence[Prompt], edge: Edge | str,
                    layers: Sequence[int] | None = None, seed: int = 0, batch_size: int = 32,
                    max_rows: int = 256, progress: bool = False) -> KnockoutCurve:
-    """Accuracy with ``edge`` blocked from each L in ``layers`` (default: every layer) on.
+    """Accuracy with ``edge`` blocked from each L in ``layers`` (default: every layer) on: one
+    curve, uncached (the method, over several edges and cached, is :func:`run`).
 
     All Ls (plus the unblocked baseline) are stacked along the batch dimension, up to
     ``max_rows`` rows per forward.
@@ -227,15 +222,13 @@ def knockout_curve(loaded: LoadedModel, prompts: Sequence[Prompt], edge: Edge | 
     from tqdm.auto import tqdm
 
     for i, batch in enumerate(tqdm(batches(prompts, loaded.tokenizer, batch_size),
-                                   desc=f"knockout {edge} {loaded.name}", disable=not progress, unit="batch")):
+                                   desc=f"knockout {edge} {loaded.name}", disable=not progress,
+                                   unit="batch")):
         if bool((batch.answer_ids < 0).any()):
             raise KnockoutError("knockout needs prompts whose query names a box")
         block = block_matrix(batch, edge, gen)
         B = len(batch)
-        per = max(1, max_rows // B)
-        for s in range(0, V, per):
-            k = min(per, V - s)
-            big = batch.repeat(k)
+        for s, k, big in variant_chunks(batch, V, max_rows):
             with attention_knockout(loaded.arch, block.repeat(k, 1, 1),
                                     starts[s:s + k].repeat_interleave(B)):
                 logits = last_logits(loaded, big)
@@ -245,3 +238,96 @@ def knockout_curve(loaded: LoadedModel, prompts: Sequence[Prompt], edge: Edge | 
     acc = hits.double().mean(1).tolist()
     ctx = in_ctx.double().mean(1).tolist()
     return KnockoutCurve(str(edge), layers, acc[:-1], ctx[:-1], acc[-1], ctx[-1], len(prompts), seed)
+
+
+#: the edges ``circuitdiff knockout`` blocks by default
+DEFAULT_EDGES = ("last:correct_object", "query_label:prev_query_label", "random")
+
+
+@dataclass
+class KnockoutConfig(Config):
+    """What decides a knockout run.
+
+    ``edges``: the edges to block (``QUERY:KEY`` or ``random``, see :meth:`Edge.parse`);
+    ``layers``: the first blocked layers to try (``None``: every layer);
+    ``n``: prompts (``n_boxes`` boxes, drawn with ``seed``; ``seed`` also draws the random edge);
+    ``batch_size``/``max_rows``: prompts per batch and rows per stacked forward (execution only).
+    """
+
+    edges: tuple[str, ...] = DEFAULT_EDGES
+    layers: tuple[int, ...] | None = None
+    n: int = 500
+    seed: int = 0
+    n_boxes: int = 7
+    batch_size: int = execution(32)
+    max_rows: int = execution(256)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.edges, str):
+            self.edges = (self.edges,)
+        if not self.edges:
+            raise KnockoutError("KnockoutConfig: edges is empty; name at least one edge, e.g. "
+                                "last:correct_object")
+        self.edges = tuple(str(Edge.parse(str(e))) for e in self.edges)
+        if self.layers is not None:
+            self.layers = tuple(int(l) for l in self.layers)
+            if not self.layers or min(self.layers) < 0:
+                raise KnockoutError(f"KnockoutConfig: layers {list(self.layers)} must name at "
+                                    f"least one layer >= 0 (or be None for every layer)")
+        for name in ("n", "n_boxes", "batch_size", "max_rows"):
+            if getattr(self, name) < 1:
+                raise KnockoutError(f"KnockoutConfig: {name} must be >= 1, "
+                                    f"got {getattr(self, name)}")
+
+    def prompts(self, tokenizer) -> list[Prompt]:
+        """The config's own prompts for a model with ``tokenizer``."""
+        return EntityTrackingTask(tokenizer, TaskConfig(n_boxes=self.n_boxes),
+                                  seed=self.seed).sample(self.n)
+
+
+@dataclass
+class KnockoutResult(Result):
+    """One model's knockout curves, one per edge of the config, in its order."""
+
+    model: str
+    curves: list[KnockoutCurve]
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "KnockoutResult":
+        return cls(d["model"], [KnockoutCurve.from_dict(c) for c in d["curves"]])
+
+
+def check_edges(tokenizer, config: KnockoutConfig, prompts: Sequence[Prompt] | None = None
+                ) -> list[Edge]:
+    """The config's edges, each checked to block something on the first batch of ``prompts``
+    (default: the config's own) — a tokenizer is enough, so a command can check before it loads
+    a model."""
+    ps = config.prompts(tokenizer) if prompts is None else prompts
+    probe = encode(list(ps[:config.batch_size]), tokenizer)
+    edges = [Edge.parse(e) for e in config.edges]
+    for edge in edges:
+        block_matrix(probe, edge)
+    return edges
+
+
+def run(model: LoadedModel, prompts: Sequence[Prompt] | None, config: KnockoutConfig, *,
+        store: "RunFolder | str | None" = None, progress: bool | None = None) -> KnockoutResult:
+    """A :class:`KnockoutCurve` per edge of ``config`` on ``model``, each cached in ``store`` as
+    ``knockout/<model>/<edge>.json`` under the model, its dtype and the config's settings (the
+    edge's own, not the other edges'), so a killed run resumes edge by edge. Every edge is
+    checked to block something before any curve is computed."""
+    folder = as_store(store)
+    ps = config.prompts(model.tokenizer) if prompts is None else list(prompts)
+    edges = check_edges(model.tokenizer, config, ps)
+    shared = {k: v for k, v in config.cache_key().items() if k != "edges"}
+    dtype = str(next(model.model.parameters()).dtype).replace("torch.", "")
+    slug = model_tag(model.name)
+    curves = []
+    for edge in edges:
+        key = {"model": model.name, "edge": str(edge), **shared, "dtype": dtype,
+               **prompts_key(prompts)}
+        curves.append(cached_result(
+            folder, f"knockout/{slug}/{safe_name(str(edge))}.json", key,
+            lambda: knockout_curve(model, ps, edge, config.layers, config.seed, config.batch_size,
+                                   config.max_rows, bool(progress)), KnockoutCurve))
+    return KnockoutResult(model.name, curves)

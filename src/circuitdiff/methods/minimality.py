@@ -1,5 +1,8 @@
 """Minimality: is every head of the circuit needed?
 
+A helper of :func:`circuitdiff.methods.evaluation.run` (``AnalysisConfig.minimality``), which
+gives it a batched evaluator over the evaluation's prompts and means and caches its result.
+
 For each head ``H`` of a group, find a partner set ``K`` (other heads of the group, at most
 ``max_partner_frac`` = 30% of it) that maximises ``H``'s marginal effect
 
@@ -26,6 +29,7 @@ import torch
 
 from .ablation import HeadMeans, KeepMasks, circuit_keep, variant_accuracies
 from ..core.circuit import Circuit, CircuitGroup, Head, format_head
+from ..core.config import check_finite
 from ..core.model import LoadedModel
 from ..core.task import Prompt
 
@@ -88,6 +92,7 @@ def minimality(circuit: Circuit, evaluate: Evaluator, threshold: float = 0.01,
     ``evaluate`` maps a list of keep masks to accuracies — :func:`batched_evaluator` in
     practice; tests pass a one-variant-at-a-time evaluator to check the batching.
     """
+    check_finite("minimality", threshold=threshold, max_partner_frac=max_partner_frac)
     base = circuit_keep(circuit)
     cache: dict[Removal, float] = {}
     n_evaluated = 0

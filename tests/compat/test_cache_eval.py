@@ -1,0 +1,94 @@
+"""Cache compatibility of evaluation and knockout: for equal settings, the file names and saved
+settings are the ones the code before the one-method-shape change wrote (recorded on these tiny
+models into ``cache_eval_snapshot.json``), so an old run folder resumes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_llama
+from circuitdiff.core.arch import resolve
+from circuitdiff.core.circuit import Circuit, CircuitGroup
+from circuitdiff.core.model import LoadedModel
+
+torch.set_num_threads(1)
+SNAPSHOT = json.loads((Path(__file__).parent / "cache_eval_snapshot.json").read_text())
+
+
+def _snap(folder: Path) -> dict:
+    """Every file of ``folder`` (figures aside): its saved settings, or None for a plain file."""
+    from safetensors import safe_open
+
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_dir() or p.suffix == ".png":
+            continue
+        rel = str(p.relative_to(folder))
+        if p.suffix == ".safetensors":
+            with safe_open(str(p), "pt") as f:
+                out[rel] = json.loads(f.metadata()["settings"])
+        elif p.suffix != ".json":
+            out[rel] = None
+        else:
+            d = json.loads(p.read_text())
+            if isinstance(d, dict) and "_settings_digest" in d:
+                out[rel] = d["settings"]
+            else:
+                out[rel] = d if rel.endswith("config.json") else None
+    return out
+
+
+@pytest.fixture()
+def patched_cli(tokenizer, monkeypatch):
+    """The evaluate and knockout commands on in-process tiny models ("a", "b")."""
+    import circuitdiff.cli.evaluate as ce
+    import circuitdiff.cli.knockout as ck
+
+    m = tiny_llama(len(tokenizer))
+    m2 = tiny_llama(len(tokenizer), seed=1)
+    models = {"a": LoadedModel(m, tokenizer, resolve(m), "tiny-llama"),
+              "b": LoadedModel(m2, tokenizer, resolve(m2), "tiny-other")}
+    monkeypatch.setattr(ce, "load_from_args", lambda args, spec=None: models[spec])
+    monkeypatch.setattr(ck, "load_from_args", lambda args, spec=None: models["a"])
+    monkeypatch.setattr("circuitdiff.core.model.load_tokenizer", lambda spec: tokenizer)
+    return models
+
+
+def _circuit(groups) -> Circuit:
+    return Circuit({n: CircuitGroup(hs, pos) for n, (pos, hs) in groups.items()}, 3, 4, "tiny")
+
+
+def test_evaluate_cache_names_and_settings_unchanged(patched_cli, tmp_path):
+    from circuitdiff.cli import main
+
+    _circuit({"vf": ("last", [(2, 1), (1, 3)]), "pd": ("query_label", [(0, 2)])}).save(
+        tmp_path / "c1.json")
+    _circuit({"vf": ("last", [(2, 2)])}).save(tmp_path / "c 2.json")
+    ev = tmp_path / "ev"
+    assert main(["evaluate", "--circuit", str(tmp_path / "c1.json"), "--circuit",
+                 str(tmp_path / "c 2.json"), "--model", "a", "--model", "b", "--n-boxes", "4",
+                 "-n", "6", "--n-mean", "6", "--random-draws", "2", "--out", str(ev),
+                 "--completeness", "--n-halves", "1", "--minimality", "--threshold", "0.02"]) == 0
+    got = _snap(ev)
+    got["evaluate/config.json"]["circuits"] = [Path(c).name
+                                               for c in got["evaluate/config.json"]["circuits"]]
+    assert sorted(got) == sorted(SNAPSHOT["evaluate"])
+    for name, settings in SNAPSHOT["evaluate"].items():
+        assert got[name] == settings, name
+
+
+def test_knockout_cache_names_and_settings_unchanged(patched_cli, tmp_path):
+    from circuitdiff.cli import main
+
+    ko = tmp_path / "ko"
+    assert main(["knockout", "--n-boxes", "4", "-n", "4", "--edge", "last:correct_object",
+                 "--edge", "random", "--layers", "0,2", "--out", str(ko), "--seed", "3"]) == 0
+    assert _snap(ko) == SNAPSHOT["knockout"]
+    ko2 = tmp_path / "ko2"
+    assert main(["knockout", "--n-boxes", "4", "-n", "4", "--edge", "labels:objects",
+                 "--out", str(ko2)]) == 0
+    assert _snap(ko2) == SNAPSHOT["knockout_all_layers"]
