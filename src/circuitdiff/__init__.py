@@ -15,10 +15,11 @@ from .core.model import LoadedModel, ModelSpecError, load_model
 from .core.runs import RunFolder
 from .core.task import EntityTrackingTask, Prompt, TaskConfig, TaskError, encode, encode_pair
 from .methods.accuracy import AccuracyResult, evaluate_accuracy
-from .methods.discovery import DiscoveryConfig, DiscoveryResult, discover
+from .methods.discovery import DiscoveryConfig, DiscoveryResult
 from .methods.evaluation import AnalysisConfig, EvalConfig, EvaluationResult, evaluate
 from .methods.knockout import Edge, KnockoutCurve, knockout_curve
-from .methods.path_patching import attribution_scores, path_patching_scores
+from .methods.path_patching import (FastOptions, PatchRequest, Scores, attribution_scores,
+                                    path_patching_scores)
 from .study import StudyConfig, run_study
 
 __version__ = "0.1.0"
@@ -26,9 +27,10 @@ __version__ = "0.1.0"
 __all__ = [
     "AccuracyResult", "AnalysisConfig", "Architecture", "ArchitectureError", "Circuit",
     "CircuitGroup", "DiscoveryConfig", "DiscoveryResult", "Edge", "EntityTrackingTask",
+    "FastOptions", "PatchRequest", "Scores",
     "EvalConfig", "EvaluationResult", "KnockoutCurve", "LoadedModel", "ModelSpecError", "Prompt",
     "Read", "RunFolder", "StopAfter", "StudyConfig", "TaskConfig", "TaskError", "Write",
-    "answer_prob", "attribution_scores", "correct", "discover", "encode", "encode_pair",
+    "answer_prob", "attribution_scores", "correct", "encode", "encode_pair",
     "evaluate", "evaluate_accuracy", "intervene", "knockout_curve", "last_logits", "load_model",
     "path_patching_scores", "resolve", "run_study", "run_with_edits",
 ]

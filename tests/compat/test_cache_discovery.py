@@ -64,3 +64,49 @@ def prompts(tokenizer, n: int = 4, boxes: int = 3):
     task = EntityTrackingTask(tokenizer, TaskConfig(n_boxes=boxes), seed=0)
     clean = task.sample(n)
     return clean, task.corrupt(clean)
+
+
+SNAPSHOT = json.loads(SNAPSHOT_FILE.read_text())
+
+
+def test_paper_chain_cache_names_and_settings(tokenizer, tmp_path):
+    from circuitdiff.methods import discovery
+    from circuitdiff.methods.discovery import DiscoveryConfig
+
+    for method in ("exact", "hybrid"):
+        out = tmp_path / f"paper_{method}"
+        discovery.run(deep_tiny(tokenizer), prompts(tokenizer),
+                      DiscoveryConfig(**PAPER, method=method), store=out)
+        assert snap(out) == SNAPSHOT[f"paper_{method}"], method
+    out = tmp_path / "paper_task"
+    discovery.run(deep_tiny(tokenizer), None, DiscoveryConfig(**PAPER, n_prompts=4, n_boxes=3),
+                  store=out)
+    assert snap(out) == SNAPSHOT["paper_task"]
+
+
+def test_auto_chain_cache_names_and_settings(tmp_path):
+    from circuitdiff.core.model import load_model
+    from circuitdiff.methods import discovery
+    from circuitdiff.methods.discovery import DiscoveryConfig
+
+    base = load_model("organism:base")
+    for method in ("exact", "hybrid"):
+        out = tmp_path / f"auto_{method}"
+        discovery.run(base, None, DiscoveryConfig(**AUTO, method=method), store=out)
+        assert snap(out) == SNAPSHOT[f"auto_{method}"], method
+
+
+def test_scan_cache_names_and_settings(tokenizer, tmp_path):
+    from circuitdiff.methods import scan
+    from circuitdiff.methods.scan import ScanConfig
+
+    m = tiny_llama(len(tokenizer))
+    tiny = LoadedModel(m, tokenizer, resolve(m), "tiny-llama")
+    scan.run(tiny, None, ScanConfig(n_prompts=4, n_mean=4, n_boxes=3, roles=("last", "labels")),
+             store=tmp_path / "scan")
+    scan.run(tiny, None, ScanConfig(n_prompts=4, n_mean=4, n_boxes=3, seed=2),
+             store=tmp_path / "scan_default")
+    assert snap(tmp_path / "scan") == SNAPSHOT["scan"]
+    assert snap(tmp_path / "scan_default") == SNAPSHOT["scan_default"]
+    cfg = ScanConfig(n_prompts=4, n_mean=4, n_boxes=3, batch_size=2, max_rows=3)
+    assert cfg.cache_key() == ScanConfig(n_prompts=4, n_mean=4, n_boxes=3).cache_key()
