@@ -110,3 +110,8 @@ def test_scan_cache_names_and_settings(tokenizer, tmp_path):
     assert snap(tmp_path / "scan_default") == SNAPSHOT["scan_default"]
     cfg = ScanConfig(n_prompts=4, n_mean=4, n_boxes=3, batch_size=2, max_rows=3)
     assert cfg.cache_key() == ScanConfig(n_prompts=4, n_mean=4, n_boxes=3).cache_key()
+    # given prompts (not the config's sample) are part of the saved settings
+    clean, _ = prompts(tokenizer, n=3)
+    res = scan.run(tiny, clean, cfg, store=tmp_path / "given")
+    assert res.n == 3 and res.settings["n_prompts"] == 3 and "prompts" in res.settings
+    assert scan.run(tiny, clean, cfg).accuracy == res.accuracy  # no store: same numbers

@@ -538,3 +538,50 @@ def test_bench_runs_on_a_tiny_shape():
     assert len(rows) == 5, out
     assert all(float(r.rstrip(" |").split("|")[-1].split()[0]) <= 1e-5 for r in rows), out
     assert "FLOP floor" in out
+
+
+def test_options_and_configs_validate_and_key(tiny, tokenizer, tmp_path):
+    """Options and configs say which field is wrong; execution fields stay out of the cache
+    key; discovery runs without a store."""
+    for bad, match in ((dict(impl="quick"), "impl"), (dict(batch_size=0), "batch_size"),
+                       (dict(attention="fused"), "attention"), (dict(max_rows=0), "max_rows")):
+        with pytest.raises(PathPatchingError, match=match):
+            FastOptions(**bad)
+    with pytest.raises(ValueError, match="z_threshold must be a finite number"):
+        DiscoveryConfig(z_threshold=float("nan"))
+    a = DiscoveryConfig(chain="paper", batch_size=3, impl="naive", max_rows=7)
+    assert a.cache_key() == DiscoveryConfig(chain="paper").cache_key()
+    assert a.cache_key() != DiscoveryConfig(chain="paper", seed=1).cache_key()
+    assert "batch_size" not in a.cache_key() and a.cache_key()["sizes"] == [20, 5, 10, 5]
+    loaded = _sharpen(tiny)
+    clean, cf = _prompts(tokenizer, n=3)
+    res = discovery.run(loaded, (clean, cf), DiscoveryConfig(sizes=(2, 1, 1, 1), chain="paper",
+                                                             truncate=True))
+    assert len(res.circuit.groups["value_fetcher"].heads) == 2
+    with pytest.raises(PathPatchingError, match="without their counterfactuals"):
+        discovery.run(loaded, (clean, None), DiscoveryConfig(chain="paper"), store=tmp_path)
+    s = path_patching_scores(loaded, clean, cf, PatchRequest("last", senders=[(0, 1), (2, 3)]))
+    assert float(s.se[0, 1]) > 0 and float(s.se[1, 0]) == 0 and float(s.mean[1, 0]) == 0
+
+
+def test_hybrid_unscored_heads_are_nan_in_both_chains(tokenizer, tmp_path):
+    """The one hybrid scorer: an eligible head outside the candidates is NaN (not scored), a
+    head that cannot reach the receivers is 0 — in the paper chain and the automatic one."""
+    from circuitdiff.methods.discovery.steps import Context, Step, score_step
+
+    loaded = _deep_tiny(tokenizer)
+    clean, cf = _prompts(tokenizer, n=4, boxes=3)
+    from circuitdiff.core.runs import RunFolder
+
+    cfg = DiscoveryConfig(method="hybrid", hybrid_k=3, chain="paper")
+    ctx = Context.open(loaded, RunFolder(tmp_path), cfg, (clean, cf), False, None)
+    eligible = torch.zeros(6, 4, dtype=torch.bool)
+    eligible[:3] = True
+    for paper in (True, False):
+        step = Step(0, f"pt{paper}", "last", "q", [(3, 1), (3, 2)], 1, eligible,
+                    dict(ctx.base), desc="t", paper=paper)
+        got = score_step(ctx, step)
+        assert int(torch.isfinite(got.scores[:3]).sum()) == 3  # the 3 candidates
+        assert bool((got.scores[3:] == 0).all())
+        assert bool(torch.isnan(got.scores[:3]).sum() == 9)
+        assert bool((got.se[~torch.isfinite(got.scores)] == 0).all())
