@@ -15,7 +15,7 @@ them, so a killed run resumes at the first missing step), and share one
 :class:`~circuitdiff.methods.path_patching.CaptureCache` over the steps. The prompts and the
 circuit JSON are written alongside (heatmaps are drawn by :mod:`circuitdiff.report.figures`).
 
-Modules import one way: ``config`` ← ``steps`` ← ``sizing`` ← ``auto`` / ``paper`` ← here.
+Modules import one way: ``config`` ← ``steps``, ``sizing`` ← ``auto``, ``paper`` ← this dispatcher.
 """
 
 from __future__ import annotations

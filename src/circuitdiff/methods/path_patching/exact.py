@@ -398,8 +398,8 @@ def _shared_prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.
     The two parts are attended separately and merged by their log-sum-exps (exact softmax over
     the union). Registered as a transformers attention function; returns ``[N*Bg, S, H, D]``."""
     call = kwargs.get(_CALL)
-    if call is None:
-        raise RuntimeError("the shared-prefix attention runs only inside pass 2")
+    if call is None:  # a model whose forward does not pass keywords down to its attention
+        raise _Unsupported("the model does not pass the shared prefix down to its attention")
     st, opts = call.state, call.options
     if kwargs.get("sliding_window") or kwargs.get("softcap") or kwargs.get("s_aux") is not None:
         raise _Unsupported("attention with a sliding window, soft-capping or sinks")
