@@ -37,7 +37,8 @@ def main() -> None:
     torch.set_num_threads(1)
 
     from circuitdiff.core.model import load_model
-    from circuitdiff.methods.discovery import DiscoveryConfig, discover
+    from circuitdiff.methods import discovery
+    from circuitdiff.methods.discovery import DiscoveryConfig
 
     sizes = tuple(int(x) for x in args.sizes.split(","))
     print(f"paper chain, sizes {sizes}, {args.n} prompts (seed {args.seed}), 1 thread, "
@@ -58,7 +59,7 @@ def main() -> None:
                                                          if chain == "paper" else
                                                          dict(on_unreachable="keep-all")))
                     t = time.process_time()
-                    res = discover(loaded, out, cfg)
+                    res = discovery.run(loaded, None, cfg, store=out)
                     best = min(best, time.process_time() - t)
             return best, res
         t_exact, exact = run("exact", None)

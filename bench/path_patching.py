@@ -237,15 +237,15 @@ def _setup(args):
     return loaded
 
 
-def time_fast(loaded, clean, cf, step: str, bs: int, device: str, **kw):
-    from circuitdiff.methods.path_patching import path_patching_scores
+def time_fast(loaded, clean, cf, step: str, bs: int, device: str, **options):
+    from circuitdiff.methods.path_patching import FastOptions, PatchRequest, path_patching_scores
 
     position, recv, kind = step_spec(step, loaded.arch)
     send = reachable(loaded.arch, recv)
     _sync(device)
     t = _clock()
-    s = path_patching_scores(loaded, clean, cf, position, recv, kind, senders=send,
-                             batch_size=bs, **kw)
+    s = path_patching_scores(loaded, clean, cf, PatchRequest(position, recv, kind, send),
+                             FastOptions(batch_size=bs, **options)).mean
     _sync(device)
     return s, _clock() - t
 
@@ -318,7 +318,7 @@ def main() -> None:
     if args.fast_only:
         return child(args)
 
-    from circuitdiff.methods.path_patching import path_patching_scores
+    from circuitdiff.methods.path_patching import FastOptions, PatchRequest, path_patching_scores
 
     loaded = _setup(args)
     arch = loaded.arch
@@ -345,8 +345,8 @@ def main() -> None:
             else float("nan")
         _sync(args.device)
         t = _clock()
-        naive = path_patching_scores(loaded, clean, cf, position, recv, kind, senders=subset,
-                                     impl="naive", batch_size=args.batch_size)
+        naive = path_patching_scores(loaded, clean, cf, PatchRequest(position, recv, kind, subset),
+                                     FastOptions(impl="naive", batch_size=args.batch_size)).mean
         _sync(args.device)
         t_naive = (_clock() - t) * len(send) / len(subset)
         idx = torch.tensor(subset)

@@ -14,12 +14,13 @@ from .core.metrics import answer_prob, correct, last_logits
 from .core.model import LoadedModel, ModelSpecError, load_model
 from .core.runs import RunFolder
 from .core.task import EntityTrackingTask, Prompt, TaskConfig, TaskError, encode, encode_pair
-from .methods import accuracy, evaluation, knockout  # each method's run(): evaluation.run(...)
+from .methods import accuracy, discovery, evaluation, knockout  # each method's run()
 from .methods.accuracy import AccuracyConfig, AccuracyResult, evaluate_accuracy
-from .methods.discovery import DiscoveryConfig, DiscoveryResult, discover
+from .methods.discovery import DiscoveryConfig, DiscoveryResult
 from .methods.evaluation import AnalysisConfig, EvalConfig, EvaluationResult
 from .methods.knockout import Edge, KnockoutConfig, KnockoutCurve, KnockoutResult, knockout_curve
-from .methods.path_patching import attribution_scores, path_patching_scores
+from .methods.path_patching import (FastOptions, PatchRequest, Scores, attribution_scores,
+                                    path_patching_scores)
 from .study import StudyConfig, run_study
 
 __version__ = "0.1.0"
@@ -27,10 +28,11 @@ __version__ = "0.1.0"
 __all__ = [
     "AccuracyConfig", "AccuracyResult", "AnalysisConfig", "Architecture", "ArchitectureError", "Circuit",
     "CircuitGroup", "DiscoveryConfig", "DiscoveryResult", "Edge", "EntityTrackingTask",
-    "EvalConfig", "EvaluationResult", "KnockoutConfig", "KnockoutCurve",
-    "KnockoutResult", "LoadedModel", "ModelSpecError", "Prompt",
-    "Read", "RunFolder", "StopAfter", "StudyConfig", "TaskConfig", "TaskError", "Write",
-    "answer_prob", "attribution_scores", "correct", "discover", "encode", "encode_pair",
-    "accuracy", "evaluate_accuracy", "evaluation", "intervene", "knockout", "knockout_curve", "last_logits", "load_model",
+    "EvalConfig", "EvaluationResult", "FastOptions", "KnockoutConfig", "KnockoutCurve",
+    "KnockoutResult", "LoadedModel", "ModelSpecError", "PatchRequest", "Prompt", "Read",
+    "RunFolder", "Scores", "StopAfter", "StudyConfig", "TaskConfig", "TaskError", "Write",
+    "accuracy", "answer_prob", "attribution_scores", "correct", "discovery", "encode",
+    "encode_pair", "evaluate_accuracy", "evaluation", "intervene", "knockout", "knockout_curve",
+    "last_logits", "load_model",
     "path_patching_scores", "resolve", "run_study", "run_with_edits",
 ]

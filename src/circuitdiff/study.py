@@ -37,11 +37,10 @@ from .core.pool import ModelPool
 from .core.runs import (RunFolder, atomic_write_text, environment, model_tag,
                         settings_digest)
 from .core.task import EntityTrackingTask, TaskConfig
-from .methods import accuracy, evaluation, knockout
-from .methods.auto_chain import DiscoveryError, NoCircuitError
+from .methods import accuracy, discovery, evaluation, knockout
 from .methods.cmap import CMAPConfig, cmap
 from .methods.dcm import DCMConfig, DCMResult, dcm, dcm_view, functional_patching, prepare
-from .methods.discovery import DiscoveryConfig, discover
+from .methods.discovery import DiscoveryConfig, DiscoveryError, NoCircuitError
 from .methods.evaluation import EvalConfig
 from .core.stats import difference_interval
 from .methods.verdicts import VerdictRules, unit_overlap, verdicts
@@ -332,7 +331,7 @@ def _flow_figure(loaded: LoadedModel, circuit: Circuit, cfg: DiscoveryConfig, pa
 def _discover_one(st: _Study, spec: str, out: Path, cfg: DiscoveryConfig) -> dict:
     """Automatic-chain discovery on ``spec`` with its figures; the result as a dict."""
     loaded = st.load(spec)
-    found = discover(loaded, out, cfg, progress=st.progress)
+    found = discovery.run(loaded, None, cfg, store=out, progress=st.progress)
     if cfg.chain == "auto":
         auto_discovery_figures(found, out, loaded.name)
     else:
@@ -361,7 +360,7 @@ def _step_paper_chain(st: _Study) -> None:
 
     def compute() -> dict:
         loaded = st.load(st.base_spec)
-        res = discover(loaded, out, cfg, progress=st.progress)
+        res = discovery.run(loaded, None, cfg, store=out, progress=st.progress)
         discovery_heatmaps(res, out, loaded.name)
         _flow_figure(loaded, res.circuit, cfg, out / "circuit_flow.png",
                      f"paper chain on {loaded.name}")

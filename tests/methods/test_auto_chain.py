@@ -13,12 +13,13 @@ import torch
 from circuitdiff.core.circuit import Circuit
 from circuitdiff.core.model import load_model
 from circuitdiff.core.task import EntityTrackingTask, TaskConfig, load_jsonl
-from circuitdiff.methods import auto_chain
+from circuitdiff.methods import discovery
+from circuitdiff.methods.discovery import auto, steps
 from circuitdiff.methods.ablation import circuit_accuracy, compute_means
-from circuitdiff.methods.auto_chain import NoCircuitError, TargetUnreachable, significant_senders
-from circuitdiff.methods.discovery import DiscoveryConfig, discover
+from circuitdiff.methods.discovery import (DiscoveryConfig, NoCircuitError, TargetUnreachable,
+                                           significant_senders)
 from circuitdiff.methods.faithfulness import evaluate_faithfulness, protocol_warning
-from circuitdiff.methods.path_patching import path_patching_scores
+from circuitdiff.methods.path_patching import FastOptions, PatchRequest, path_patching_scores
 from circuitdiff.methods.scan import position_scan
 
 torch.set_num_threads(1)
@@ -35,7 +36,7 @@ def base():
 @pytest.fixture(scope="module")
 def fast_run(base, tmp_path_factory):
     out = tmp_path_factory.mktemp("auto_fast")
-    return out, discover(base, out, DiscoveryConfig(**SMALL))
+    return out, discovery.run(base, None, DiscoveryConfig(**SMALL), store=out)
 
 
 def test_auto_chain_edge_scores_equal_the_naive_oracle(base, fast_run):
@@ -50,15 +51,17 @@ def test_auto_chain_edge_scores_equal_the_naive_oracle(base, fast_run):
     for e in fast.edges_scored:
         if e["kind"] == "logits":
             continue  # the logits edge is the paper chain's first step, tested elsewhere
-        naive = path_patching_scores(base, clean[:12], cf[:12], e["role"], e["receivers"],
-                                     e["kind"], impl="naive", batch_size=12)
-        fast_12 = path_patching_scores(base, clean[:12], cf[:12], e["role"], e["receivers"],
-                                       e["kind"], batch_size=12)
+        req = PatchRequest(e["role"], e["receivers"], e["kind"])
+        naive = path_patching_scores(base, clean[:12], cf[:12], req,
+                                     FastOptions(impl="naive", batch_size=12)).mean
+        fast_12 = path_patching_scores(base, clean[:12], cf[:12], req,
+                                       FastOptions(batch_size=12)).mean
         assert naive.abs().max() > 1e-3, e["edge"]
         assert (fast_12 - naive).abs().max() <= 1e-4, e["edge"]
     # and the chain's cached scores are that engine's scores on all its prompts
     e = next(e for e in fast.edges_scored if e["kind"] == "v")
-    full = path_patching_scores(base, clean, cf, e["role"], e["receivers"], e["kind"])
+    full = path_patching_scores(base, clean, cf,
+                                PatchRequest(e["role"], e["receivers"], e["kind"])).mean
     assert torch.allclose(full, fast.scores[e["edge"]], atol=1e-6)
 
 
@@ -100,14 +103,12 @@ def test_discovered_json_evaluates_under_both_protocols(base, fast_run):
 
 def test_resume_recomputes_nothing(base, fast_run, monkeypatch):
     out, res = fast_run
-    import circuitdiff.methods.discovery as disc
-
     def boom(*a, **k):
         raise AssertionError("recomputed a cached step")
-    monkeypatch.setattr(disc, "path_patching_scores", boom)
-    monkeypatch.setattr(auto_chain, "position_scan", boom)
-    monkeypatch.setattr(auto_chain, "_size", boom)
-    again = discover(base, out, DiscoveryConfig(**SMALL))
+    monkeypatch.setattr(steps, "path_patching_scores", boom)
+    monkeypatch.setattr(auto, "position_scan", boom)
+    monkeypatch.setattr(auto, "size_circuit", boom)
+    again = discovery.run(base, None, DiscoveryConfig(**SMALL), store=out)
     assert again.circuit.to_dict() == res.circuit.to_dict()
 
 
@@ -123,8 +124,9 @@ def test_unreachable_target_stops_with_a_clear_message(base, fast_run, tmp_path)
                                                 r"\d+ candidate heads .* reach 0\.\d\d, and keeping "
                                                 r"every head at the circuit's roles \(last\) "
                                                 r"reaches \d\.\d\d \(full model accuracy"):
-        discover(base, tmp_path / "a", DiscoveryConfig(**blind))
-    kept = discover(base, tmp_path / "b", DiscoveryConfig(**blind, on_unreachable="keep-all"))
+        discovery.run(base, None, DiscoveryConfig(**blind), store=tmp_path / "a")
+    kept = discovery.run(base, None, DiscoveryConfig(**blind, on_unreachable="keep-all"),
+                         store=tmp_path / "b")
     assert "unreachable" in kept.sizing["message"] and kept.sizing["faithfulness_paper"] < 0.9
     grow = [c for c in kept.curve if c["step"] == "grow"]
     assert grow[-1]["units"] == kept.sizing["units"]  # every candidate was tried, then it stopped
@@ -134,8 +136,8 @@ def test_unreachable_target_stops_with_a_clear_message(base, fast_run, tmp_path)
 
 def test_model_at_chance_has_no_circuit(tiny, tmp_path, capsys):
     with pytest.raises(NoCircuitError, match="no circuit to find"):
-        discover(tiny, tmp_path / "d", DiscoveryConfig(n_prompts=4, n_validate=20, n_mean=20,
-                                                       n_boxes=3))
+        discovery.run(tiny, None, DiscoveryConfig(n_prompts=4, n_validate=20, n_mean=20,
+                                                  n_boxes=3), store=tmp_path / "d")
 
 
 def test_cli_discover_reports_bad_target_and_at_chance(tokenizer, tiny, tmp_path, capsys):
@@ -195,6 +197,9 @@ def test_significance_and_protocol_warning():
         [(0, 0), (0, 1)]
     assert significant_senders(scores, se, eligible, 3.0, 0.01, best_fraction=0.01) == [(0, 0)]
     assert significant_senders(-scores.abs() * 0, se, eligible, 3.0, 0.01) == []
+    unscored = scores.clone()  # a hybrid's eligible head outside its candidates: NaN
+    unscored[0, 2] = float("nan")
+    assert significant_senders(unscored, se, eligible, 3.0, 0.01) == [(0, 0)]
     both = lambda a, b: {"paper": {"faithfulness": a},  # noqa: E731
                          "keep-other-positions": {"faithfulness": b}}
     assert protocol_warning(both(0.9, 0.8)) == ""

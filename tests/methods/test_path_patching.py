@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import pytest
@@ -10,11 +9,13 @@ import torch
 
 from circuitdiff.core.arch import resolve
 from circuitdiff.core.circuit import Circuit
-from circuitdiff.methods.discovery import PAPER_CHAIN, DiscoveryConfig, discover, parse_sizes
+from circuitdiff.methods import discovery
+from circuitdiff.methods.discovery import PAPER_CHAIN, DiscoveryConfig, parse_sizes
 from circuitdiff.report.figures import discovery_heatmaps
 from circuitdiff.core.model import LoadedModel
-from circuitdiff.methods.path_patching import (PathPatchingError, attribution_scores, compare_scores,
-                                       path_patching_scores, top_heads)
+from circuitdiff.methods.path_patching import (FastOptions, PatchRequest, PathPatchingError,
+                                               Scores, attribution_scores, compare_scores,
+                                               path_patching_scores, top_heads)
 from circuitdiff.core.task import DEFAULT_LABELS, EntityTrackingTask, TaskConfig, TaskError
 
 from conftest import add_lora, tiny_llama
@@ -43,6 +44,19 @@ AUTO_EDGES = {
 STEPS.update(AUTO_EDGES)
 
 
+def pp(loaded, clean, cf, position="last", receivers=(), kind="q", senders=None, *, cache=None,
+       **options) -> torch.Tensor:
+    """Mean scores of ``path_patching_scores`` for one request (options as keywords)."""
+    out = path_patching_scores(loaded, clean, cf, PatchRequest(position, receivers, kind, senders),
+                               FastOptions(**options), cache=cache)
+    assert isinstance(out, Scores) and out.se.shape == out.mean.shape
+    return out.mean
+
+
+def attribution(loaded, clean, cf, position="last", receivers=(), kind="q", **kw):
+    return attribution_scores(loaded, clean, cf, PatchRequest(position, receivers, kind), **kw)
+
+
 def _sharpen(loaded: LoadedModel, factor: float = 4.0) -> LoadedModel:
     """Scale the random weights up so that heads have sizeable (non-linear) effects."""
     with torch.no_grad():
@@ -60,9 +74,9 @@ def _prompts(tok, n=6, boxes=3, seed=0):
 
 def _check_equal(loaded, clean, cf, step, **kw):
     pos, recv, kind = STEPS[step]
-    naive = path_patching_scores(loaded, clean, cf, pos, recv, kind, impl="naive",
+    naive = pp(loaded, clean, cf, pos, recv, kind, impl="naive",
                                  batch_size=4, **kw)
-    fast = path_patching_scores(loaded, clean, cf, pos, recv, kind, impl="fast", batch_size=4,
+    fast = pp(loaded, clean, cf, pos, recv, kind, impl="fast", batch_size=4,
                                 **kw)
     assert naive.shape == (3, 4)
     assert naive.abs().max() > 1e-3, "oracle gives ~0 everywhere: the comparison proves nothing"
@@ -96,7 +110,7 @@ def test_fast_equals_naive_under_lora(tiny_lora, tokenizer, step):
     clean, cf = _prompts(tokenizer, seed=3)
     _, fast = _check_equal(loaded, clean, cf, step)
     with loaded.adapter_disabled():
-        base = path_patching_scores(loaded, clean, cf, *STEPS[step], batch_size=4)
+        base = pp(loaded, clean, cf, *STEPS[step], batch_size=4)
     assert (base - fast).abs().max() > 1e-4  # the adapter's o_proj/q/k/v deltas are used
 
 
@@ -106,8 +120,8 @@ def test_small_chunks_and_mixed_senders(tiny, tokenizer):
     clean, cf = _prompts(tokenizer, n=5)
     pos, recv, kind = STEPS["structure_reader"]
     senders = [(0, 3), (1, 1), (0, 0)]
-    one = path_patching_scores(loaded, clean, cf, pos, recv, kind, senders=senders, max_rows=1)
-    ref = path_patching_scores(loaded, clean, cf, pos, recv, kind, impl="naive")
+    one = pp(loaded, clean, cf, pos, recv, kind, senders=senders, max_rows=1)
+    ref = pp(loaded, clean, cf, pos, recv, kind, impl="naive")
     for l, h in senders:
         assert abs(float(one[l, h] - ref[l, h])) <= 1e-4
     unscored = torch.ones(3, 4, dtype=torch.bool)
@@ -122,7 +136,7 @@ def test_identical_inputs_score_zero(tiny, tokenizer):
     for step in ("value_fetcher", "position_detector"):
         pos, recv, kind = STEPS[step]
         for impl in ("fast", "naive"):
-            s = path_patching_scores(loaded, clean, clean, pos, recv, kind, impl=impl)
+            s = pp(loaded, clean, clean, pos, recv, kind, impl=impl)
             assert s.abs().max() <= 1e-5, (step, impl)
 
 
@@ -201,13 +215,13 @@ def test_copy_head_ranks_first(tokenizer):
     on_obj = att[torch.arange(12), COPY_HEAD[1], -1, b.positions["correct_object"]]
     assert bool((on_obj > 0.9).all())
     for impl in ("fast", "naive"):
-        s = path_patching_scores(loaded, clean, cf, "last", impl=impl)
+        s = pp(loaded, clean, cf, "last", impl=impl)
         assert top_heads(s, 1) == [COPY_HEAD]
         assert float(s[COPY_HEAD]) < -0.5
         others = s.clone()
         others[COPY_HEAD] = 0
         assert others.abs().max() < 1e-3
-    att_scores = attribution_scores(loaded, clean, cf, "last")
+    att_scores = attribution(loaded, clean, cf, "last")
     assert top_heads(att_scores, 1) == [COPY_HEAD]
 
 
@@ -230,8 +244,8 @@ def test_attribution_tracks_exact(tiny, tokenizer, step):
     """Unsharpened random model: effects are small, so the linear estimate is close."""
     clean, cf = _prompts(tokenizer, n=4)
     pos, recv, kind = STEPS[step]
-    exact = path_patching_scores(tiny, clean, cf, pos, recv, kind)
-    est = attribution_scores(tiny, clean, cf, pos, recv, kind, batch_size=3)
+    exact = pp(tiny, clean, cf, pos, recv, kind)
+    est = attribution(tiny, clean, cf, pos, recv, kind, batch_size=3)
     if recv:
         assert bool((est[max(l for l, _ in recv):] == 0).all())
     live = exact != 0
@@ -251,7 +265,7 @@ def test_discover_chain_saves_and_resumes(tokenizer, tmp_path, monkeypatch, meth
     clean, cf = _prompts(tokenizer, n=4, boxes=3)
     out = tmp_path / "run"
     cfg = DiscoveryConfig(sizes=(3, 2, 2, 1), method=method, compare_exact=True, chain="paper")
-    res = discover(loaded, out, cfg, clean=clean, counterfactual=cf)
+    res = discovery.run(loaded, (clean, cf), cfg, store=out)
     discovery_heatmaps(res, out, loaded.name)
     c = Circuit.load(out / "circuit.json")
     assert list(c.groups) == [g for g, _, _ in PAPER_CHAIN]
@@ -265,32 +279,31 @@ def test_discover_chain_saves_and_resumes(tokenizer, tmp_path, monkeypatch, meth
     vf_end = max(l for l, _ in c.groups["value_fetcher"].heads)
     assert all(l < vf_end for l, _ in c.groups["position_transmitter"].heads)
     if method == "exact":  # exact chain = each step re-scored independently
-        s = path_patching_scores(loaded, clean, cf, "last", c.groups["value_fetcher"].heads, "q")
+        s = pp(loaded, clean, cf, "last", c.groups["value_fetcher"].heads, "q")
         assert torch.allclose(s, res.scores["position_transmitter"], atol=1e-6)
     assert set(res.comparisons) == set(c.groups)
     assert all(-1 <= v.spearman <= 1 and 0 <= v.topk_recall <= 1
                for v in res.comparisons.values())
 
     # resume: nothing is recomputed
-    import circuitdiff.methods.discovery as disc
+    import circuitdiff.methods.discovery.steps as steps
 
     def boom(*a, **k):
         raise AssertionError("recomputed a cached step")
-    monkeypatch.setattr(disc, "path_patching_scores", boom)
-    monkeypatch.setattr(disc, "attribution_scores", boom)
-    again = discover(loaded, out, cfg, clean=clean, counterfactual=cf)
+    monkeypatch.setattr(steps, "path_patching_scores", boom)
+    monkeypatch.setattr(steps, "attribution_scores", boom)
+    again = discovery.run(loaded, (clean, cf), cfg, store=out)
     assert again.circuit.groups == res.circuit.groups
 
 
 def test_chain_stops_when_a_group_is_all_in_layer_0(tokenizer, tmp_path):
     clean, cf = _prompts(tokenizer, n=4, boxes=3)
     with pytest.raises(PathPatchingError, match="position_detector head found is in layer 0"):
-        discover(_deep_tiny(tokenizer, seed=0), tmp_path,
-                 DiscoveryConfig(sizes=(3, 2, 2, 1), chain="paper"),
-                 clean=clean, counterfactual=cf)
-    res = discover(_deep_tiny(tokenizer, seed=0), tmp_path / "t",
-                   DiscoveryConfig(sizes=(3, 2, 2, 1), truncate=True, chain="paper"),
-                   clean=clean, counterfactual=cf)
+        discovery.run(_deep_tiny(tokenizer, seed=0), (clean, cf),
+                      DiscoveryConfig(sizes=(3, 2, 2, 1), chain="paper"), store=tmp_path)
+    res = discovery.run(_deep_tiny(tokenizer, seed=0), (clean, cf),
+                        DiscoveryConfig(sizes=(3, 2, 2, 1), truncate=True, chain="paper"),
+                        store=tmp_path / "t")
     assert res.circuit.settings["truncated_at"] == "structure_reader"
     assert res.circuit.groups["structure_reader"].heads == []
     assert all(l == 0 for l, _ in res.circuit.groups["position_detector"].heads)
@@ -323,24 +336,24 @@ def test_cli_discover(tokenizer, tmp_path, capsys):
 def test_bad_input(tiny, tokenizer):
     clean, cf = _prompts(tokenizer, n=3)
     with pytest.raises(PathPatchingError, match="earlier layer"):
-        path_patching_scores(tiny, clean, cf, "last", [(1, 0)], "q", senders=[(1, 2), (2, 0)])
+        pp(tiny, clean, cf, "last", [(1, 0)], "q", senders=[(1, 2), (2, 0)])
     with pytest.raises(PathPatchingError, match="unknown role 'query'.*defines: last, "
                                                 "query_label.*labels, objects, separators"):
-        path_patching_scores(tiny, clean, cf, "query", [(2, 0)], "v")
+        pp(tiny, clean, cf, "query", [(2, 0)], "v")
     with pytest.raises(PathPatchingError, match="leaves the prompt"):
-        path_patching_scores(tiny, clean, cf, "last+1", [(2, 0)], "v")
+        pp(tiny, clean, cf, "last+1", [(2, 0)], "v")
     with pytest.raises(PathPatchingError, match="logits receivers need position"):
-        path_patching_scores(tiny, clean, cf, "query_label")
+        pp(tiny, clean, cf, "query_label")
     with pytest.raises(PathPatchingError, match="receiver_kind"):
-        path_patching_scores(tiny, clean, cf, "last", [(2, 0)], "o")
+        pp(tiny, clean, cf, "last", [(2, 0)], "o")
     with pytest.raises(PathPatchingError, match="does not exist"):
-        path_patching_scores(tiny, clean, cf, "last", [(3, 0)], "q")
+        pp(tiny, clean, cf, "last", [(3, 0)], "q")
     with pytest.raises(TaskError, match="pair one to one"):
-        path_patching_scores(tiny, clean, cf[:-1], "last")
+        pp(tiny, clean, cf[:-1], "last")
     with pytest.raises(TaskError, match="pair one to one"):
-        attribution_scores(tiny, clean, cf[:-1], "last")
+        attribution(tiny, clean, cf[:-1], "last")
     with pytest.raises(PathPatchingError, match="query names a box"):
-        path_patching_scores(tiny, cf, clean, "last")
+        pp(tiny, cf, clean, "last")
     with pytest.raises(PathPatchingError, match="at least one head"):
         parse_sizes("20,5,0,5")
     with pytest.raises(PathPatchingError, match="at least one head"):
@@ -353,8 +366,8 @@ def test_empty_group_and_multitoken_answers(tiny, tokenizer, tmp_path):
     from circuitdiff.core.model import LoadedModel as LM
 
     with pytest.raises(PathPatchingError, match="at least one head"):
-        discover(tiny, tmp_path / "a", DiscoveryConfig(n_prompts=2, n_boxes=3, sizes=(2, 0, 1, 1),
-                                                       chain="paper"))
+        discovery.run(tiny, None, DiscoveryConfig(n_prompts=2, n_boxes=3, sizes=(2, 0, 1, 1),
+                                                  chain="paper"), store=tmp_path / "a")
     # a tokenizer that splits every object into characters: answers are multi-token
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -365,15 +378,15 @@ def test_empty_group_and_multitoken_answers(tiny, tokenizer, tmp_path):
     char_tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>")
     loaded = LM(tiny.model, char_tok, tiny.arch, "char")
     with pytest.raises(TaskError, match="single tokens"):
-        discover(loaded, tmp_path / "b", DiscoveryConfig(n_prompts=2, n_boxes=3, sizes=(1, 1, 1, 1),
-                                                         chain="paper"))
+        discovery.run(loaded, None, DiscoveryConfig(n_prompts=2, n_boxes=3, sizes=(1, 1, 1, 1),
+                                                    chain="paper"), store=tmp_path / "b")
 
 
 def test_unsupported_layer_falls_back_to_naive(tiny, tokenizer):
     """A decoder layer the replay does not reproduce gives a warning and the naive scores."""
     loaded = _sharpen(tiny)
     clean, cf = _prompts(tokenizer, n=3)
-    naive = path_patching_scores(loaded, clean, cf, "last", impl="naive")
+    naive = pp(loaded, clean, cf, "last", impl="naive")
     layer = loaded.arch.layers[1]
     orig = layer.forward
 
@@ -381,9 +394,9 @@ def test_unsupported_layer_falls_back_to_naive(tiny, tokenizer):
         return orig(*a, **k) * 1.5
     layer.forward = shifted
     try:
-        naive = path_patching_scores(loaded, clean, cf, "last", impl="naive")
+        naive = pp(loaded, clean, cf, "last", impl="naive")
         with pytest.warns(UserWarning, match="naive"):
-            fast = path_patching_scores(loaded, clean, cf, "last")
+            fast = pp(loaded, clean, cf, "last")
     finally:
         layer.forward = orig
     assert torch.equal(fast, naive)
@@ -392,7 +405,7 @@ def test_unsupported_layer_falls_back_to_naive(tiny, tokenizer):
 
 # -- the fast path's pass 2: shared prefix, per-sender start, cache reuse -----------------------
 import circuitdiff.methods.path_patching.exact as exact_mod  # noqa: E402
-from circuitdiff.methods.path_patching import CaptureCache, reuse_captures  # noqa: E402
+from circuitdiff.methods.path_patching import CaptureCache  # noqa: E402
 
 KV_STEPS = ["structure_reader", "k_at_labels", "v_at_labels", "position_detector",
             "position_transmitter"]
@@ -409,11 +422,9 @@ def _mixed_prompts(tok, n=6, seed=0):
     return [c for pair in zip(b, a) for c in pair], [x for pair in zip(xb, xa) for x in pair]
 
 
-def _strict_equal(loaded, clean, cf, pos, recv, kind, senders=None, tol=1e-5):
-    naive = path_patching_scores(loaded, clean, cf, pos, recv, kind, senders=senders,
-                                 impl="naive", batch_size=8)
-    fast = path_patching_scores(loaded, clean, cf, pos, recv, kind, senders=senders,
-                                batch_size=8)
+def _strict_equal(loaded, clean, cf, pos, recv, kind, senders=None, tol=1e-5, **options):
+    naive = pp(loaded, clean, cf, pos, recv, kind, senders=senders, impl="naive", batch_size=8)
+    fast = pp(loaded, clean, cf, pos, recv, kind, senders=senders, batch_size=8, **options)
     assert naive.abs().max() > 1e-3, "oracle gives ~0 everywhere: the comparison proves nothing"
     assert (fast - naive).abs().max() <= tol, float((fast - naive).abs().max())
     return fast
@@ -421,32 +432,29 @@ def _strict_equal(loaded, clean, cf, pos, recv, kind, senders=None, tol=1e-5):
 
 @pytest.mark.parametrize("mode,fused", [("shared", True), ("shared", False), ("tiled", True)])
 @pytest.mark.parametrize("step", KV_STEPS)
-def test_pass2_attention_modes_equal_naive(tiny, tokenizer, monkeypatch, mode, fused, step):
+def test_pass2_attention_modes_equal_naive(tiny, tokenizer, mode, fused, step):
     """Both ways of attending to the prefix shared by the stacked senders (merged by
     log-sum-exp, fused kernel or plain matmuls; or one call over a per-layer tile with the GQA
     query heads folded) give the oracle's scores, on a GQA model (4 q / 2 kv heads) and on a
     left-padded batch whose prefixes hold padding."""
-    monkeypatch.setattr(exact_mod, "_MODE", mode)
-    monkeypatch.setattr(exact_mod, "_FUSED", fused)
     loaded = _sharpen(tiny)
     assert loaded.arch.n_kv_heads < loaded.arch.n_heads
     clean, cf = _mixed_prompts(tokenizer)
     from circuitdiff.core.task import encode
     assert bool((encode(clean, tokenizer).attention_mask == 0).any())  # really padded
-    _strict_equal(loaded, clean, cf, *STEPS[step])
+    _strict_equal(loaded, clean, cf, *STEPS[step], attention=mode, fused=fused)
 
 
 @pytest.mark.parametrize("mode", ["shared", "tiled"])
 @pytest.mark.parametrize("step", ["k_at_labels", "v_at_labels", "structure_reader"])
-def test_pass2_under_lora_unmerged(tiny_lora, tokenizer, monkeypatch, mode, step):
+def test_pass2_under_lora_unmerged(tiny_lora, tokenizer, mode, step):
     """With a peft LoRA adapter attached un-merged, the suffix forward runs the adapter's
     q/k/v/o deltas (its own modules) and still equals the oracle."""
-    monkeypatch.setattr(exact_mod, "_MODE", mode)
     loaded = _sharpen(tiny_lora)
     clean, cf = _mixed_prompts(tokenizer, seed=3)
-    fast = _strict_equal(loaded, clean, cf, *STEPS[step])
+    fast = _strict_equal(loaded, clean, cf, *STEPS[step], attention=mode)
     with loaded.adapter_disabled():
-        base = path_patching_scores(loaded, clean, cf, *STEPS[step], batch_size=8)
+        base = pp(loaded, clean, cf, *STEPS[step], batch_size=8)
     assert (base - fast).abs().max() > 1e-4
 
 
@@ -474,25 +482,25 @@ def test_capture_cache_reuse_is_exact(tiny, tokenizer):
     loaded = _sharpen(tiny)
     clean, cf = _prompts(tokenizer, n=5, seed=4)
     steps = ["k_at_labels", "v_at_labels", "value_fetcher", "position_transmitter"]
-    ref = {s: path_patching_scores(loaded, clean, cf, *STEPS[s]) for s in steps}
-    with reuse_captures() as cache:
-        got = {s: path_patching_scores(loaded, clean, cf, *STEPS[s]) for s in steps}
-        again = path_patching_scores(loaded, clean, cf, *STEPS["k_at_labels"])
+    ref = {s: pp(loaded, clean, cf, *STEPS[s]) for s in steps}
+    cache = CaptureCache()
+    got = {s: pp(loaded, clean, cf, *STEPS[s], cache=cache) for s in steps}
+    again = pp(loaded, clean, cf, *STEPS["k_at_labels"], cache=cache)
     assert cache.hits >= 3  # labels twice more, last once more
     for s in steps:
         assert torch.equal(got[s], ref[s]), s
     assert torch.equal(again, ref["k_at_labels"])
     own = CaptureCache()
-    path_patching_scores(loaded, clean, cf, *STEPS["v_at_labels"], cache=own)
+    pp(loaded, clean, cf, *STEPS["v_at_labels"], cache=own)
     _sharpen(loaded, 1.5)  # in place: bumps the parameters' versions
-    fresh = path_patching_scores(loaded, clean, cf, *STEPS["v_at_labels"])
-    assert torch.equal(path_patching_scores(loaded, clean, cf, *STEPS["v_at_labels"],
+    fresh = pp(loaded, clean, cf, *STEPS["v_at_labels"])
+    assert torch.equal(pp(loaded, clean, cf, *STEPS["v_at_labels"],
                                             cache=own), fresh)
     assert not torch.equal(fresh, ref["v_at_labels"])
 
 
 def test_discovery_reuses_captures(tokenizer, tmp_path, monkeypatch):
-    """discover() shares one capture cache over its steps (same circuit as without)."""
+    """discovery.run() shares one capture cache over its steps (same circuit as without)."""
     loaded = _deep_tiny(tokenizer)
     clean, cf = _prompts(tokenizer, n=4, boxes=3)
     cfg = DiscoveryConfig(sizes=(3, 2, 2, 1), chain="paper")
@@ -503,13 +511,13 @@ def test_discovery_reuses_captures(tokenizer, tmp_path, monkeypatch):
         seen.append(a[7] if len(a) > 7 else k.get("cache"))
         return orig(*a, **k)
     monkeypatch.setattr(exact_mod, "_fast_batch", spy)
-    res = discover(loaded, tmp_path / "a", cfg, clean=clean, counterfactual=cf)
+    res = discovery.run(loaded, (clean, cf), cfg, store=tmp_path / "a")
     assert seen and all(c is seen[0] for c in seen) and seen[0] is not None
     assert seen[0].hits >= 1  # value fetchers and position transmitters share 'last'
-    monkeypatch.setattr(exact_mod, "_REUSE", None)
-    import circuitdiff.methods.discovery as disc
-    monkeypatch.setattr(disc, "reuse_captures", lambda: contextlib.nullcontext())
-    plain = discover(loaded, tmp_path / "b", cfg, clean=clean, counterfactual=cf)
+    seen.clear()
+    monkeypatch.setattr(discovery, "CaptureCache", lambda: None)  # no cache: same circuit
+    plain = discovery.run(loaded, (clean, cf), cfg, store=tmp_path / "b")
+    assert seen and all(c is None for c in seen)
     assert plain.circuit.groups == res.circuit.groups
 
 
@@ -530,3 +538,50 @@ def test_bench_runs_on_a_tiny_shape():
     assert len(rows) == 5, out
     assert all(float(r.rstrip(" |").split("|")[-1].split()[0]) <= 1e-5 for r in rows), out
     assert "FLOP floor" in out
+
+
+def test_options_and_configs_validate_and_key(tiny, tokenizer, tmp_path):
+    """Options and configs say which field is wrong; execution fields stay out of the cache
+    key; discovery runs without a store."""
+    for bad, match in ((dict(impl="quick"), "impl"), (dict(batch_size=0), "batch_size"),
+                       (dict(attention="fused"), "attention"), (dict(max_rows=0), "max_rows")):
+        with pytest.raises(PathPatchingError, match=match):
+            FastOptions(**bad)
+    with pytest.raises(ValueError, match="z_threshold must be a finite number"):
+        DiscoveryConfig(z_threshold=float("nan"))
+    a = DiscoveryConfig(chain="paper", batch_size=3, impl="naive", max_rows=7)
+    assert a.cache_key() == DiscoveryConfig(chain="paper").cache_key()
+    assert a.cache_key() != DiscoveryConfig(chain="paper", seed=1).cache_key()
+    assert "batch_size" not in a.cache_key() and a.cache_key()["sizes"] == [20, 5, 10, 5]
+    loaded = _sharpen(tiny)
+    clean, cf = _prompts(tokenizer, n=3)
+    res = discovery.run(loaded, (clean, cf), DiscoveryConfig(sizes=(2, 1, 1, 1), chain="paper",
+                                                             truncate=True))
+    assert len(res.circuit.groups["value_fetcher"].heads) == 2
+    with pytest.raises(PathPatchingError, match="without their counterfactuals"):
+        discovery.run(loaded, (clean, None), DiscoveryConfig(chain="paper"), store=tmp_path)
+    s = path_patching_scores(loaded, clean, cf, PatchRequest("last", senders=[(0, 1), (2, 3)]))
+    assert float(s.se[0, 1]) > 0 and float(s.se[1, 0]) == 0 and float(s.mean[1, 0]) == 0
+
+
+def test_hybrid_unscored_heads_are_nan_in_both_chains(tokenizer, tmp_path):
+    """The one hybrid scorer: an eligible head outside the candidates is NaN (not scored), a
+    head that cannot reach the receivers is 0 — in the paper chain and the automatic one."""
+    from circuitdiff.methods.discovery.steps import Context, Step, score_step
+
+    loaded = _deep_tiny(tokenizer)
+    clean, cf = _prompts(tokenizer, n=4, boxes=3)
+    from circuitdiff.core.runs import RunFolder
+
+    cfg = DiscoveryConfig(method="hybrid", hybrid_k=3, chain="paper")
+    ctx = Context.open(loaded, RunFolder(tmp_path), cfg, (clean, cf), False, None)
+    eligible = torch.zeros(6, 4, dtype=torch.bool)
+    eligible[:3] = True
+    for paper in (True, False):
+        step = Step(0, f"pt{paper}", "last", "q", [(3, 1), (3, 2)], 1, eligible,
+                    dict(ctx.base), desc="t", paper=paper)
+        got = score_step(ctx, step)
+        assert int(torch.isfinite(got.scores[:3]).sum()) == 3  # the 3 candidates
+        assert bool((got.scores[3:] == 0).all())
+        assert bool(torch.isnan(got.scores[:3]).sum() == 9)
+        assert bool((got.se[~torch.isfinite(got.scores)] == 0).all())

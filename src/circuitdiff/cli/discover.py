@@ -51,18 +51,18 @@ def register(sub) -> None:
 
 def run(args) -> dict:
     from ..core.circuit import format_head
-    from ..methods.discovery import DiscoveryConfig, discover
+    from ..methods import discovery
     from ..report.figures import discovery_heatmaps
     from ..report.scan import auto_discovery_figures
 
-    cfg = DiscoveryConfig(n_prompts=args.n_prompts, sizes=args.sizes, method=args.method,
+    cfg = discovery.DiscoveryConfig(n_prompts=args.n_prompts, sizes=args.sizes, method=args.method,
                           n_boxes=args.n_boxes, seed=args.seed, batch_size=args.batch_size,
                           hybrid_k=args.hybrid_k, compare_exact=args.compare_exact,
                           impl="naive" if args.naive else "fast", truncate=args.truncate,
                           chain=args.chain, target=args.target, n_validate=args.n_validate,
                           n_mean=args.n_mean, z_threshold=args.z_threshold)
     loaded = load_from_args(args)  # bad sizes/method failed above, before loading a model
-    res = discover(loaded, args.out, cfg, progress=True)
+    res = discovery.run(loaded, None, cfg, store=args.out, progress=True)
     c = res.circuit
     print(f"{loaded.name} ({loaded.arch.describe()}), n={c.settings['n_prompts']}, "
           f"chain {cfg.chain}, method {args.method}")

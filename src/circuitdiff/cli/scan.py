@@ -27,14 +27,14 @@ def register(sub) -> None:
 def run(args) -> dict:
     from pathlib import Path
 
-    from ..methods.scan import ScanConfig, scan
+    from ..methods import scan
     from ..report.scan import scan_heatmap
 
-    cfg = ScanConfig(n_prompts=args.n_prompts, seed=args.seed, n_mean=args.n_mean,
-                     n_boxes=args.n_boxes, roles=tuple(args.role) if args.role else None,
-                     batch_size=args.batch_size, max_rows=args.max_rows)
+    cfg = scan.ScanConfig(n_prompts=args.n_prompts, seed=args.seed, n_mean=args.n_mean,
+                          n_boxes=args.n_boxes, roles=tuple(args.role) if args.role else None,
+                          batch_size=args.batch_size, max_rows=args.max_rows)
     loaded = load_from_args(args)
-    res = scan(loaded, args.out, cfg, progress=True)
+    res = scan.run(loaded, None, cfg, store=args.out, progress=True)
     png = scan_heatmap(res, Path(args.out) / "scan.png")
     width = max(len(r) for r in res.roles)
     print(f"{loaded.name}: accuracy {res.baseline:.2f} unablated, n={res.n}; accuracy with all "

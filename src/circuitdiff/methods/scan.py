@@ -13,19 +13,21 @@ token index (:func:`.ablation.cached_means`).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from ..core.config import Config, execution
+from ..core.metrics import correct
 from ..core.model import LoadedModel
-from ..core.runs import RunFolder
+from ..core.runs import RunFolder, settings_digest
 from ..core.task import (PARTITION_ROLES, EntityTrackingTask, Prompt, TaskConfig, TaskError,
                          check_role, encode)
 from .ablation import HeadMeans, cached_means, role_mask, stacked_runs
 from .accuracy import evaluate_accuracy
-from ..core.metrics import correct
+from .base import Result, as_store
 
 #: the scan's default rows besides the partition roles: the paper's two context positions
 PAPER_CONTEXT_ROLES: tuple[str, ...] = ("prev_query_label", "correct_object")
@@ -36,18 +38,23 @@ class ScanError(ValueError):
 
 
 @dataclass
-class ScanConfig:
-    """What a scan measures on: prompts, mean-ablation set, roles (default: every token-covering
-    role of the prompts plus the paper's context positions)."""
+class ScanConfig(Config):
+    """What a scan measures on.
+
+    ``n_prompts`` task prompts of seed ``seed`` with ``n_boxes`` boxes (when the caller gives no
+    prompts); the mean-ablation set: ``n_mean`` prompts of seed ``mean_seed`` (default
+    ``seed + 1``; never the scan's own seed); ``roles`` scanned (default: every token-covering
+    role of the prompts plus the paper's context positions). Execution only: ``batch_size``
+    prompts per forward, ``max_rows`` rows per stacked forward."""
 
     n_prompts: int = 200
     seed: int = 0
     n_mean: int = 200
-    mean_seed: int | None = None      # default seed + 1
+    mean_seed: int | None = None
     n_boxes: int = 7
     roles: tuple[str, ...] | None = None
-    batch_size: int = 32
-    max_rows: int = 512
+    batch_size: int = execution(32)
+    max_rows: int = execution(512)
 
     def __post_init__(self) -> None:
         if self.mean_seed is None:
@@ -60,16 +67,9 @@ class ScanConfig:
             if getattr(self, name) < 1:
                 raise ScanError(f"{name} must be >= 1, got {getattr(self, name)}")
 
-    def key(self) -> dict:
-        d = asdict(self)
-        d.pop("batch_size")
-        d.pop("max_rows")
-        d["roles"] = list(self.roles) if self.roles is not None else None
-        return d
-
 
 @dataclass
-class ScanResult:
+class ScanResult(Result):
     """``accuracy[l][r]``: accuracy with every head of layer ``l`` mean-ablated at ``roles[r]``."""
 
     model: str
@@ -95,17 +95,6 @@ class ScanResult:
         d = self.drop()[:below_layer].max(0).values
         order = torch.argsort(d, descending=True, stable=True).tolist()
         return [self.roles[i] for i in order if float(d[i]) >= min_drop]
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ScanResult":
-        return cls(**d)
-
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        return RunFolder(path.parent).save_json(path.name, self.to_dict())
 
 
 def default_scan_roles(prompts: Sequence[Prompt], tokenizer) -> list[str]:
@@ -160,26 +149,35 @@ def position_scan(loaded: LoadedModel, prompts: Sequence[Prompt], means: HeadMea
     return ScanResult(loaded.name, roles, acc, baseline, len(prompts))
 
 
-def scan(loaded: LoadedModel, out: str | Path, config: ScanConfig | None = None,
-         progress: bool = False) -> ScanResult:
-    """:func:`position_scan` on the config's task prompts, cached as ``scan.json`` in ``out``
-    (means cached under ``means/``); a rerun with the same settings loads it."""
+def run(loaded: LoadedModel, prompts: Sequence[Prompt] | None = None,
+        config: ScanConfig | None = None, *, store: "RunFolder | str | Path | None" = None,
+        progress: bool | None = None) -> ScanResult:
+    """:func:`position_scan` on ``prompts`` (None: the config's task prompts), cached as
+    ``scan.json`` in ``store`` (means cached under ``means/``); a rerun with the same settings
+    loads it. Without a store it computes and saves nothing."""
     cfg = config or ScanConfig()
-    folder = RunFolder(out)
+    folder = as_store(store)
     task = EntityTrackingTask(loaded.tokenizer, TaskConfig(n_boxes=cfg.n_boxes), seed=cfg.seed)
-    prompts = task.sample(cfg.n_prompts)
-    settings = {"model": loaded.name, "adapter": loaded.adapter, **cfg.key()}
+    settings = {"model": loaded.name, "adapter": loaded.adapter, **cfg.cache_key()}
+    if prompts is None:
+        prompts = task.sample(cfg.n_prompts)
+    else:  # the given prompts decide the result, not the config's task sample
+        prompts = list(prompts)
+        settings.update(n_prompts=len(prompts),
+                        prompts=settings_digest([p.to_dict() for p in prompts]))
 
     def compute() -> dict:
         means = cached_means(folder, loaded, task.sample(cfg.n_mean, seed=cfg.mean_seed),
                              {"n_mean": cfg.n_mean, "mean_seed": cfg.mean_seed,
-                              "n_boxes": cfg.n_boxes}, cfg.batch_size, progress)
+                              "n_boxes": cfg.n_boxes}, cfg.batch_size, bool(progress))
         res = position_scan(loaded, prompts, means, cfg.roles, cfg.batch_size, cfg.max_rows,
-                            progress)
+                            bool(progress))
         res.settings = settings
         return res.to_dict()
+    if folder is None:
+        return ScanResult.from_dict(compute())
     return ScanResult.from_dict(folder.cached("scan.json", settings, compute))
 
 
 __all__ = ["PAPER_CONTEXT_ROLES", "ScanConfig", "ScanError", "ScanResult", "default_scan_roles",
-           "position_scan", "scan"]
+           "position_scan", "run"]

@@ -24,6 +24,10 @@ token (no previous query label) the clean index, and all prompts share one layou
 
 Logits receivers need position ``last`` (elsewhere every path to the logits is frozen).
 
+Call shape: ``path_patching_scores(loaded, clean, counterfactual, PatchRequest(position,
+receivers, kind, senders), FastOptions(...), cache=CaptureCache())`` → :class:`Scores`
+``(mean, se)``.
+
 Two implementations give the same scores:
 
 * ``impl="naive"`` — the faithful oracle: two full forwards per sender (one for logits
@@ -47,10 +51,10 @@ Also here: a gradient estimate (``attribution_scores``, one forward/backward pai
 """
 
 from .attribution import ScoreComparison, attribution_scores, compare_scores
-from .common import (IMPLS, RECEIVER_KINDS, PathPatchingError, all_heads, check_position,
-                     top_heads)
-from .exact import CaptureCache, path_patching_scores, reuse_captures
+from .common import (IMPLS, RECEIVER_KINDS, PatchRequest, PathPatchingError, all_heads,
+                     check_position, top_heads)
+from .exact import CaptureCache, FastOptions, Scores, path_patching_scores
 
-__all__ = ["CaptureCache", "IMPLS", "PathPatchingError", "RECEIVER_KINDS", "ScoreComparison",
-           "all_heads", "attribution_scores", "check_position", "compare_scores", "path_patching_scores",
-           "reuse_captures", "top_heads"]
+__all__ = ["CaptureCache", "FastOptions", "IMPLS", "PatchRequest", "PathPatchingError",
+           "RECEIVER_KINDS", "ScoreComparison", "Scores", "all_heads", "attribution_scores",
+           "check_position", "compare_scores", "path_patching_scores", "top_heads"]

@@ -8,20 +8,19 @@ from typing import Sequence
 
 import torch
 
-from ...core.circuit import Head
 from ...core.interventions import Hook, Read, gather_positions, run_with_edits, scatter_positions
 from ...core.metrics import answer_prob, logits_at_last
 from ...core.model import LoadedModel
 from ...core.task import Prompt
-from .common import (PathPatchingError, _check_request, _check_sets, _encode_checked, _norm_heads,
-                     _Request, all_heads, role_positions)
+from .common import (PatchRequest, PathPatchingError, _check_sets, _encode_checked,
+                     role_positions)
 
 
 def attribution_scores(loaded: LoadedModel, clean: Sequence[Prompt],
-                       counterfactual: Sequence[Prompt], position: str = "last",
-                       receivers: Sequence[Head | str] = (), receiver_kind: str = "q",
-                       batch_size: int = 32, progress: bool = False) -> torch.Tensor:
-    """First-order estimate of :func:`path_patching_scores` for every head at once.
+                       counterfactual: Sequence[Prompt], request: PatchRequest = PatchRequest(),
+                       *, batch_size: int = 32, progress: bool = False) -> torch.Tensor:
+    """First-order estimate of :func:`path_patching_scores` for every head at once (the
+    request's senders are ignored: every head is estimated).
 
     ``score ≈ mean_b (z_cf - z) · ∂ log p(answer) / ∂z`` along the path: pass 2's gradient
     ``g`` with respect to the receiver inputs (one clean forward/backward), then the gradient of
@@ -31,10 +30,8 @@ def attribution_scores(loaded: LoadedModel, clean: Sequence[Prompt],
     Two forward/backward passes per batch, any architecture.
     """
     arch = loaded.arch
-    recv = _norm_heads(receivers, arch, "receiver")
-    _check_request(arch, all_heads(arch), recv, receiver_kind, position)
+    req = PatchRequest(request.position, request.receivers, request.kind).resolve(arch)
     _check_sets(loaded, clean, counterfactual)
-    req = _Request(position, all_heads(arch), recv, receiver_kind if recv else "q")
     model, dev = loaded.model, loaded.device
     L, H = arch.n_layers, arch.n_heads
     from tqdm.auto import tqdm
@@ -44,7 +41,7 @@ def attribution_scores(loaded: LoadedModel, clean: Sequence[Prompt],
     for i in tqdm(range(0, len(clean), batch_size), total=n_batches, desc="attribution",
                   disable=not progress, unit="batch"):
         bc, bx = _encode_checked(loaded, clean[i:i + batch_size],
-                                 counterfactual[i:i + batch_size], position)
+                                 counterfactual[i:i + batch_size], req.position)
         inputs_c, inputs_x = bc.model_inputs(dev), bx.model_inputs(dev)
         p = role_positions(bc, req.position).to(dev)  # [B, P]
         last = bc.positions["last"].to(dev)

@@ -61,6 +61,29 @@ def _check_request(arch: Architecture, senders: list[Head], receivers: list[Head
                 f"earlier layer. Choose senders below layer {last_recv}.")
 
 
+@dataclass(frozen=True)
+class PatchRequest:
+    """What one path-patching step scores (the question, not how it is computed).
+
+    ``position`` is a role of the task's position schema (sender and receiver input share it);
+    ``receivers`` are query heads ``(layer, head)`` (or ``"layer.head"``) whose ``kind`` input
+    (q, k or v; k/v patch the receiver's kv head) is patched in pass 2 — empty means the logits;
+    ``senders`` are the heads scored (None: every head)."""
+
+    position: str = "last"
+    receivers: Sequence[Head | str] = ()
+    kind: str = "q"
+    senders: Sequence[Head | str] | None = None
+
+    def resolve(self, arch: Architecture) -> "_Request":
+        """The request checked against ``arch`` (heads parsed, bounds and reachability checked)."""
+        send = _norm_heads(self.senders, arch, "sender") if self.senders is not None \
+            else all_heads(arch)
+        recv = _norm_heads(self.receivers, arch, "receiver")
+        _check_request(arch, send, recv, self.kind, self.position)
+        return _Request(self.position, send, recv, self.kind if recv else "q")
+
+
 @dataclass
 class _Request:
     """One path-patching step, resolved against the architecture."""
@@ -83,9 +106,6 @@ class _Request:
         return m
 
 
-
-def _inputs(batch: Batch, device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in batch.model_inputs().items()}
 
 def role_positions(batch: Batch, position: str) -> torch.Tensor:
     """``[B, P]`` token indices of role ``position`` (``P = 1`` for a scalar role); every entry

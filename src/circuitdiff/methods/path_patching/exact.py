@@ -1,6 +1,8 @@
 """Exact path-patching scores: the fast single-position engine and the public entry point
 :func:`path_patching_scores` (which falls back to :mod:`.naive` where the fast path cannot
-replay a layer)."""
+replay a layer). How the fast path computes (kernel, attention mode, rows per forward) is a
+:class:`FastOptions` argument; reuse of clean runs across calls is an explicit
+:class:`CaptureCache` argument — no module-level switches."""
 
 from __future__ import annotations
 
@@ -21,8 +23,8 @@ from ...core.interventions import Read, StopAfter, Write, intervene, run_with_ed
 from ...core.metrics import answer_prob, logits_at_last
 from ...core.model import LoadedModel
 from ...core.task import Batch, Prompt
-from .common import (IMPLS, PathPatchingError, _check_request, _check_sets, _encode_checked,
-                     _norm_heads, _Request, all_heads, role_positions)
+from .common import (IMPLS, PatchRequest, PathPatchingError, _check_sets, _encode_checked,
+                     _Request, role_positions)
 from .naive import _naive_batch
 
 
@@ -209,8 +211,59 @@ def _pass1(rep: _Replay, c: _Clean, req: _Request, senders: list[Head],
 
 # -- pass 2: the suffix forward with a clean prefix shared by every sender ----------------------
 _ATTN = "circuitdiff_shared_prefix"
-#: the prefix :func:`_shared_prefix_attention` reads during one pass-2 forward
-_ACTIVE: "_PrefixState | None" = None
+#: the model-forward keyword that carries the :class:`_PrefixCall` down to the attention function
+_CALL = "circuitdiff_prefix"
+ATTENTION_MODES = ("auto", "shared", "tiled")
+
+
+@dataclass(frozen=True)
+class FastOptions:
+    """How path-patching scores are computed — never what they are: every choice gives the same
+    scores (up to float rounding), so none of these is part of a cache key."""
+
+    #: "fast" (exact single-position engine, naive fallback where it cannot replay a layer) or
+    #: "naive" (the oracle: full forwards, one sender at a time)
+    impl: str = "fast"
+    #: prompts per batch
+    batch_size: int = 32
+    #: rows (sender x sample x suffix token) of one batched forward; None: 16384 on CPU,
+    #: 131072 on CUDA
+    max_rows: int | None = None
+    #: the fused CPU attention kernel may be used (False: plain matmuls and softmax)
+    fused: bool = True
+    #: how pass 2 attends to the clean prefix shared by the stacked senders: "shared" (prefix and
+    #: suffix attended apart, merged by log-sum-exp: the prefix is never copied), "tiled" (one
+    #: fused call per layer over the prefix copied for this layer's senders, queries of a kv
+    #: group folded together: fastest where the kernel's per-call cost dominates, e.g. small
+    #: heads on a CPU) or "auto" (tiled on CPU, shared elsewhere)
+    attention: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.impl not in IMPLS:
+            raise PathPatchingError(f"impl must be one of {IMPLS}, got {self.impl!r}")
+        if self.batch_size < 1:
+            raise PathPatchingError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.max_rows is not None and self.max_rows < 1:
+            raise PathPatchingError(f"max_rows must be >= 1, got {self.max_rows}")
+        if self.attention not in ATTENTION_MODES:
+            raise PathPatchingError(f"attention must be one of {ATTENTION_MODES}, got "
+                                    f"{self.attention!r}")
+
+    def rows(self, device: torch.device) -> int:
+        """``max_rows``, or the default for ``device``."""
+        if self.max_rows is not None:
+            return self.max_rows
+        return 131072 if device.type == "cuda" else 16384
+
+
+@dataclass
+class Scores:
+    """Path-patching scores of every head: means over samples and their standard errors, both
+    float32 ``[n_layers, n_heads]`` (heads not scored: 0 in both). The most negative heads
+    matter most; the standard error is the spread significance tests compare a score with."""
+
+    mean: torch.Tensor
+    se: torch.Tensor
 
 
 class _PrefixState:
@@ -260,7 +313,6 @@ class _PrefixState:
             T - s, dtype=torch.bool, device=mask.device)[None]           # [Bg, S, S]
         self.suf_plain = bool(mask[:, s:].all())  # no padding in the suffix: plain causal
         self.suf_bias = torch.where(allowed, zero, neg)[:, None]         # [Bg, 1, S, S]
-        self.n = 1  # senders stacked in the current forward (set by _pass2)
         self._fold: dict[tuple[int, int], torch.Tensor] = {}
 
     def fold_mask(self, g: int, n: int) -> torch.Tensor:
@@ -308,13 +360,14 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tenso
     return torch.matmul(torch.exp(s - lse[..., None]), v), lse
 
 
-#: the fused CPU attention kernel may be used (tests switch it off to check the plain one)
-_FUSED = True
-#: how pass 2 attends to the shared prefix: "shared" (prefix and suffix attended apart, merged
-#: by log-sum-exp: the prefix is never copied), "tiled" (one fused call per layer over the prefix
-#: copied for this layer's senders, queries of a kv group folded together: fastest where the
-#: kernel's per-call cost dominates, e.g. small heads on a CPU) or "auto" (tiled on CPU)
-_MODE = "auto"
+@dataclass(frozen=True)
+class _PrefixCall:
+    """What one pass-2 forward's attention reads: the prefix state, how many senders are stacked
+    and the options (passed down the model's forward as the ``circuitdiff_prefix`` keyword)."""
+
+    state: _PrefixState
+    n: int
+    options: FastOptions
 
 
 def _tiled_attention(st: "_PrefixState", l: int, query: torch.Tensor, key: torch.Tensor,
@@ -344,31 +397,32 @@ def _shared_prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.
     query heads (every query of a kv head's group, of every sender, is one row against them).
     The two parts are attended separately and merged by their log-sum-exps (exact softmax over
     the union). Registered as a transformers attention function; returns ``[N*Bg, S, H, D]``."""
-    st = _ACTIVE
-    if st is None:
-        raise RuntimeError("the shared-prefix attention runs only inside pass 2")
+    call = kwargs.get(_CALL)
+    if call is None:  # a model whose forward does not pass keywords down to its attention
+        raise _Unsupported("the model does not pass the shared prefix down to its attention")
+    st, opts = call.state, call.options
     if kwargs.get("sliding_window") or kwargs.get("softcap") or kwargs.get("s_aux") is not None:
         raise _Unsupported("attention with a sliding window, soft-capping or sinks")
     l = module.layer_idx
     NB, H, S, D = query.shape
-    N = st.n
+    N = call.n
     Bg = NB // N
     kv = key.shape[1]
     g = H // kv
     scale = D ** -0.5 if scaling is None else scaling
-    if _MODE == "tiled" or (_MODE == "auto" and query.device.type == "cpu"):
+    if opts.attention == "tiled" or (opts.attention == "auto" and query.device.type == "cpu"):
         return _tiled_attention(st, module.layer_idx, query, key, value, scale, N, Bg, kv, g)
     # own suffix: causal (plus the suffix's padding, if any); kv heads repeated for the query
     # heads of their group (suffix-sized, not prefix-sized)
     ks = key[:, :, None].expand(NB, kv, g, S, D).reshape(NB, H, S, D)
     vs = value[:, :, None].expand(NB, kv, g, S, D).reshape(NB, H, S, D)
     bias = None if st.suf_plain else st.suf_bias.repeat(N, 1, 1, 1)
-    out, lse = _attend(query, ks, vs, bias, st.suf_plain, scale, _FUSED)
+    out, lse = _attend(query, ks, vs, bias, st.suf_plain, scale, opts.fused)
     kp = st.keys.get(l)
     if kp is not None:  # the shared clean prefix: rows (sender, group head, token) per kv head
         s = kp.shape[2]
         qp = query.view(N, Bg, kv, g, S, D).permute(1, 2, 0, 3, 4, 5).reshape(Bg, kv, -1, D)
-        o_p, l_p = _attend(qp, kp, st.values[l], st.pre_bias, False, scale, _FUSED)
+        o_p, l_p = _attend(qp, kp, st.values[l], st.pre_bias, False, scale, opts.fused)
         o_p = o_p.view(Bg, kv, N, g, S, D).permute(2, 0, 1, 3, 4, 5).reshape(NB, H, S, D)
         l_p = l_p.view(Bg, kv, N, g, S).permute(2, 0, 1, 3, 4).reshape(NB, H, S)
         o_p = torch.where(torch.isfinite(l_p)[..., None], o_p, 0.0)  # an all-padding prefix
@@ -378,24 +432,21 @@ def _shared_prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.
 
 
 @contextlib.contextmanager
-def _shared_prefix(model: nn.Module, state: _PrefixState, n: int):
-    """Within the block the model attends with :func:`_shared_prefix_attention` over ``state``'s
-    prefix (the config's attention implementation is restored afterwards)."""
-    global _ACTIVE
+def _shared_prefix(model: nn.Module):
+    """Within the block the model attends with :func:`_shared_prefix_attention` (over the
+    prefix its forward is given as the ``circuitdiff_prefix`` keyword); the config's attention
+    implementation is restored afterwards."""
     from transformers import AttentionInterface
 
     if _ATTN not in AttentionInterface._global_mapping:
         AttentionInterface.register(_ATTN, _shared_prefix_attention)
     cfg = unwrap(model).config
-    old, prev = cfg._attn_implementation, _ACTIVE
-    state.n = n
+    old = cfg._attn_implementation
     cfg._attn_implementation = _ATTN
-    _ACTIVE = state
     try:
         yield
     finally:
         cfg._attn_implementation = old
-        _ACTIVE = prev
 
 
 @contextlib.contextmanager
@@ -421,7 +472,7 @@ def _skip_layers(rep: "_Replay", start: int, hidden: torch.Tensor):
 
 def _pass2(model: nn.Module, rep: "_Replay", inputs: dict, pc: _PrefixState, start: int,
            p: torch.Tensor, req: _Request, recv: dict[int, torch.Tensor],
-           answers: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+           answers: torch.Tensor, last: torch.Tensor, options: FastOptions) -> torch.Tensor:
     """Clean suffix forward (positions ``>= pc.s``) of layers ``>= start`` with the receiver
     inputs of ``recv`` (layers ``>= start``, all reached by every sender; values
     ``[N, B, P, units, D]``) replaced
@@ -442,8 +493,9 @@ def _pass2(model: nn.Module, rep: "_Replay", inputs: dict, pc: _PrefixState, sta
     keep = {"logits_to_keep": 1} if bool((last == T - 1).all()) else {}
     skip = _skip_layers(rep, start, pc.hidden[start].repeat(N, 1, 1)) if start > 0 \
         else contextlib.nullcontext()
-    with intervene(model, edits, arch), skip, _shared_prefix(model, pc, N):
-        logits = model(**rep_in, use_cache=False, **keep).logits
+    with intervene(model, edits, arch), skip, _shared_prefix(model):
+        logits = model(**rep_in, use_cache=False, **keep,
+                       **{_CALL: _PrefixCall(pc, N, options)}).logits
     if keep:
         logits = logits[:, -1]
     else:
@@ -462,7 +514,8 @@ def _first_receiver_layer(ls: int, recv_layers: list[int]) -> int:
 class CaptureCache:
     """Clean and counterfactual captures (per prompt batch and role) and clean prefix states
     (per prompt batch and suffix start) reused by later :func:`path_patching_scores` calls on
-    the same model and prompts — the steps of a discovery chain share them.
+    the same model and prompts that are given this cache — the steps of a discovery chain share
+    one. Scores are the same with or without it.
 
     Entries are keyed by the prompts' token ids, the role's token indices, the model object,
     its parameters' in-place version counters and the adapters' enabled state, so a changed
@@ -496,21 +549,6 @@ class CaptureCache:
         self._store.clear()
 
 
-_REUSE: CaptureCache | None = None
-
-
-@contextlib.contextmanager
-def reuse_captures(cache: CaptureCache | None = None):
-    """Within the block every :func:`path_patching_scores` call without its own ``cache`` shares
-    ``cache`` (a new :class:`CaptureCache` by default); yields it."""
-    global _REUSE
-    prev, _REUSE = _REUSE, cache or CaptureCache()
-    try:
-        yield _REUSE
-    finally:
-        _REUSE = prev
-
-
 def _model_state(model: nn.Module) -> tuple:
     """What a cached capture depends on besides the prompts: the model object, its parameters'
     in-place version counters and which adapters are enabled."""
@@ -539,10 +577,12 @@ def _clean_nbytes(c: _Clean) -> int:
 
 
 def _fast_batch(loaded: LoadedModel, rep: _Replay, bc: Batch, bx: Batch, req: _Request,
-                max_rows: int, bar=None, cache: CaptureCache | None = None) -> torch.Tensor:
+                options: FastOptions, bar=None, cache: CaptureCache | None = None
+                ) -> torch.Tensor:
     """Per-sample score of every sender on this batch: ``[len(senders), B]`` (0 for senders at
     or after the last receiver layer)."""
     model, arch, dev = loaded.model, loaded.arch, loaded.device
+    max_rows = options.rows(dev)
     state = _model_state(model) if cache is not None else None
     batch_key = _digest(bc.input_ids, bc.attention_mask, bx.input_ids, bx.attention_mask) \
         if cache is not None else None
@@ -612,7 +652,7 @@ def _fast_batch(loaded: LoadedModel, rep: _Replay, bc: Batch, bx: Batch, req: _R
                         model, rep, sub, pc, start, c.p[rows], req,
                         {lr: v.view(len(idx), B, P, *v.shape[2:])[:, rows]
                          for lr, v in recv.items() if lr >= first},
-                        answers[rows], last[rows])
+                        answers[rows], last[rows], options)
             score = (probs - c.p_clean[None]) / c.p_clean[None]
             out[torch.tensor(idx)] = score.float().cpu()
             if bar is not None:
@@ -637,40 +677,21 @@ class _Unsupported(Exception):
 
 @torch.no_grad()
 def path_patching_scores(loaded: LoadedModel, clean: Sequence[Prompt],
-                         counterfactual: Sequence[Prompt], position: str = "last",
-                         receivers: Sequence[Head | str] = (), receiver_kind: str = "q",
-                         senders: Sequence[Head | str] | None = None, impl: str = "fast",
-                         batch_size: int = 32, max_rows: int | None = None,
-                         progress: bool = False, desc: str = "path patching",
-                         return_se: bool = False, cache: CaptureCache | None = None
-                         ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Path-patching score of every sender head: a float32 ``[n_layers, n_heads]`` tensor.
-
-    ``receivers`` are query heads ``(layer, head)`` (or ``"layer.head"``) whose ``receiver_kind``
-    input (q, k or v; k/v patch the receiver's kv head) is patched in pass 2; empty means the
-    logits. ``senders`` defaults to every head; heads not scored are 0. ``impl="naive"`` is the
-    oracle. ``max_rows`` bounds the rows (sender x sample x suffix token) of one batched forward
-    (default 16384 on CPU, 131072 on CUDA).
-    Scores are means over samples; the most negative heads matter most. ``return_se`` also
-    returns each mean's standard error over samples (``[n_layers, n_heads]``, 0 where not scored):
-    the spread significance tests compare a score with. ``cache`` (default: the one of an
-    enclosing :func:`reuse_captures` block, else none) reuses the fast path's clean and
-    counterfactual runs of the same prompts across calls; scores are the same either way.
-    """
-    if impl not in IMPLS:
-        raise PathPatchingError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if batch_size < 1:
-        raise PathPatchingError(f"batch_size must be >= 1, got {batch_size}")
+                         counterfactual: Sequence[Prompt], request: PatchRequest = PatchRequest(),
+                         options: FastOptions = FastOptions(), *,
+                         cache: CaptureCache | None = None, progress: bool = False,
+                         desc: str = "path patching") -> Scores:
+    """Path-patching score of every sender head of ``request`` on the clean prompts and their
+    counterfactuals: means over samples and standard errors (:class:`Scores`); heads not among
+    the senders are 0. ``options`` says how it is computed (``impl="naive"`` is the oracle; the
+    fast path falls back to it with a warning where it cannot replay a layer); ``cache`` reuses
+    the fast path's clean and counterfactual runs of the same prompts across calls (the scores
+    are the same either way)."""
     arch = loaded.arch
-    send = _norm_heads(senders, arch, "sender") if senders is not None else all_heads(arch)
-    recv = _norm_heads(receivers, arch, "receiver")
-    _check_request(arch, send, recv, receiver_kind, position)
+    req = request.resolve(arch)
     _check_sets(loaded, clean, counterfactual)
-    req = _Request(position, send, recv, receiver_kind if recv else "q")
-    if max_rows is None:
-        max_rows = 131072 if loaded.device.type == "cuda" else 16384
     rep = None
-    if impl == "fast":
+    if options.impl == "fast":
         try:
             rep = _Replay(loaded.model, arch)
         except PathPatchingError as e:
@@ -678,15 +699,16 @@ def path_patching_scores(loaded: LoadedModel, clean: Sequence[Prompt],
                           f"the naive path", stacklevel=2)
     from tqdm.auto import tqdm
 
+    bs = options.batch_size
     per_sample: list[torch.Tensor] = []  # [senders, B] per batch
-    with tqdm(total=len(send) * len(clean), desc=desc, unit="run", disable=not progress) as bar:
-        for i in range(0, len(clean), batch_size):
-            bc, bx = _encode_checked(loaded, clean[i:i + batch_size],
-                                     counterfactual[i:i + batch_size], position)
+    with tqdm(total=len(req.senders) * len(clean), desc=desc, unit="run",
+              disable=not progress) as bar:
+        for i in range(0, len(clean), bs):
+            bc, bx = _encode_checked(loaded, clean[i:i + bs], counterfactual[i:i + bs],
+                                     req.position)
             if rep is not None:
                 try:
-                    per_sample.append(_fast_batch(loaded, rep, bc, bx, req, max_rows, bar,
-                                                  cache if cache is not None else _REUSE))
+                    per_sample.append(_fast_batch(loaded, rep, bc, bx, req, options, bar, cache))
                     continue
                 except _Unsupported as e:
                     warnings.warn(f"fast path patching unsupported: {e}; using the naive path",
@@ -695,12 +717,9 @@ def path_patching_scores(loaded: LoadedModel, clean: Sequence[Prompt],
             per_sample.append(_naive_batch(loaded, bc, bx, req, bar))
     samples = torch.cat(per_sample, 1).double()
     scores = torch.zeros(arch.n_layers, arch.n_heads, dtype=torch.float32)
-    idx = torch.tensor(send)
+    idx = torch.tensor(req.senders)
     scores[idx[:, 0], idx[:, 1]] = samples.mean(1).float()
-    if not return_se:
-        return scores
     se = torch.zeros_like(scores)
     if samples.shape[1] > 1:
         se[idx[:, 0], idx[:, 1]] = (samples.std(1) / samples.shape[1] ** 0.5).float()
-    return scores, se
-
+    return Scores(scores, se)
