@@ -382,6 +382,21 @@ def test_cli_on_tiny_saved_models(saved_models, tmp_path, capsys, monkeypatch):
     assert [p.stat().st_mtime_ns for p in cached] == stamps  # resumed, not recomputed
 
 
+def test_cli_accepts_the_circuits_the_study_accepts(saved_models, tmp_path, capsys):
+    """A one-head group (as the default discover output has) is merged, not an error."""
+    base, _ = saved_models
+    circuit = small_circuit()
+    circuit.groups["mover"] = CircuitGroup([(2, 0)], "last")
+    out = tmp_path / "run"
+    assert main(cli_args(write_circuit(tmp_path, circuit), [base], out, "--desiderata",
+                         "position", "--lambdas", "0.1")) == 0
+    text = capsys.readouterr().out
+    assert "note: mover (one head, 2.0) merged into movers as movers+mover" in text
+    rows = json.loads((out / "dcm_table.json").read_text())["rows"]
+    assert {r["group"] for r in rows} == {"movers+mover", "detectors"}
+    assert all(r["reason"].startswith("no function found") for r in rows if not r["found"])
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda c: [c.groups.clear(), c.groups.__setitem__("movers", CircuitGroup([(1, 0)], "last"))],
      "is one head"),

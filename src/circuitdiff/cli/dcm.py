@@ -19,12 +19,15 @@ def register(sub) -> None:
     p = sub.add_parser(
         "dcm", help="DCM: learn which heads of each circuit group carry the object value, the "
                     "position or the box label; patch them in every --model",
-        description="Per non-empty group and desideratum, learn one mask per head (patched = "
+        description="Per group and desideratum, learn one mask per head (patched = "
                     "m*base + (1-m)*counterfactual at the group's position); heads with m < 0.5 "
-                    "are selected. The first --model is the one DCM trains on; the selected heads "
-                    "are then patched in every --model (functional patching) with random head "
-                    "sets of equal size as a baseline. Results are saved in --out as they are "
-                    "made; a rerun resumes.")
+                    "are selected. One-head groups are merged into another group at their "
+                    "position, as the study does. A selection counts only if its validation "
+                    "accuracy beats no patching and random heads of its size (bootstrap "
+                    "interval); else its row says 'no function found'. The first --model is the "
+                    "one DCM trains on; the found selections are then patched in every --model "
+                    "(functional patching) with random head sets of equal size as a baseline. "
+                    "Results are saved in --out as they are made; a rerun resumes.")
     p.add_argument("--circuit", required=True, metavar="JSON", help="circuit file")
     add_model_options(p, multiple=True)
     p.add_argument("--desiderata", default="paper",
