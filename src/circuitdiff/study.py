@@ -39,7 +39,8 @@ from .core.runs import (RunFolder, atomic_write_text, environment, model_tag,
 from .core.task import EntityTrackingTask, TaskConfig
 from .methods import accuracy, discovery, evaluation, knockout
 from .methods.cmap import CMAPConfig, cmap
-from .methods.dcm import DCMConfig, DCMResult, dcm, dcm_view, functional_patching, prepare
+from .methods import dcm
+from .methods.dcm import DCMConfig, DCMResult, FunctionalConfig
 from .methods.discovery import DiscoveryConfig, DiscoveryError, NoCircuitError
 from .methods.evaluation import EvalConfig
 from .core.stats import difference_interval
@@ -182,7 +183,7 @@ class StudyConfig:
                 "paper_discovery": None if self.paper_discovery is None
                 else self.paper_discovery.to_dict(),
                 "own_discovery": self.fine_tune_discovery.to_dict(),
-                "dcm": self.dcm.key(), "cmap": self.cmap.key(),
+                "dcm": self.dcm.cache_key(), "cmap": self.cmap.key(),
                 "knockout_prompts": self.knockout_prompts, "rules": asdict(self.rules),
                 "steps": list(self.steps)}
 
@@ -452,47 +453,43 @@ def _step_knockout(st: _Study) -> None:
 
 
 def _step_dcm(st: _Study) -> None:
-    circuit = Circuit.from_dict(st.results["discover"]["circuit"])
+    config = replace(st.cfg.dcm, circuit=Circuit.from_dict(st.results["discover"]["circuit"]))
 
     def compute() -> dict:
         from .report.dcm import save_dcm_tables
 
-        view, notes = dcm_view(circuit)
-        for note in notes:
+        res = dcm.run(st.load(st.base_spec), None, config, store=st.folder, progress=st.progress)
+        for note in res.notes:
             st.log(f"  note: {note}")
-        if not view.groups:
-            return {"model": st.base_spec, "circuit": view.to_dict(), "rows": [],
-                    "empty_groups": [], "notes": notes, "config": st.cfg.dcm.key()}
-        loaded = st.load(st.base_spec)
-        res = dcm(loaded, view, st.cfg.dcm, folder=st.folder, progress=st.progress)
-        save_dcm_tables(st.folder, res.rows, res.empty_groups, "dcm_table")
-        return {**res.to_dict(), "notes": notes}
+        if res.rows:
+            save_dcm_tables(st.folder, res.rows, res.empty_groups, "dcm_table")
+        return res.to_dict()
 
-    st.step("dcm", {"model": st.base_spec, "dcm": st.cfg.dcm.key(),
-                    "circuit": circuit.to_dict(), "version": 2}, compute)
+    st.step("dcm", {"model": st.base_spec, "dcm": config.cache_key()}, compute)
 
 
 def _step_functional(st: _Study) -> None:
-    result = DCMResult.from_dict({k: v for k, v in st.results["dcm"].items() if k != "notes"})
+    result = DCMResult.from_dict(st.results["dcm"])
     if not result.rows:
         return
 
     def compute() -> list[dict]:
+        from .core.pool import ModelPool
         from .report.dcm import plot_functional_bars, save_functional_tables
 
-        loaded = st.load(st.base_spec)
-        plan = prepare(loaded.tokenizer, Circuit.from_dict(result.circuit), st.cfg.dcm)
-        del loaded
-        rows = functional_patching(result, plan, st.models, st.load, st.folder, st.progress)
-        save_functional_tables(st.folder, rows)
-        if rows:
-            plot_functional_bars(rows, st.folder.file("functional.png"))
+        fun = dcm.functional.run(ModelPool(st.models, st.load), None,
+                                 FunctionalConfig(result, replace(st.cfg.dcm, circuit=None)),
+                                 store=st.folder, progress=st.progress)
+        for note in fun.notes:
+            st.log(f"  note: {note}")
+        save_functional_tables(st.folder, fun.rows)
+        if fun.rows:
+            plot_functional_bars(fun.rows, st.folder.file("functional.png"))
         else:
-            st.log("  no DCM selection to patch (every mask selected nothing)")
-        return [r.to_dict() for r in rows]
+            st.log("  no DCM selection to patch (no selection found a function)")
+        return [r.to_dict() for r in fun.rows]
 
-    st.step("functional", {"models": st.models, "dcm": st.results["dcm"], "version": 2},
-            compute)
+    st.step("functional", {"models": st.models, "dcm": st.results["dcm"]}, compute)
 
 
 def _step_cmap(st: _Study) -> None:

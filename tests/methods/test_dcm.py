@@ -3,8 +3,10 @@ training, the CLI on tiny saved models, and bad input (tiny models, offline, CPU
 
 from __future__ import annotations
 
+import importlib
 import json
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -14,8 +16,10 @@ from circuitdiff.core.circuit import Circuit, CircuitGroup
 from circuitdiff.core.interventions import Read, Write, run_with_edits
 from circuitdiff.core.metrics import last_logits
 from circuitdiff.core.task import EntityTrackingTask, TaskConfig, locate
-from circuitdiff.methods.dcm import (DCMConfig, DCMError, choose_lambda, dcm,
-                                     functional_patching, prepare, random_head_sets)
+from circuitdiff.core.pool import ModelPool
+from circuitdiff.methods import dcm
+from circuitdiff.methods.dcm import (DCMConfig, DCMError, FunctionalConfig, choose_lambda,
+                                     found_gate, random_head_sets)
 from circuitdiff.methods.dcm import desiderata as D
 from circuitdiff.methods.dcm.masks import counterfactual_values, patched_last_logits, train_masks
 
@@ -253,10 +257,10 @@ def test_random_head_sets_are_seeded_and_without_replacement():
 def test_dcm_and_functional_patching_on_a_tiny_model(tiny, tiny_lora, tmp_path):
     from circuitdiff.core.runs import RunFolder
 
-    cfg = DCMConfig(n_train=8, n_val=4, n_test=4, lambdas=(0.01, 0.1), n_boxes=4, n_random=2,
-                    batch_size=4)
+    cfg = DCMConfig(circuit=small_circuit(), n_train=8, n_val=4, n_test=4, lambdas=(0.01, 0.1),
+                    n_boxes=4, n_random=2, batch_size=4)
     folder = RunFolder(tmp_path)
-    res = dcm(tiny, small_circuit(), cfg, folder)
+    res = dcm.run(tiny, None, cfg, store=folder)
     # weights frozen while masks train (no gradient reached them), and unfrozen again after
     assert all(p.grad is None and p.requires_grad for p in tiny.model.parameters())
     assert res.empty_groups == ["readers"]
@@ -266,17 +270,69 @@ def test_dcm_and_functional_patching_on_a_tiny_model(tiny, tiny_lora, tmp_path):
         assert len(r.curve) == 2 and r.chosen_lambda in (0.01, 0.1)
         assert set(r.selected) <= set(r.group_heads)
         assert 0 <= r.test_accuracy <= 1
-    again = dcm(tiny, small_circuit(), cfg, folder)  # resumed from the run folder
+    again = dcm.run(tiny, None, cfg, store=folder)  # resumed from the run folder
     assert again.to_dict()["rows"] == res.to_dict()["rows"]
     # functional patching: the all-heads selection of a group patched in two models
     forced = res.rows[0]
-    forced.selected = list(forced.group_heads)
-    plan = prepare(tiny.tokenizer, small_circuit(), cfg)
-    rows = functional_patching(res, plan, ["a", "b"],
-                               lambda s: {"a": tiny, "b": tiny_lora}[s])
+    forced.selected, forced.found = list(forced.group_heads), True
+    fun = dcm.functional.run(ModelPool(["a", "b"], lambda s: {"a": tiny, "b": tiny_lora}[s]),
+                             None, FunctionalConfig(res, cfg))
+    rows = fun.rows
     assert [r.model for r in rows if r.group == forced.group and
             r.desideratum == forced.desideratum] == [tiny.name, tiny_lora.name]
     assert rows[0].accuracy == pytest.approx(forced.whole_group)  # same heads, same prompts
+    # every other selection found no function on a random model: skipped, with a note each
+    assert len(fun.notes) == len(res.rows) - 1
+
+
+def test_found_gate_needs_both_baselines_beaten_with_an_interval():
+    cfg = DCMConfig(bootstrap=200)
+    n = 40
+    sel, none, rnd = torch.ones(n), torch.zeros(n), torch.zeros(2, n)
+    assert found_gate(torch.cat([none[None], sel[None], rnd]), cfg, "g/d")[:2] == (True, "")
+    # as good as random heads of its size: no function found, and the reason says which
+    same = torch.cat([none[None], sel[None], torch.ones(2, n)])
+    found, reason, vs_none, vs_rnd = found_gate(same, cfg, "g/d")
+    assert not found and reason.startswith(dcm.NO_FUNCTION) and "random heads" in reason
+    assert vs_none[0] > 0 and vs_rnd == [0.0, 0.0]
+    # one more hit than no patching on 40 prompts: the interval reaches 0
+    barely = torch.cat([none[None], torch.zeros(n).index_fill(0, torch.tensor([0]), 1)[None],
+                        rnd])
+    found, reason, _, _ = found_gate(barely, cfg, "g/d")
+    assert not found and "not above no patching" in reason
+    # no random sets: nothing to beat, nothing found
+    assert not found_gate(torch.stack([none, sel]), cfg, "g/d")[0]
+
+
+def test_null_model_finds_no_function(tiny, tokenizer):
+    """A random tiny model encodes nothing: masks still move (lr 1, tiny λ select heads), but
+    no selection beats no patching and random heads on validation."""
+    cfg = DCMConfig(circuit=small_circuit(), n_train=8, n_val=16, n_test=4,
+                    lambdas=(0.0001, 0.001), lr=1.0, n_boxes=4, n_random=3, batch_size=8)
+    res = dcm.run(tiny, None, cfg)
+    assert any(r.selected for r in res.rows)
+    assert res.rows and not any(r.found for r in res.rows)
+    assert all(r.reason.startswith(dcm.NO_FUNCTION) for r in res.rows)
+    fun = dcm.functional.run(tiny, None, FunctionalConfig(res, cfg))
+    assert fun.rows == [] and len(fun.notes) == len(res.rows)
+
+
+def test_run_merges_a_one_head_group_as_the_study_does(tiny):
+    c = small_circuit()
+    c.groups["mover"] = CircuitGroup([(2, 0)], "last")
+    cfg = DCMConfig(circuit=c, desiderata="position", n_train=4, n_val=4, n_test=4,
+                    lambdas=(0.1,), n_boxes=4, n_random=1, batch_size=4)
+    res = dcm.run(tiny, None, cfg)
+    assert {r.group for r in res.rows} == {"movers+mover", "detectors"}
+    assert res.notes == ["mover (one head, 2.0) merged into movers as movers+mover"]
+    assert res.selection("movers+mover", "position").group_heads == ["1.0", "1.3", "2.2", "2.0"]
+
+
+def every_selection_counts(monkeypatch):
+    """The found gate passed for every selection (the gate has its own tests): lets the CLI
+    test reach functional patching on a random tiny model."""
+    monkeypatch.setattr(importlib.import_module("circuitdiff.methods.dcm.run"), "found_gate",
+                        lambda hits, cfg, label: (True, "", None, None))
 
 
 # -- CLI ----------------------------------------------------------------------------------------
@@ -295,7 +351,8 @@ def cli_args(circuit_path, models, out, *extra):
     return args + list(extra)
 
 
-def test_cli_on_tiny_saved_models(saved_models, tmp_path, capsys):
+def test_cli_on_tiny_saved_models(saved_models, tmp_path, capsys, monkeypatch):
+    every_selection_counts(monkeypatch)
     base, lora = saved_models
     out = tmp_path / "run"
     circuit = write_circuit(tmp_path, small_circuit())
@@ -325,8 +382,24 @@ def test_cli_on_tiny_saved_models(saved_models, tmp_path, capsys):
     assert [p.stat().st_mtime_ns for p in cached] == stamps  # resumed, not recomputed
 
 
+def test_cli_accepts_the_circuits_the_study_accepts(saved_models, tmp_path, capsys):
+    """A one-head group (as the default discover output has) is merged, not an error."""
+    base, _ = saved_models
+    circuit = small_circuit()
+    circuit.groups["mover"] = CircuitGroup([(2, 0)], "last")
+    out = tmp_path / "run"
+    assert main(cli_args(write_circuit(tmp_path, circuit), [base], out, "--desiderata",
+                         "position", "--lambdas", "0.1")) == 0
+    text = capsys.readouterr().out
+    assert "note: mover (one head, 2.0) merged into movers as movers+mover" in text
+    rows = json.loads((out / "dcm_table.json").read_text())["rows"]
+    assert {r["group"] for r in rows} == {"movers+mover", "detectors"}
+    assert all(r["reason"].startswith("no function found") for r in rows if not r["found"])
+
+
 @pytest.mark.parametrize("change, message", [
-    (lambda c: c.groups.__setitem__("movers", CircuitGroup([(1, 0)], "last")), "has one head"),
+    (lambda c: [c.groups.clear(), c.groups.__setitem__("movers", CircuitGroup([(1, 0)], "last"))],
+     "is one head"),
     (None, "λ must be > 0"),
 ])
 def test_cli_bad_input_exits_2_before_writing(saved_models, tmp_path, capsys, change, message):

@@ -19,12 +19,15 @@ def register(sub) -> None:
     p = sub.add_parser(
         "dcm", help="DCM: learn which heads of each circuit group carry the object value, the "
                     "position or the box label; patch them in every --model",
-        description="Per non-empty group and desideratum, learn one mask per head (patched = "
+        description="Per group and desideratum, learn one mask per head (patched = "
                     "m*base + (1-m)*counterfactual at the group's position); heads with m < 0.5 "
-                    "are selected. The first --model is the one DCM trains on; the selected heads "
-                    "are then patched in every --model (functional patching) with random head "
-                    "sets of equal size as a baseline. Results are saved in --out as they are "
-                    "made; a rerun resumes.")
+                    "are selected. One-head groups are merged into another group at their "
+                    "position, as the study does. A selection counts only if its validation "
+                    "accuracy beats no patching and random heads of its size (bootstrap "
+                    "interval); else its row says 'no function found'. The first --model is the "
+                    "one DCM trains on; the found selections are then patched in every --model "
+                    "(functional patching) with random head sets of equal size as a baseline. "
+                    "Results are saved in --out as they are made; a rerun resumes.")
     p.add_argument("--circuit", required=True, metavar="JSON", help="circuit file")
     add_model_options(p, multiple=True)
     p.add_argument("--desiderata", default="paper",
@@ -55,34 +58,37 @@ def register(sub) -> None:
 def run(args) -> dict:
     from ..core.circuit import Circuit
     from ..core.model import default_model_spec, load_tokenizer
+    from ..core.pool import ModelPool
     from ..core.runs import RunFolder, model_tag, safe_name
-    from ..methods.dcm import DCMConfig, check_tokenizers, dcm, functional_patching, prepare
+    from ..methods import dcm
     from ..report.dcm import (format_dcm_table, format_functional_table, plot_functional_bars,
                               plot_lambda_curve, save_dcm_tables, save_functional_tables)
     from ..report.tables import short_name
 
     # every input error is raised here, before a model is loaded and before --out is written
     models = args.model or [default_model_spec()]
-    config = DCMConfig(desiderata=tuple(x.strip() for x in args.desiderata.split(",") if x.strip()),
-                       n_train=args.n_train, n_val=args.n_val, n_test=args.n_test,
-                       lambdas=_floats(args.lambdas), tolerance=args.tolerance, lr=args.lr,
-                       epochs=args.epochs, seed=args.seed, n_boxes=args.n_boxes,
-                       n_random=args.random_draws, random_seed=args.random_seed,
-                       batch_size=args.batch_size)
-    circuit = Circuit.load(args.circuit)
+    config = dcm.DCMConfig(
+        circuit=Circuit.load(args.circuit), desiderata=args.desiderata, n_train=args.n_train,
+        n_val=args.n_val, n_test=args.n_test, lambdas=_floats(args.lambdas),
+        tolerance=args.tolerance, lr=args.lr, epochs=args.epochs, seed=args.seed,
+        n_boxes=args.n_boxes, n_random=args.random_draws, random_seed=args.random_seed,
+        batch_size=args.batch_size)
     if len(models) > 1:
-        check_tokenizers(models)
-    plan = prepare(load_tokenizer(models[0]), circuit, config)
+        dcm.check_tokenizers(models)
+    plan = dcm.prepare(load_tokenizer(models[0]), config)
 
     folder = RunFolder(args.out)
-    loaded = load_from_args(args, spec=models[0])
+    pool = ModelPool(models, lambda s: load_from_args(args, spec=s))
+    loaded = pool.get(models[0])
     print(f"DCM on {loaded.name} ({loaded.arch.describe()}); groups "
           f"{', '.join(f'{g} ({len(x.heads)} heads @ {x.position})' for g, x in plan.groups.items())}"
           + (f"; empty: {', '.join(plan.empty_groups)}" if plan.empty_groups else ""), flush=True)
-    result = dcm(loaded, circuit, config, folder, plan, progress=True)
+    for note in plan.notes:
+        print(f"note: {note}")
+    result = dcm.run(loaded, None, config, store=folder, progress=True)
     slug = model_tag(loaded.name)
     del loaded
-    result.save(folder, f"dcm/{slug}/result.json")
+    result.save(folder.file(f"dcm/{slug}/result.json"))
     pj, pc = save_dcm_tables(folder, result.rows, result.empty_groups, "dcm_table")
     for group in plan.groups:
         rows = [r for r in result.rows if r.group == group]
@@ -92,17 +98,19 @@ def run(args) -> dict:
     print(format_dcm_table(result.rows, result.empty_groups))
     print(f"table: {pj} and {pc}")
 
-    fun = functional_patching(result, plan, models, lambda s: load_from_args(args, spec=s),
-                              folder, progress=True)
-    if not fun:
-        print("functional patching: no group selected any head; nothing to patch")
+    fun = dcm.functional.run(pool, None, dcm.FunctionalConfig(result, config), store=folder,
+                             progress=True)
+    for note in fun.notes:
+        print(f"note: {note}")
+    if not fun.rows:
+        print("functional patching: no selection found a function; nothing to patch")
         return {"dcm": result.to_dict(), "functional": []}
-    fj, fc = save_functional_tables(folder, fun)
-    png = plot_functional_bars(fun, folder.file("functional.png"),
+    fj, fc = save_functional_tables(folder, fun.rows)
+    png = plot_functional_bars(fun.rows, folder.file("functional.png"),
                                f"DCM heads of {short_name(result.model)} patched in each model")
     print()
     print("functional patching (target accuracy with the selected heads patched; random = "
           "same number of random heads):")
-    print(format_functional_table(fun))
+    print(format_functional_table(fun.rows))
     print(f"table: {fj} and {fc}; plot {png}")
-    return {"dcm": result.to_dict(), "functional": [r.to_dict() for r in fun]}
+    return {"dcm": result.to_dict(), "functional": [r.to_dict() for r in fun.rows]}

@@ -155,15 +155,14 @@ class Prompt:
         """The correct object word (without leading space), or None if the query matches no box."""
         return None if self.query_index is None else self.objects[self.query_index]
 
-    def segments(self) -> list[str]:
-        segs = [self.segment_template.format(object=o, label=l)
-                for o, l in zip(self.objects, self.labels)]
-        segs[0] = segs[0][:1].upper() + segs[0][1:]
-        return segs
+    def rendered(self) -> "Rendered":
+        """The prompt's text and the character spans of its words (:func:`render`)."""
+        return render(self.objects, self.labels, self.query_label,
+                      segment_template=self.segment_template, query_template=self.query_template)
 
     @property
     def text(self) -> str:
-        return ", ".join(self.segments()) + ". " + self.query_template.format(label=self.query_label)
+        return self.rendered().text
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -187,27 +186,51 @@ class Located:
     roles: dict[str, list[int]] = field(default_factory=dict)  # every schema role -> indices
 
 
-def _spans(prompt: Prompt) -> tuple[list[tuple[int, int]], list[tuple[int, int]], tuple[int, int]]:
-    """Character spans of each box's object word, each box's label word, and the query label."""
+PLACEHOLDER = re.compile(r"\{(object|label)\}")
+
+
+@dataclass
+class Rendered:
+    """A prompt as text plus the character spans of its objects, labels and query label (kept
+    instead of re-derived, so variants with other separators or extra text locate the same way)."""
+
+    text: str
+    object_spans: list[tuple[int, int]]
+    label_spans: list[tuple[int, int]]
+    query_span: tuple[int, int]
+
+
+def render(objects: Sequence[str], labels: Sequence[str], query_label: str, *,
+           segment_template: str = DEFAULT_TEMPLATE, query_template: str = DEFAULT_QUERY,
+           separator: str = ", ", prefix: str = "", interlude: str = "") -> Rendered:
+    """``prefix + separator.join(segments) + ". " + interlude + query``, spans tracked.
+
+    The one renderer of prompt text: with the defaults it is :attr:`Prompt.text` (first segment
+    capitalised); DCM's counterfactual variants pass other separators, prefixes and interludes.
+    """
+    if len(objects) != len(labels):
+        raise TaskError(f"{len(objects)} objects but {len(labels)} labels")
+    parts: list[str] = [prefix]
+    cursor = len(prefix)
     obj_spans, lab_spans = [], []
-    cursor = 0
-    segs = prompt.segments()
-    for seg, obj, lab in zip(segs, prompt.objects, prompt.labels):
-        tmpl = prompt.segment_template
-        # locate the placeholders inside this segment by formatting with markers
-        oi = tmpl.index("{object}")
-        li = tmpl.index("{label}")
-        if oi < li:
-            o_start = cursor + oi
-            l_start = cursor + li - len("{object}") + len(obj)
-        else:
-            l_start = cursor + li
-            o_start = cursor + oi - len("{label}") + len(lab)
-        obj_spans.append((o_start, o_start + len(obj)))
-        lab_spans.append((l_start, l_start + len(lab)))
-        cursor += len(seg) + 2  # ", "
-    q_start = cursor - 2 + 2 + prompt.query_template.index("{label}")  # ". " replaces ", "
-    return obj_spans, lab_spans, (q_start, q_start + len(prompt.query_label))
+    for n, (obj, lab) in enumerate(zip(objects, labels)):
+        if n:
+            parts.append(separator)
+            cursor += len(separator)
+        pieces = PLACEHOLDER.split(segment_template)  # text, name, text, name, text
+        for k, piece in enumerate(pieces):
+            if k % 2 == 1:
+                word = obj if piece == "object" else lab
+                (obj_spans if piece == "object" else lab_spans).append((cursor, cursor + len(word)))
+                piece = word
+            elif n == 0 and k == 0 and piece:
+                piece = piece[:1].upper() + piece[1:]
+            parts.append(piece)
+            cursor += len(piece)
+    head = "".join(parts) + ". " + interlude
+    q_start = len(head) + query_template.index("{label}")
+    return Rendered(head + query_template.format(label=query_label), obj_spans, lab_spans,
+                    (q_start, q_start + len(query_label)))
 
 
 def token_at(offsets: Sequence[tuple[int, int]], span: tuple[int, int], what: str,
@@ -236,18 +259,23 @@ def encode_text(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]
 
 def locate(prompt: Prompt, tokenizer) -> Located:
     """Tokenise ``prompt`` and find every named position from the tokenizer's offsets."""
-    text = prompt.text
+    return locate_rendered(prompt, prompt.rendered(), prompt.query_index, tokenizer)
+
+
+def locate_rendered(prompt, rendered: Rendered, query_index: int | None, tokenizer, *,
+                    partial_roles: bool = False) -> Located:
+    """Token ids and named positions of ``rendered`` text from the tokenizer's offsets; each
+    object, label and the query label must be one token. ``prompt`` is kept on the result.
+    ``partial_roles``: a text without ``,``/``.`` separators (a DCM variant) gets the scalar
+    roles, labels and objects only, instead of an error."""
+    text = rendered.text
     ids, offsets = encode_text(tokenizer, text)
-    obj_spans, lab_spans, q_span = _spans(prompt)
-    for (s, e), word in zip(obj_spans + lab_spans + [q_span],
-                            prompt.objects + prompt.labels + [prompt.query_label]):
-        assert text[s:e] == word, (text[s:e], word)
-    obj_pos = [token_at(offsets, sp, "object", text) for sp in obj_spans]
-    lab_pos = [token_at(offsets, sp, "box label", text) for sp in lab_spans]
-    q_pos = token_at(offsets, q_span, "query label", text)
+    obj_pos = [token_at(offsets, sp, "object", text) for sp in rendered.object_spans]
+    lab_pos = [token_at(offsets, sp, "box label", text) for sp in rendered.label_spans]
+    q_pos = token_at(offsets, rendered.query_span, "query label", text)
     # the last real token is the one that ends at the end of the text (skip trailing specials)
     last = max(i for i, (a, b) in enumerate(offsets) if b > a)
-    qi = prompt.query_index
+    qi = query_index
     positions = {
         "last": last,
         "query_label": q_pos,
@@ -255,7 +283,12 @@ def locate(prompt: Prompt, tokenizer) -> Located:
         "correct_object": obj_pos[qi] if qi is not None else -1,
     }
     object_ids = [ids[p] for p in obj_pos]
-    roles = role_indices(text, offsets, positions, lab_pos, obj_pos)
+    try:
+        roles = role_indices(text, offsets, positions, lab_pos, obj_pos)
+    except TaskError:
+        if not partial_roles:
+            raise
+        roles = {**{k: [v] for k, v in positions.items()}, "labels": lab_pos, "objects": obj_pos}
     return Located(prompt, ids, positions, lab_pos, obj_pos, object_ids,
                    object_ids[qi] if qi is not None else None, roles)
 

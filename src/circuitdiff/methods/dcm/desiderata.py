@@ -21,8 +21,8 @@ equals the base answer, and the counterfactual's labels avoid the base's labels 
 allows, so only positional information can produce the target.
 
 Counterfactuals of the robustness set have other token lengths than the base, so every prompt is
-located on its own (:func:`locate_text`, from the tokenizer's offsets, as ``core.task.locate``
-does) and DCM reads the counterfactual at *its* copy of the group's position.
+located on its own (:func:`locate_text`: ``core.task.locate_rendered``, the one locator) and DCM
+reads the counterfactual at *its* copy of the group's position.
 
 Adding a desideratum is writing one function ``fn(task, base, rng) -> Example`` decorated with
 :func:`desideratum`; an optional ``requires(task) -> reason | None`` says when it cannot apply to a
@@ -32,15 +32,16 @@ task's layout (the reason is shown to the user before any model is loaded).
 from __future__ import annotations
 
 import random
-import re
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
 
-from ...core.task import (DEFAULT_QUERY, DEFAULT_TEMPLATE, POSITION_NAMES, Batch,
-                          EntityTrackingTask, Located, Prompt, TaskError, encode_text, role_indices, token_at,
-                          make_batch, pad_token_id, single_token_words)
+from ...core.stats import draw_rng
+from ...core.task import (PLACEHOLDER, POSITION_NAMES, Batch, EntityTrackingTask, Located,
+                          Prompt, Rendered, locate_rendered, make_batch, pad_token_id,
+                          single_token_words)
+from ...core.task import render as render_text
 
 #: words random text is made of (kept if the tokenizer has them as one token; task words dropped)
 FILLER_WORDS: tuple[str, ...] = (
@@ -63,20 +64,17 @@ class DesiderataError(ValueError):
 
 # -- prompts as text with spans ----------------------------------------------------------------
 @dataclass
-class TextPrompt:
+class TextPrompt(Rendered):
     """A prompt as free text plus the character spans of its objects, labels and query label.
 
     Unlike :class:`~circuitdiff.core.task.Prompt` the text is arbitrary (random prefixes, other
-    separators, extra segments), so the spans are kept instead of being re-derived.
+    separators, extra segments), so the spans are kept (:class:`~circuitdiff.core.task.Rendered`)
+    instead of being re-derived.
     """
 
-    text: str
-    objects: list[str]
-    labels: list[str]
-    object_spans: list[tuple[int, int]]
-    label_spans: list[tuple[int, int]]
-    query_span: tuple[int, int]
-    query_index: int | None
+    objects: list[str] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)
+    query_index: int | None = None
 
     @property
     def query_label(self) -> str:
@@ -91,43 +89,17 @@ class TextPrompt:
                 "query_index": self.query_index}
 
 
-_PLACEHOLDER = re.compile(r"\{(object|label)\}")
-
-
 def render(objects: Sequence[str], labels: Sequence[str], query_index: int | None,
-           query_label: str | None = None, *, segment_template: str = DEFAULT_TEMPLATE,
-           query_template: str = DEFAULT_QUERY, separator: str = ", ", prefix: str = "",
-           interlude: str = "") -> TextPrompt:
-    """``prefix + separator.join(segments) + ". " + interlude + query``, spans tracked.
-
-    With the defaults it is exactly ``Prompt.text`` (the first segment is capitalised the same
-    way), so a plain prompt and its variants come from one renderer.
-    """
+           query_label: str | None = None, **surface) -> TextPrompt:
+    """:func:`core.task.render <circuitdiff.core.task.render>` as a :class:`TextPrompt` (the
+    query label defaults to the queried box's; ``surface``: templates, separator, prefix,
+    interlude). With the defaults it is exactly ``Prompt.text``."""
     if len(objects) != len(labels):
         raise DesiderataError(f"{len(objects)} objects but {len(labels)} labels")
     query_label = labels[query_index] if query_label is None else query_label
-    parts: list[str] = [prefix]
-    cursor = len(prefix)
-    obj_spans, lab_spans = [], []
-    for n, (obj, lab) in enumerate(zip(objects, labels)):
-        if n:
-            parts.append(separator)
-            cursor += len(separator)
-        pieces = _PLACEHOLDER.split(segment_template)  # text, name, text, name, text
-        for k, piece in enumerate(pieces):
-            if k % 2 == 1:
-                word = obj if piece == "object" else lab
-                (obj_spans if piece == "object" else lab_spans).append((cursor, cursor + len(word)))
-                piece = word
-            elif n == 0 and k == 0 and piece:
-                piece = piece[:1].upper() + piece[1:]
-            parts.append(piece)
-            cursor += len(piece)
-    head = "".join(parts) + ". " + interlude
-    q_start = len(head) + query_template.index("{label}")
-    text = head + query_template.format(label=query_label)
-    return TextPrompt(text, list(objects), list(labels), obj_spans, lab_spans,
-                      (q_start, q_start + len(query_label)), query_index)
+    r = render_text(objects, labels, query_label, **surface)
+    return TextPrompt(r.text, r.object_spans, r.label_spans, r.query_span, list(objects),
+                      list(labels), query_index)
 
 
 def from_prompt(p: Prompt) -> TextPrompt:
@@ -137,24 +109,9 @@ def from_prompt(p: Prompt) -> TextPrompt:
 
 
 def locate_text(tp: TextPrompt, tokenizer) -> Located:
-    """Token ids and named positions of ``tp`` from the tokenizer's offsets (as ``core.task.locate``
-    does for plain prompts): each object, label and the query label must be a single token."""
-    ids, offsets = encode_text(tokenizer, tp.text)
-    obj_pos = [token_at(offsets, sp, "object", tp.text) for sp in tp.object_spans]
-    lab_pos = [token_at(offsets, sp, "box label", tp.text) for sp in tp.label_spans]
-    q_pos = token_at(offsets, tp.query_span, "query label", tp.text)
-    last = max(i for i, (a, b) in enumerate(offsets) if b > a)
-    qi = tp.query_index
-    positions = {"last": last, "query_label": q_pos,
-                 "prev_query_label": lab_pos[qi] if qi is not None else -1,
-                 "correct_object": obj_pos[qi] if qi is not None else -1}
-    object_ids = [ids[p] for p in obj_pos]
-    try:  # every schema role, as core.task.locate gives it (variants without commas lack some)
-        roles = role_indices(tp.text, offsets, positions, lab_pos, obj_pos)
-    except TaskError:  # no separators: the scalar roles, labels and objects only
-        roles = {**{k: [v] for k, v in positions.items()}, "labels": lab_pos, "objects": obj_pos}
-    return Located(tp, ids, positions, lab_pos, obj_pos, object_ids,  # type: ignore[arg-type]
-                   object_ids[qi] if qi is not None else None, roles)
+    """Token ids and named positions of ``tp`` (``core.task.locate_rendered``; variants without
+    separators get the scalar roles, labels and objects only)."""
+    return locate_rendered(tp, tp, tp.query_index, tokenizer, partial_roles=True)
 
 
 # -- examples and the registry -------------------------------------------------------------
@@ -248,7 +205,8 @@ def build_examples(task: EntityTrackingTask, name: str, base: Sequence[Prompt],
                    seed: int) -> list[Example]:
     """Examples of desideratum ``name`` for the ``base`` prompts.
 
-    Example ``i`` draws from ``random.Random(seed * 1_000_003 + i)`` whatever the desideratum,
+    Example ``i`` draws from :func:`~circuitdiff.core.stats.draw_rng` ``(seed, i)`` whatever the
+    desideratum,
     so the paper's three desiderata get the same counterfactual for the same base prompt (and the
     training batches over desiderata share the base rows).
     """
@@ -256,7 +214,7 @@ def build_examples(task: EntityTrackingTask, name: str, base: Sequence[Prompt],
     why = d.why_not(task)
     if why:
         raise DesiderataError(f"desideratum {name!r} does not apply to this task: {why}")
-    return [d.make(task, p, random.Random(seed * 1_000_003 + i)) for i, p in enumerate(base)]
+    return [d.make(task, p, draw_rng(seed, i)) for i, p in enumerate(base)]
 
 
 @dataclass
@@ -439,7 +397,7 @@ def _other_wording(task: EntityTrackingTask) -> str | None:
 def _with_filler_between(template: str, filler: str) -> str:
     """``template`` with ``filler`` inserted after its first placeholder (between the object and
     the box label in either word order)."""
-    m = _PLACEHOLDER.search(template)
+    m = PLACEHOLDER.search(template)
     return template[:m.end()] + " " + filler + template[m.end():]
 
 
