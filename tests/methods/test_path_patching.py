@@ -521,6 +521,7 @@ def test_discovery_reuses_captures(tokenizer, tmp_path, monkeypatch):
     assert plain.circuit.groups == res.circuit.groups
 
 
+@pytest.mark.slow  # a bench subprocess (~10 s)
 def test_bench_runs_on_a_tiny_shape():
     """The bench's code path (the one ``--device cuda --shape 7b`` runs) on a tiny CPU shape:
     every step's table row, fast = naive."""
