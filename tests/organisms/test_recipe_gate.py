@@ -267,3 +267,18 @@ if __name__ == "__main__":
                                 text=True, timeout=300) for fix in ("0", "1")}
     assert "leaked semaphore" in runs["0"].stderr  # the mechanism the fix is for
     assert runs["1"].returncode == 0 and "leaked semaphore" not in runs["1"].stderr
+
+
+@pytest.mark.parametrize("make, field", [
+    (lambda: Gate(boxes=2, threshold=float("nan")), "threshold"),
+    (lambda: Gate(boxes=2, threshold=0.9, every=0), "every"),
+    (lambda: Phase("bind", (0, 1), 0.0, steps=0, lr=1e-3), "steps"),
+    (lambda: Phase("bind", (0, 1), float("inf"), steps=4, lr=1e-3), "other_weight"),
+    (lambda: Targets(chat_band=float("nan")), "chat_band"),
+    (lambda: Recipe(bind_race=0), "bind_race"),
+], ids=["nan-threshold", "every-0", "steps-0", "inf-weight", "nan-band", "race-0"])
+def test_recipe_settings_reject_impossible_values(make, field):
+    """A NaN threshold compares false with everything and would silently never pass a gate; the
+    settings refuse it (and zero steps or probes) with the field's name."""
+    with pytest.raises(ValueError, match=field):
+        make()
