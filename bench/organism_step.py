@@ -1,7 +1,7 @@
 """Organism recipe: time one training step the old way and the fast way, in one process.
 
 The recipe (``circuitdiff organisms train``) spends nearly all its time in
-``organisms.train._step``. Two changes make a step cheaper without changing its math:
+``organisms.stages.train_step``. Two changes make a step cheaper without changing its math:
 
 * ``fast step`` (:func:`grouped_loss_backward`): the batch is sorted by length and run as
   ``LENGTH_GROUPS`` groups, each cut to its own longest document, gradients accumulated (no
@@ -41,10 +41,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from circuitdiff.organisms import data as D
-    from circuitdiff.organisms import train as T
+    from circuitdiff.organisms.config import Recipe
+    from circuitdiff.organisms.losses import answer_cue_ids, loss_extents, loss_weights, tensorize
+    from circuitdiff.organisms.models import make_model
+    from circuitdiff.organisms.stages import train_step
 
     tok = D.build_tokenizer()
-    recipe = T.Recipe()
+    recipe = Recipe()
     bind, grow = recipe.base_phases[:2]
     batches = {  # name: (one document list per step, loss weight of the non-answer tokens)
         "base bind (batch 64)": (
@@ -61,8 +64,8 @@ def main() -> None:
                 "eager attention": ("eager", False),
                 "fast step": ("sdpa", True),
                 "both (the recipe)": ("eager", True)}
-    cue = T.answer_cue_ids(tok)
-    model = T.make_model(tok, recipe.model, 1)
+    cue = answer_cue_ids(tok)
+    model = make_model(tok, recipe.model, 1)
     params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=1e-4)
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
@@ -85,10 +88,10 @@ def main() -> None:
         # alone, causal attention within the row; forward + backward = 3x the forward's FLOPs
         flops, real, padded = 0.0, 0, 0
         for d in docs:
-            ids, mask, labels = T.tensorize(d, tok)
-            weights = T.loss_weights(ids, labels, cue, other_weight)
+            ids, mask, labels = tensorize(d, tok)
+            weights = loss_weights(ids, labels, cue, other_weight)
             w = weights[:, 1:] > 0
-            needed = (T.loss_extents(weights) - 1).clamp_min(0)  # positions that predict
+            needed = (loss_extents(weights) - 1).clamp_min(0)  # positions that predict
             flops += 6 * (decoder_matmul * needed.sum().item() + unembed * w.sum().item())
             flops += sum(6 * 2 * spec.num_attention_heads * head_dim * n * (n + 1) / 2
                          * spec.num_hidden_layers for n in needed.tolist())
@@ -100,7 +103,7 @@ def main() -> None:
                 model.config._attn_implementation = attn
                 start = time.perf_counter()
                 for d in docs:
-                    T._step(model, tok, opt, params, d, cue, other_weight, 1e-4, fast=fast)
+                    train_step(model, tok, opt, params, d, cue, other_weight, 1e-4, fast=fast)
                 times[v].append((time.perf_counter() - start) / len(docs))
         med = {v: statistics.median(t) for v, t in times.items()}
         base = med[next(iter(variants))]

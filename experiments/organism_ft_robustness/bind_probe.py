@@ -6,7 +6,10 @@ import json, sys, time
 from dataclasses import replace
 import torch
 from circuitdiff.organisms import data as D
-from circuitdiff.organisms.train import Recipe, make_model, train_phases, accuracy
+from circuitdiff.organisms.config import Recipe
+from circuitdiff.organisms.evaluate import accuracy
+from circuitdiff.organisms.models import make_model
+from circuitdiff.organisms.phases import train_phases
 torch.set_num_threads(2)
 sub_seed, batch, cap = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 r = Recipe()

@@ -8,7 +8,10 @@ import json, sys, time
 from dataclasses import replace
 import torch
 from circuitdiff.organisms import data as D
-from circuitdiff.organisms.train import Recipe, make_model, train_phases, accuracy
+from circuitdiff.organisms.config import Recipe
+from circuitdiff.organisms.evaluate import accuracy
+from circuitdiff.organisms.models import make_model
+from circuitdiff.organisms.phases import train_phases
 torch.set_num_threads(1)
 variant, subs = sys.argv[1], [s for s in sys.argv[2].split(",")]
 # a sub-seed "I:D" initialises the model from sub-seed I and draws the documents from sub-seed D
@@ -68,7 +71,7 @@ for sub in subs:
     init, data = (int(x) for x in (sub.split(":") * 2)[:2])
     if variant == "init05":  # initializer_range 0.05 instead of 0.02
         from transformers import LlamaForCausalLM
-        from circuitdiff.organisms.train import set_seed
+        from circuitdiff.organisms.models import set_seed
         m0 = make_model(tok, r.model, init)
         cfg = m0.config
         cfg.initializer_range = 0.05

@@ -28,7 +28,11 @@ from pathlib import Path
 import torch
 
 from circuitdiff.organisms import data as D
-from circuitdiff.organisms import train as T
+from circuitdiff.organisms.config import Gate, Phase, StageSpec
+from circuitdiff.organisms.evaluate import accuracy
+from circuitdiff.organisms.models import reload_model, save_model, set_seed
+from circuitdiff.organisms.phases import train_phases
+from circuitdiff.organisms.stages import train_stage
 
 RESULTS = Path(__file__).with_name("results.jsonl")
 
@@ -58,46 +62,46 @@ def fine_tune(base: Path, spec: str, styles: str | None, tok, lora: bool = False
         return out
 
     t0 = time.time()
-    before = T._reload(base)
-    model = T._reload(base)
+    before = reload_model(base)
+    model = reload_model(base)
     if lora:  # the recipe's LoRA stage: rank 8, alpha 16 (alpha = 2 x rank), on q/k/v/o
         from peft import LoraConfig, get_peft_model
 
-        T.set_seed(int(seed))
+        set_seed(int(seed))
         model = get_peft_model(model, LoraConfig(
             r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0, task_type="CAUSAL_LM",
             target_modules=[f"{t}_proj" for t in lora_targets.split(",")]))
-    stage = T.StageSpec(steps=int(steps), lr=float(lr), batch_size=32, warmup=20,
-                        other_weight=other_weight)
-    curve = T.train_stage(model, tok, docs, stage, int(seed), "ft", False, log_every=100,
-                          eval_fn=lambda m, _s: T.accuracy(m, tok, 200, 0))
-    per_box = {b: [round(T.accuracy(before, tok, 200, 0, n_boxes=b), 3),
-                   round(T.accuracy(model, tok, 200, 0, n_boxes=b), 3)] for b in (2, 3, 5)}
+    stage = StageSpec(steps=int(steps), lr=float(lr), batch_size=32, warmup=20,
+                      other_weight=other_weight)
+    curve = train_stage(model, tok, docs, stage, int(seed), "ft", False, log_every=100,
+                        eval_fn=lambda m, _s: accuracy(m, tok, 200, 0))
+    per_box = {b: [round(accuracy(before, tok, 200, 0, n_boxes=b), 3),
+                   round(accuracy(model, tok, 200, 0, n_boxes=b), 3)] for b in (2, 3, 5)}
     log({"exp": "lora" if lora else "ft", "base": str(base),
          **({"lora_targets": lora_targets, "lora_rank": lora_rank} if lora else {}),
          "other_weight": other_weight, "lr": float(lr), "steps": int(steps), "seed": int(seed),
          "replay": replay, "styles": styles or "all",
-         "acc7_before": T.accuracy(before, tok, 500, 0), "acc7_after": T.accuracy(model, tok, 500, 0),
+         "acc7_before": accuracy(before, tok, 500, 0), "acc7_after": accuracy(model, tok, 500, 0),
          "acc_2_3_5_before_after": per_box, "curve7": [(s, round(a, 3)) for s, _, a in curve],
          "seconds": round(time.time() - t0)})
 
 
 def extend(base: Path, weights: str, lr: float, steps: int, out: Path, min_lr_frac: float,
            tok, aux_wording: float = 0.0) -> None:
-    model = T._reload(base)
+    model = reload_model(base)
     w = tuple(float(x) for x in weights.split(","))
-    phase = T.Phase("extend", w, other_weight=0.1, steps=steps, lr=lr, warmup=20,
-                    min_lr_frac=min_lr_frac, fresh_optimizer=True, aux_wording_frac=aux_wording,
-                    gate=T.Gate(boxes=7, threshold=1.01, every=50, required=False))
+    phase = Phase("extend", w, other_weight=0.1, steps=steps, lr=lr, warmup=20,
+                  min_lr_frac=min_lr_frac, fresh_optimizer=True, aux_wording_frac=aux_wording,
+                    gate=Gate(boxes=7, threshold=1.01, every=50, required=False))
     t0 = time.time()
-    rec = T.train_phases(model, tok, (phase,), 5,
-                         lambda m, b: T.accuracy(m, tok, 200, 1000, n_boxes=b), False,
-                         stop_on_failure=False)
-    T._save_model(model, tok, out)
+    rec = train_phases(model, tok, (phase,), 5,
+                       lambda m, b: accuracy(m, tok, 200, 1000, n_boxes=b), False,
+                       stop_on_failure=False)
+    save_model(model, tok, out)
     log({"exp": "extend", "base": str(base), "out": str(out), "weights": w, "lr": lr,
          "aux_wording": aux_wording,
          "min_lr_frac": min_lr_frac, "curve7": [(p["step"], p["acc7"]) for p in rec[0]["probes"]],
-         "acc7_after": T.accuracy(model, tok, 500, 0), "seconds": round(time.time() - t0)})
+         "acc7_after": accuracy(model, tok, 500, 0), "seconds": round(time.time() - t0)})
 
 
 def main() -> None:

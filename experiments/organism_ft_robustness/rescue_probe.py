@@ -8,7 +8,10 @@ import json, sys, time, copy
 from dataclasses import replace
 import torch
 from circuitdiff.organisms import data as D
-from circuitdiff.organisms.train import Recipe, Phase, Gate, make_model, train_phases, accuracy, EVAL_BOXES
+from circuitdiff.organisms.config import EVAL_BOXES, Gate, Phase, Recipe
+from circuitdiff.organisms.evaluate import accuracy
+from circuitdiff.organisms.models import make_model
+from circuitdiff.organisms.phases import train_phases
 torch.set_num_threads(2)
 sub_seed, floor_at, floor = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
 r = Recipe()

@@ -9,7 +9,9 @@ initialisations; at 1 and 2 threads; 2-, 4- and 7-box prompts (probe seed 1000, 
 """
 import sys, torch
 from pathlib import Path
-from circuitdiff.organisms import train as T, data as D
+from circuitdiff.organisms import data as D
+from circuitdiff.organisms.config import Recipe
+from circuitdiff.organisms.models import make_model, reload_model
 from circuitdiff.core.task import EntityTrackingTask, TaskConfig, encode
 tok = D.build_tokenizer()
 def old_last(m, prompts):
@@ -22,15 +24,15 @@ def new_last(m, prompts):
 def load(s, k):
     root = Path(sys.argv[1]) / f"seed{s}"
     if k != "lora":
-        return T._reload(root / k)
+        return reload_model(root / k)
     from peft import PeftModel
-    return PeftModel.from_pretrained(T._reload(root / "base"), str(root / "lora"))
+    return PeftModel.from_pretrained(reload_model(root / "base"), str(root / "lora"))
 models = []
 for s in range(1, 6):
     for k in ("base", "lora", "full", "chat"):
         models.append((f"s{s}/{k}", lambda s=s, k=k: load(s, k)))
 for sub in (11, 21, 131, 321):
-    models.append((f"init{sub}", lambda sub=sub: T.make_model(tok, T.Recipe().model, sub)))
+    models.append((f"init{sub}", lambda sub=sub: make_model(tok, Recipe().model, sub)))
 bad = 0; total = 0; flips = 0
 for threads in (1, 2):
     torch.set_num_threads(threads)

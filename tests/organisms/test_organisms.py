@@ -83,7 +83,8 @@ def test_organism_accuracy(name):
 
 
 def test_training_recipe_smoke(tmp_path):
-    from circuitdiff.organisms.train import ModelSpec, train_all
+    from circuitdiff.organisms.config import ModelSpec
+    from circuitdiff.organisms.recipe import train_all
 
     spec = ModelSpec(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                      num_attention_heads=4, num_key_value_heads=2)
@@ -118,8 +119,8 @@ def test_cli_organisms_list_and_train(tmp_path, capsys):
 
 def test_answer_weighted_loss_targets_the_query_answers():
     from circuitdiff.organisms.data import build_tokenizer
-    from circuitdiff.organisms.train import (answer_cue_ids, loss_weights, tensorize,
-                                             weighted_lm_loss)
+    from circuitdiff.organisms.losses import (answer_cue_ids, loss_weights, tensorize,
+                                              weighted_lm_loss)
 
     tok = build_tokenizer()
     ids, mask, labels = tensorize(["The apple is in Box F, the map is in Box C. Box C contains "

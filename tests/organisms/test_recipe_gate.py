@@ -8,9 +8,10 @@ import json
 import pytest
 import torch
 
-from circuitdiff.organisms.train import (Gate, GateTracker, ModelSpec, Phase, Recipe,
-                                         RecipeFailed, Targets, race_winner, train_all,
-                                         train_phases)
+from circuitdiff.organisms.config import Gate, ModelSpec, Phase, Recipe, Targets
+from circuitdiff.organisms.phases import GateTracker, train_phases
+from circuitdiff.organisms.race import race_winner
+from circuitdiff.organisms.recipe import RecipeFailed, train_all
 
 TINY = ModelSpec(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                  num_attention_heads=4, num_key_value_heads=2)
@@ -23,7 +24,7 @@ def test_gate_needs_consecutive_probes_at_threshold():
 
 def test_phase_advances_only_when_the_probe_crosses_the_threshold():
     from circuitdiff.organisms.data import build_tokenizer
-    from circuitdiff.organisms.train import make_model
+    from circuitdiff.organisms.models import make_model
 
     tok = build_tokenizer()
     model = make_model(tok, TINY, 0)
@@ -50,7 +51,7 @@ def test_progress_probes_run_every_show_every_steps_and_at_the_phase_end():
     """``show_every``: the 7-box probe the bind gate does not read runs at every ``show_every``-th
     step and at the probe that ends the phase; the gate still reads its own probe every time."""
     from circuitdiff.organisms.data import build_tokenizer
-    from circuitdiff.organisms.train import make_model
+    from circuitdiff.organisms.models import make_model
 
     tok = build_tokenizer()
     calls = []
@@ -72,7 +73,7 @@ def test_phase_whose_gate_already_holds_is_skipped():
     """``check_at_start``: extend runs no steps when grow already reached the 7-box range, and
     runs (probing as usual) when it did not."""
     from circuitdiff.organisms.data import build_tokenizer
-    from circuitdiff.organisms.train import make_model
+    from circuitdiff.organisms.models import make_model
 
     tok = build_tokenizer()
     reach = Gate(boxes=7, threshold=0.55, every=1, required=False)
@@ -161,8 +162,8 @@ def test_raced_bind_hands_on_exactly_what_an_in_process_run_trains(tmp_path):
         recipe = Recipe(model=TINY, base_phases=phases, probe_n=8, bind_race=race)
         train_all(tmp_path / str(race), seed=0, progress=False, recipe=recipe, eval_n=8,
                   threads=1, check_targets=False, scale=1.0)
-        from circuitdiff.organisms.train import _reload
-        bases[race] = _reload(tmp_path / str(race) / "base").state_dict()
+        from circuitdiff.organisms.models import reload_model
+        bases[race] = reload_model(tmp_path / str(race) / "base").state_dict()
         summary = json.loads((tmp_path / str(race) / "train_summary.json").read_text())
         (attempt,) = summary["attempts"]["base"]
         assert [p["steps"] for p in attempt["phases"]] == [3, 3]
@@ -200,7 +201,7 @@ def test_phase_that_stalls_below_its_floor_ends_at_the_floor_step():
     """Grow's stall check: the first probe at or after ``floor_at`` under ``floor`` ends the phase
     as failed (``stalled_at``); at or above the floor the phase runs on to its cap."""
     from circuitdiff.organisms.data import build_tokenizer
-    from circuitdiff.organisms.train import make_model
+    from circuitdiff.organisms.models import make_model
 
     tok = build_tokenizer()
     grow = (Phase("grow", (0, 1, 1), 0.1, steps=8, lr=1e-3,
@@ -219,7 +220,7 @@ def test_only_the_first_probe_past_the_floor_step_can_stall():
     """A probe that drops under the floor after the floor step was passed does not stall the
     phase: the check is made once, at the first probe at or after ``floor_at``."""
     from circuitdiff.organisms.data import build_tokenizer
-    from circuitdiff.organisms.train import make_model
+    from circuitdiff.organisms.models import make_model
 
     tok = build_tokenizer()
     grow = (Phase("grow", (0, 1, 1), 0.1, steps=8, lr=1e-3,
@@ -247,7 +248,7 @@ import multiprocessing as mp, sys, time
 def lane(fix, ready):
     from tqdm.auto import tqdm
     if fix:
-        from circuitdiff.organisms.train import lane_uses_thread_locks
+        from circuitdiff.organisms.race import lane_uses_thread_locks
         lane_uses_thread_locks()
     tqdm(range(3), disable=True)
     ready.set()
@@ -266,3 +267,18 @@ if __name__ == "__main__":
                                 text=True, timeout=300) for fix in ("0", "1")}
     assert "leaked semaphore" in runs["0"].stderr  # the mechanism the fix is for
     assert runs["1"].returncode == 0 and "leaked semaphore" not in runs["1"].stderr
+
+
+@pytest.mark.parametrize("make, field", [
+    (lambda: Gate(boxes=2, threshold=float("nan")), "threshold"),
+    (lambda: Gate(boxes=2, threshold=0.9, every=0), "every"),
+    (lambda: Phase("bind", (0, 1), 0.0, steps=0, lr=1e-3), "steps"),
+    (lambda: Phase("bind", (0, 1), float("inf"), steps=4, lr=1e-3), "other_weight"),
+    (lambda: Targets(chat_band=float("nan")), "chat_band"),
+    (lambda: Recipe(bind_race=0), "bind_race"),
+], ids=["nan-threshold", "every-0", "steps-0", "inf-weight", "nan-band", "race-0"])
+def test_recipe_settings_reject_impossible_values(make, field):
+    """A NaN threshold compares false with everything and would silently never pass a gate; the
+    settings refuse it (and zero steps or probes) with the field's name."""
+    with pytest.raises(ValueError, match=field):
+        make()

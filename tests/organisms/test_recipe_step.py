@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from circuitdiff.organisms import data as D
-from circuitdiff.organisms.train import (LENGTH_GROUPS, ModelSpec, _step, answer_cue_ids,
-                                         make_model)
+from circuitdiff.organisms.config import ModelSpec
+from circuitdiff.organisms.losses import LENGTH_GROUPS, answer_cue_ids
+from circuitdiff.organisms.models import make_model
+from circuitdiff.organisms.stages import train_step
 
 # 2 layers, GQA (4 query heads share 2 key-value heads)
 TINY = ModelSpec(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -17,12 +19,12 @@ TINY = ModelSpec(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
 
 
 def _grads_after_step(model, tok, docs, other_weight, fast, attention):
-    """Loss and gradients of one ``_step`` (lr 0: the weights stay as they are)."""
+    """Loss and gradients of one ``train_step`` (lr 0: the weights stay as they are)."""
     model.config._attn_implementation = attention
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.0)
-    loss = _step(model, tok, opt, params, docs, answer_cue_ids(tok), other_weight, 0.0,
-                 fast=fast)
+    loss = train_step(model, tok, opt, params, docs, answer_cue_ids(tok), other_weight, 0.0,
+                      fast=fast)
     return loss, [p.grad.clone() for p in params]
 
 
@@ -62,11 +64,11 @@ def test_length_grouped_eager_step_matches_one_padded_sdpa_batch(docs_kind, othe
 
 
 def test_training_uses_the_eager_kernel_and_the_saved_config_does_not_pin_it(tmp_path):
-    from circuitdiff.organisms.train import TRAIN_ATTENTION, _reload
+    from circuitdiff.organisms.models import TRAIN_ATTENTION, reload_model
 
     tok = D.build_tokenizer()
     model = make_model(tok, TINY, 0)
     assert model.config._attn_implementation == TRAIN_ATTENTION == "eager"
     model.save_pretrained(str(tmp_path))
     assert "attn_implementation" not in (tmp_path / "config.json").read_text()
-    assert _reload(tmp_path).config._attn_implementation == "eager"
+    assert reload_model(tmp_path).config._attn_implementation == "eager"

@@ -42,7 +42,7 @@ def run_train(args) -> dict | int:
     """Run the recipe; a missed target is one line on stderr and exit code 1 (not a success)."""
     import sys
 
-    from ..organisms.train import RecipeFailed, train_all
+    from ..organisms.recipe import RecipeFailed, train_all
 
     if args.scale <= 0:
         raise ValueError(f"--scale must be > 0, got {args.scale}")

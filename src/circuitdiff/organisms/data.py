@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import random
 import string
-from pathlib import Path
 
 from circuitdiff.core.task import DEFAULT_OBJECTS
 
@@ -269,6 +268,3 @@ def chat_corpus(n: int, seed: int) -> list[str]:
     rng = random.Random(seed)
     return [_chat(rng, rng.randint(1, 3)) for _ in range(n)]
 
-
-def save_tokenizer(tokenizer, folder: str | Path) -> None:
-    tokenizer.save_pretrained(str(folder))
