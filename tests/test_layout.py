@@ -25,10 +25,7 @@ KNOWN_UPWARD = {
     ("methods.cmap", "organisms"),
 }
 #: known import cycles (the modules of each), each with the change that removes it
-KNOWN_CYCLES = {
-    # removed by the discovery rework: auto_chain no longer calls back into discovery
-    frozenset({"methods.discovery", "methods.auto_chain"}),
-}
+KNOWN_CYCLES: set[frozenset[str]] = set()
 
 
 def _module_name(path: Path, root: Path = PKG) -> str:
