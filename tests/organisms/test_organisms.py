@@ -103,6 +103,7 @@ def test_training_recipe_smoke(tmp_path):
         "base_model_name_or_path"] == "../base"
 
 
+@pytest.mark.slow  # a scaled recipe run through the CLI (~20 s)
 def test_cli_organisms_list_and_train(tmp_path, capsys):
     from circuitdiff.cli import main
 

@@ -108,7 +108,8 @@ GROW_STALLS = ((Phase("bind", (0, 1), 0.0, steps=4, lr=1e-3,
                [2, 4])
 
 
-@pytest.mark.parametrize("race", [1, 2], ids=["in-process", "raced"])
+@pytest.mark.parametrize("race", [1, pytest.param(2, marks=pytest.mark.slow)],
+                         ids=["in-process", "raced"])
 @pytest.mark.parametrize("phases, message, steps", [NEVER_BINDS, GROW_STALLS],
                          ids=["bind-never-passes", "grow-stalls"])
 def test_base_that_fails_its_gate_is_retried_then_fails_loudly(tmp_path, phases, message, steps,
@@ -149,6 +150,7 @@ def test_race_winner_is_decided_on_step_counts_not_on_arrival():
     assert race_winner([500, 400], [None, None], [True, False]) is None
 
 
+@pytest.mark.slow  # two bind lanes to the gate (~3.5 min)
 def test_raced_bind_hands_on_exactly_what_an_in_process_run_trains(tmp_path):
     """Oracle for the race: when lane 0 wins, the base (bind in a spawned one-thread lane, its
     weights and AdamW state handed back, grow here) is bit-identical to the base trained
