@@ -105,7 +105,7 @@ def plot_cmap_bars(d: DirectionResult, path: str | Path) -> Path:
         ax.axhline(d.target_accuracy, color="k", ls="--", lw=0.8, label="target accuracy")
     ax.set_xticks(xs)
     labels = [_bar_label(r, num) for r in rows]
-    long = max((len(t) for t in labels), default=0) > 4
+    long = max((len(t) for t in labels), default=0) > 7
     ax.set_xticklabels(labels, rotation=45 if long else 0, ha="right" if long else "center",
                        fontsize=8)
     ax.set_xlabel("patched heads (G = group; G1–G3: groups 1 to 3 together)")

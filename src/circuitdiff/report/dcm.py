@@ -150,7 +150,8 @@ def _wrap(text: str, width: int = 14) -> str:
     """A long group name on short lines (``object_mover@labels`` → ``object mover\n@labels``)."""
     import textwrap
 
-    return "\n".join(textwrap.wrap(text.replace("_", " ").replace("@", " @"), width)) or text
+    spaced = text.replace("_", " ").replace("@", " @").replace("+", " + ")
+    return "\n".join(textwrap.wrap(spaced, width)) or text
 
 
 def plot_functional_bars(rows: Sequence[FunctionalRow], path: str | Path,

@@ -104,10 +104,12 @@ def text_boxes(fig) -> list[TextBox]:
         if leg is not None and leg.get_visible():
             bb = leg.get_window_extent(renderer)
             boxes.append(TextBox(f"{tag} legend", bb.x0, bb.y0, bb.x1, bb.y1))
+    sup = getattr(fig, "_suptitle", None)
     for t in fig.texts:
-        add(t, "figure text")
-    if getattr(fig, "_suptitle", None) is not None:
-        add(fig._suptitle, "suptitle")
+        if t is not sup:
+            add(t, "figure text")
+    if sup is not None:
+        add(sup, "suptitle")
     for leg in fig.legends:
         bb = leg.get_window_extent(renderer)
         boxes.append(TextBox("figure legend", bb.x0, bb.y0, bb.x1, bb.y1))
