@@ -22,7 +22,7 @@ h1{font-size:1.7em;margin-bottom:.2em}h2{border-bottom:1px solid #ddd;padding-bo
 *,*::before,*::after{box-sizing:border-box}
 .tablewrap{max-width:100%;overflow-x:auto;margin:.6em 0 1.2em}
 table{border-collapse:collapse;font-size:.92em;max-width:100%}
-th,td{border:1px solid #d0d0d0;padding:.25em .6em;text-align:left;overflow-wrap:anywhere}
+th,td{border:1px solid #d0d0d0;padding:.25em .6em;text-align:left;overflow-wrap:break-word}
 th{background:#f3f4f6}
 td.num{text-align:right;font-variant-numeric:tabular-nums}
 figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}

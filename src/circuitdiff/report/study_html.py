@@ -235,6 +235,19 @@ def _dcm_section(s: dict, folder: Path) -> str:
                                              f"(n={n_test} prompts)"))
 
 
+def _patched(row: dict, num: dict[str, str]) -> str:
+    """What a CMAP row patches, short: ``G2 heads@labels`` for a group, ``G1 + G2 + G3`` for a
+    cumulative row (the groups are named on their own rows), as in the bar chart's ticks."""
+    if row["kind"] == "group":
+        return f"{num.get(row['name'], '')} {row['name']}".strip()
+    if row["kind"] == "cumulative":
+        return " + ".join(num.get(g, g) for g in row.get("groups", row["name"].split("+")))
+    if row["kind"] == "input":
+        group, _, comp = row["name"].partition(":")
+        return f"{num.get(group, group)} {comp}"
+    return row["name"]
+
+
 def _cmap_section(s: dict, folder: Path) -> str:
     parts = []
     for m, res in s.get("cmap", {}).items():
@@ -242,7 +255,9 @@ def _cmap_section(s: dict, folder: Path) -> str:
             parts.append(f"<h3>{esc(short_name(m))}</h3><p class='muted'>{esc(res['skipped'])}</p>")
             continue
         d = res["directions"][0]
-        body = [[r["kind"], r["name"], r["n_heads"], r["accuracy"], r["share"],
+        num = {r["name"]: f"G{i + 1}" for i, r in
+               enumerate(x for x in d["rows"] if x["kind"] == "group")}
+        body = [[r["kind"], _patched(r, num), r["n_heads"], r["accuracy"], r["share"],
                  format_interval(r.get("share_ci")) or "-", r.get("random_share")]
                 for r in d["rows"] if not r.get("empty")]
         parts.append(f"<h3>{esc(short_name(m))} → {esc(short_name(d['target']))}</h3>"
