@@ -95,10 +95,15 @@ def plot_completeness(points: Sequence, path: str | Path,
         pts = [p for p in points if p.subset.startswith(kind)]
         ax.scatter([p.circuit_minus_k for p in pts], [p.model_minus_k for p in pts],
                    marker=marker, label="whole group" if kind == "group" else "random half")
+    placed: list[tuple[float, float]] = []
     for p in points:
         if p.subset.startswith("group"):
-            ax.annotate(p.subset.split(":", 1)[1], (p.circuit_minus_k, p.model_minus_k),
-                        fontsize=7)
+            xy = (p.circuit_minus_k, p.model_minus_k)
+            # points that (nearly) coincide get their names stacked, not printed on each other
+            k = sum(abs(x - xy[0]) < 0.06 and abs(y - xy[1]) < 0.06 for x, y in placed)
+            placed.append(xy)
+            ax.annotate(p.subset.split(":", 1)[1], xy, xytext=(4, 3 + 10 * k),
+                        textcoords="offset points", fontsize=7)
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
     ax.set_xlim(-0.02, 1.02)
     ax.set_ylim(-0.02, 1.02)
