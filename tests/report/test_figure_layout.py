@@ -21,6 +21,10 @@ import torch
 from circuitdiff.core.circuit import Circuit
 from circuitdiff.report.layout import FigureLayoutWarning, layout_problems
 
+#: an unreadable figure (overlapping or clipped text) is an error in these tests
+pytestmark = pytest.mark.filterwarnings(
+    "error::circuitdiff.report.layout.FigureLayoutWarning")
+
 DATA = Path(__file__).parent / "data"
 
 

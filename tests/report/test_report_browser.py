@@ -16,6 +16,10 @@ import pytest
 from circuitdiff.core.circuit import Circuit
 from circuitdiff.core.runs import model_tag
 
+#: an unreadable figure (overlapping or clipped text) is an error in these tests
+pytestmark = pytest.mark.filterwarnings(
+    "error::circuitdiff.report.layout.FigureLayoutWarning")
+
 DATA = Path(__file__).parent / "data"
 
 
