@@ -2,8 +2,8 @@
 annotation) overlaps another or leaves the canvas, measured with matplotlib's renderer
 (:mod:`circuitdiff.report.layout`), on the results of a real study run.
 
-``data/study_summary.json`` is the ``summary.json`` of ``circuitdiff study`` on the embedded
-organisms (default settings, trimmed: no per-prompt hits, no settings dump), and
+``data/study_summary.json`` is the summary of ``circuitdiff study`` on the embedded organisms
+(default settings; trimmed: no per-prompt hits; rebuilt by ``data/make_study_summary.py``), and
 ``data/example_prompt.json`` the tokens and role positions of the flow diagram's example prompt
 (organisms tokenizer, discovery seed). Each figure function is run on them and every
 ``savefig`` is measured (the hook below), so a test fails whatever the function's own checks.
