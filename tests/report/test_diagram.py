@@ -12,6 +12,10 @@ from circuitdiff.core.circuit import Circuit, CircuitEdge, CircuitGroup
 from circuitdiff.core.task import EntityTrackingTask, TaskConfig, TaskError
 from circuitdiff.report.diagram import circuit_flow_figure, example_layout
 
+#: an unreadable figure (overlapping or clipped text) is an error in these tests
+pytestmark = pytest.mark.filterwarnings(
+    "error::circuitdiff.report.layout.FigureLayoutWarning")
+
 #: a 12-token toy prompt: two boxes, labels at 3 and 8, separators at 4 and 9, last = 11
 TOKENS = ["<s>", "The", " cup", " Box", " A", ",", " the", " pen", " Box", " B", ".", " the"]
 ROLES = {"last": [11], "labels": [4, 9], "separators": [5, 10], "query_label": [9],

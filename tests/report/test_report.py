@@ -44,7 +44,8 @@ def test_study_page_explains_what_a_reader_would_ask(tmp_path):
                             "chance": 1 / 3}}
     s["faithfulness"][0]["circuit_accuracy"] = 0.0
     html = build_study_page(s, tmp_path).render()
-    assert "class='verdict undecided'" in html and "rule: r" in html
+    assert "class='verdict undecided'" in html and "Decision rules" in html
+    assert html.count("<td>r</td>") == 1  # the rule, once, in the rules table
     assert "at or below its random baseline" in html and "below chance" in html
     assert "Empty groups (structure_reader)" in html
     assert all(term in html for term in DEFINITIONS)
@@ -61,3 +62,18 @@ def test_format_overlaps():
     ov = {"a|b": {"all": {"intersection": 1, "n_reference": 2, "precision": 0.5,
                           "recall": None}}}
     assert format_overlaps(ov) == "overlap a (reference) vs b: all 1/2 (P 0.50 R -)"
+
+
+def test_each_rule_printed_once(tmp_path):
+    """Nine verdicts over three fine-tunes share three rules: the page prints each rule once
+    (a rules table), not under every verdict."""
+    from circuitdiff.report.study_html import build_study_page
+
+    s = _summary()
+    claims = {c: {"answer": "no", "rule": f"the rule of {c}", "evidence": f"evidence {c}"}
+              for c in ("gain_carried", "same_circuit", "function_kept")}
+    s["verdicts"] = {m: claims for m in ("m1", "m2", "m3")}
+    html = build_study_page(s, tmp_path).render()
+    assert html.count("class='verdict no'") == 9
+    for c in claims:
+        assert html.count(f"the rule of {c}") == 1, c

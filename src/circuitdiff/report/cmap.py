@@ -9,7 +9,8 @@ from pathlib import Path
 from ..core.runs import RunFolder, atomic_write_text, safe_name
 from ..methods.cmap import CMAPResult, DirectionResult
 from ..core.stats import format_interval
-from .figures import integer_ticks, pyplot, save_figure
+from .figures import integer_ticks, pyplot, save_figure, with_n
+from .palette import MODEL_COLORS, RANDOM_COLOR, RANDOM_HATCH
 from .tables import fmt, short_name
 
 
@@ -53,46 +54,71 @@ def format_cmap(result: CMAPResult) -> str:
     return "\n\n".join(parts)
 
 
-def _bar_label(row) -> str:
+def _group_numbers(d: DirectionResult) -> dict[str, str]:
+    """``G1``, ``G2``, … for the circuit's groups in order (empty ones keep their number)."""
+    names = [r.name for r in d.rows if r.kind == "group"]
+    return {n: f"G{i + 1}" for i, n in enumerate(names)}
+
+
+def _bar_label(row, num: dict[str, str]) -> str:
+    """A short tick label: ``G2``, ``G1–G3`` (cumulative), ``circuit`` or ``G2 V`` (input)."""
+    if row.kind == "group":
+        return num.get(row.name, row.name)
     if row.kind == "cumulative":
-        return "cumulative: " + row.name.replace("+", "+\n")
-    return f"input {row.name}" if row.kind == "input" else row.name
+        tags = [num.get(g, g) for g in row.groups]
+        return f"{tags[0]}–{tags[-1]}" if len(tags) > 2 else "+".join(tags)
+    if row.kind == "input":
+        group, _, comp = row.name.partition(":")
+        return f"{num.get(group, group)} {comp}"
+    return row.name
 
 
 def plot_cmap_bars(d: DirectionResult, path: str | Path) -> Path:
     """Bar per patched set (groups, cumulative, circuit, input): gap share with its bootstrap
     interval, next to the random control of equal size. Plots accuracy instead when the gap is
-    0 (share undefined)."""
+    0 (share undefined). Tick labels are short (``G1``, ``G1–G3`` for groups 1 to 3 together,
+    ``G2 Q`` for one input of group 2); the legend right of the axes names the groups."""
+    from matplotlib.lines import Line2D
+
     plt = pyplot()
     rows = [r for r in d.rows if not r.empty]
+    num = _group_numbers(d)
     use_share = d.gap != 0
     value = (lambda r: r.share) if use_share else (lambda r: r.accuracy)  # noqa: E731
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.55 * len(rows) + 2), 4.2))
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.5 * len(rows) + 1.5) + 3.2, 4.2))
     xs = list(range(len(rows)))
     vals = [value(r) for r in rows]
     ci = [r.share_ci if use_share else r.accuracy_ci for r in rows]
     err = [[v - c[0] if c else 0 for v, c in zip(vals, ci)],
            [c[1] - v if c else 0 for v, c in zip(vals, ci)]]
-    ax.bar([x - 0.2 for x in xs], vals, width=0.4, yerr=err, capsize=2, label="patched (95% CI)")
+    ax.bar([x - 0.2 for x in xs], vals, width=0.4, yerr=err, capsize=2, color=MODEL_COLORS[0],
+           label="patched (95% CI)")
     rnd = [(x, r.random_share if use_share else r.random_mean) for x, r in zip(xs, rows)
            if r.random_mean is not None]
     if rnd:
-        ax.bar([x + 0.2 for x, _ in rnd], [v for _, v in rnd], width=0.4, color="0.65",
-               label="random heads, same size")
+        ax.bar([x + 0.2 for x, _ in rnd], [v for _, v in rnd], width=0.4, color=RANDOM_COLOR,
+               hatch=RANDOM_HATCH, label="random heads, same size")
     if use_share:
         ax.axhline(1.0, color="k", ls="--", lw=0.8, label="source accuracy")
         ax.axhline(0.0, color="k", lw=0.8)
     else:
         ax.axhline(d.target_accuracy, color="k", ls="--", lw=0.8, label="target accuracy")
     ax.set_xticks(xs)
-    ax.set_xticklabels([_bar_label(r) for r in rows], rotation=60, ha="right", fontsize=7)
-    ax.set_xlabel("patched heads")
+    labels = [_bar_label(r, num) for r in rows]
+    long = max((len(t) for t in labels), default=0) > 7
+    ax.set_xticklabels(labels, rotation=45 if long else 0, ha="right" if long else "center",
+                       fontsize=8)
+    ax.set_xlabel("patched heads (G = group; G1–G3: groups 1 to 3 together)")
     ax.set_ylabel("gap share\n(0 = target, 1 = source accuracy)" if use_share else "accuracy")
     noise = ("\nthe gap's interval contains 0: shares are unreliable"
              if use_share and d.gap_uncertain else "")
-    ax.set_title(f"CMAP {short_name(d.source)} → {short_name(d.target)} (n={d.n} prompts){noise}",
+    ax.set_title(with_n(f"CMAP {short_name(d.source)} → {short_name(d.target)}", d.n) + noise,
                  fontsize=9)
-    ax.legend(fontsize=7)
+    handles, texts = ax.get_legend_handles_labels()
+    key = [(Line2D([], [], ls="none"), f"{tag}: {name}") for name, tag in num.items()]
+    ax.legend(handles + [h for h, _ in key], texts + [t for _, t in key], fontsize=7,
+              loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False,
+              handlelength=1.5)
     return save_figure(fig, path)
 
 
@@ -116,7 +142,7 @@ def plot_per_head(d: DirectionResult, position: str, path: str | Path) -> Path:
     ax.set_ylabel("layer")
     integer_ticks(ax.xaxis)
     integer_ticks(ax.yaxis)
-    ax.set_title(f"single-head CMAP at {position} (n={d.n} prompts)\n"
+    ax.set_title(with_n(f"single-head CMAP at {position}", d.n) + "\n"
                  f"{short_name(d.source)} →\n{short_name(d.target)}", fontsize=8)
     fig.colorbar(im, ax=ax, label="gap share\n(0 = target, 1 = source accuracy)" if use_share
                  else "accuracy change vs target")

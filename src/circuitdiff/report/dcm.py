@@ -10,7 +10,8 @@ from typing import Sequence
 
 from ..core.runs import RunFolder, atomic_write_text
 from ..methods.dcm import DesideratumResult, FunctionalRow
-from .figures import integer_ticks, pyplot, save_figure
+from .figures import integer_ticks, pyplot, save_figure, with_n
+from .palette import RANDOM_HATCH, model_colors
 from .tables import fmt, short_name
 
 
@@ -140,36 +141,46 @@ def plot_lambda_curve(rows: Sequence[DesideratumResult], path: str | Path,
     ax_a.set_ylabel("target accuracy (test)")
     ax_a.set_ylim(-0.02, 1.02)
     ax_a.legend(fontsize=7)
-    n = f" (n={rows[0].n_test} test prompts; ★ = λ chosen on validation)" if rows else ""
-    fig.suptitle((title or "DCM λ sweep") + n, fontsize=9)
+    head = with_n(title or "DCM λ sweep", rows[0].n_test if rows else None, "test prompts")
+    fig.suptitle(head + ("; ★ = λ chosen on validation" if rows else ""), fontsize=9)
     return save_figure(fig, path)
+
+
+def _wrap(text: str, width: int = 14) -> str:
+    """A long group name on short lines (``object_mover@labels`` → ``object mover\n@labels``)."""
+    import textwrap
+
+    spaced = text.replace("_", " ").replace("@", " @").replace("+", " + ")
+    return "\n".join(textwrap.wrap(spaced, width)) or text
 
 
 def plot_functional_bars(rows: Sequence[FunctionalRow], path: str | Path,
                          title: str = "") -> Path:
     """Grouped bars: per (group, desideratum), target accuracy in each model with the selected
-    heads patched, and the random-head baseline (hatched) next to it."""
+    heads patched, and the random-head baseline (hatched) next to it. Model colours come from
+    :func:`~.palette.model_colors`; the legend sits right of the axes."""
     plt = pyplot()
     models = list(dict.fromkeys(r.model for r in rows))
     keys = list(dict.fromkeys((r.group, r.desideratum) for r in rows))
     at = {(r.group, r.desideratum, r.model): r for r in rows}
     width = 0.8 / max(1, 2 * len(models))
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(keys) + 2), 3.8))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(keys) + 1.5) + 2.6, 4.4))
+    colors = model_colors(models)
     for mi, m in enumerate(models):
-        c = colors[mi % len(colors)]
+        c = colors[m]
         xs = [k + (2 * mi) * width - 0.4 + width / 2 for k in range(len(keys))]
         acc = [at[(g, d, m)].accuracy if (g, d, m) in at else 0.0 for g, d in keys]
         rnd = [(at[(g, d, m)].random_mean or 0.0) if (g, d, m) in at else 0.0 for g, d in keys]
         ax.bar(xs, acc, width, color=c, label=f"{short_name(m)}: selected heads")
-        ax.bar([x + width for x in xs], rnd, width, color=c, alpha=0.35, hatch="//",
+        ax.bar([x + width for x in xs], rnd, width, color=c, alpha=0.35, hatch=RANDOM_HATCH,
                label=f"{short_name(m)}: random heads")
     ax.set_xticks(range(len(keys)))
-    ax.set_xticklabels([f"{g}\n{d}" for g, d in keys], fontsize=7)
+    ax.set_xticklabels([f"{_wrap(g)}\n→ {d}" for g, d in keys], fontsize=7)
+    ax.set_xlabel("group (heads selected by DCM) → desideratum")
     ax.set_ylabel("target accuracy")
-    ax.set_ylim(0, 1.35)  # room for the legend above the bars
+    ax.set_ylim(0, 1.02)
     ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
-    n = f" (n={rows[0].n} prompts)" if rows else ""
-    ax.set_title((title or "functional patching across models") + n, fontsize=9)
-    ax.legend(fontsize=6, ncol=min(4, len(models)), loc="upper center")
+    ax.set_title(with_n(title or "functional patching across models",
+                        rows[0].n if rows else None), fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return save_figure(fig, path)

@@ -30,18 +30,9 @@ from typing import Iterable, Literal, Mapping, Sequence, overload
 
 from ..core.circuit import Circuit, CircuitEdge
 from ..core.task import Prompt, TaskError, encode, split_role
-from .figures import integer_ticks, pyplot, save_figure
+from .figures import integer_ticks, pyplot, save_figure, with_n
+from .palette import EDGE_MEANING, EDGE_STYLE, GROUP_COLORS, group_colors  # noqa: F401 (re-export)
 
-#: colour and line style of each edge kind (legend and arrows)
-EDGE_STYLE: dict[str, tuple[str, str]] = {
-    "q": ("#1f5fbf", "-"),
-    "k": ("#d62728", "--"),
-    "v": ("#2ca02c", "-."),
-    "logits": ("#222222", "-"),
-}
-#: group colours, in group order (colour-blind-friendly "tab10" minus the edge colours' hues)
-GROUP_COLORS: tuple[str, ...] = ("#ff7f0e", "#9467bd", "#17becf", "#8c564b", "#e377c2",
-                                 "#bcbd22", "#7f7f7f", "#aec7e8", "#ffbb78", "#c5b0d5")
 _COL_WIDTH = 0.84   # width of one token column taken by boxes (1.0 = touching neighbours)
 _BOX_PAD = 0.38     # half-height of a one-layer box, in layers
 
@@ -75,7 +66,7 @@ class DrawnArrow:
 class FlowLayout:
     """What :func:`circuit_flow_figure` drew: boxes, arrows, the groups left out for having no
     heads, groups whose role covers no token of the example prompt, edges not drawn (an end is
-    empty or absent), the y ticks and the full title text."""
+    empty or absent), the y ticks, the full title text and the edge tags."""
 
     boxes: list[DrawnBox] = field(default_factory=list)
     arrows: list[DrawnArrow] = field(default_factory=list)
@@ -84,6 +75,8 @@ class FlowLayout:
     skipped_edges: list[CircuitEdge] = field(default_factory=list)
     yticks: list[float] = field(default_factory=list)
     title: str = ""
+    #: each edge tag drawn (q / k / v) and where: (the arrow it names, its centre)
+    tags: list[tuple[DrawnArrow, tuple[float, float]]] = field(default_factory=list)
 
     def boxes_of(self, group: str) -> list[DrawnBox]:
         return [b for b in self.boxes if b.group == group]
@@ -186,7 +179,8 @@ def circuit_flow_figure(circuit: Circuit, tokens: Sequence[str],
     drawn: dict[str, list[int]] = {}
     span: dict[str, tuple[int, int]] = {}
     color: dict[str, str] = {}
-    for gi, (name, g) in enumerate(circuit.groups.items()):
+    palette = group_colors(circuit.groups)  # the circuit graph's colours too
+    for name, g in circuit.groups.items():
         if not g.heads:
             layout.empty_groups.append(name)
             continue
@@ -197,7 +191,7 @@ def circuit_flow_figure(circuit: Circuit, tokens: Sequence[str],
         drawn[name] = toks
         layers = [layer for layer, _ in g.heads]
         span[name] = (min(layers), max(layers))
-        color[name] = GROUP_COLORS[gi % len(GROUP_COLORS)]
+        color[name] = palette[name]
 
     # groups sharing a token share its column side by side (in group order)
     at_token: dict[int, list[str]] = {}
@@ -263,9 +257,7 @@ def circuit_flow_figure(circuit: Circuit, tokens: Sequence[str],
                 r = rects[(e.sender, t)]
                 ax.plot([x, x], [r.get_y() + r.get_height(), yb], color=kind_color, lw=0.9,
                         zorder=4, solid_capstyle="butt")
-            label_x = min(xs) - 0.9 - 1.5 * (n_brackets - 1)  # labels staggered leftwards
-            left_edge = min(left_edge, label_x - 0.8)
-            ax.plot([label_x, max(xs)], [yb, yb], color=kind_color, lw=1.6, ls=ls, zorder=4)
+            ax.plot([min(xs), max(xs)], [yb, yb], color=kind_color, lw=1.6, ls=ls, zorder=4)
             if r_rect is None:
                 end = (float(last_tok), out_y - 0.12)
             else:
@@ -275,7 +267,10 @@ def circuit_flow_figure(circuit: Circuit, tokens: Sequence[str],
             x_from = max(xs) if end[0] >= max(xs) else min(xs) if end[0] <= min(xs) else end[0]
             start = (x_from, yb)
             arrow = ax.add_patch(FancyArrowPatch(start, end, patchB=r_rect, **kw))
-            label_at = (label_x, yb)
+            # the tag sits on the bracket, between two of the sender's boxes; each bracket uses
+            # a different gap, so the tags of brackets over the same tokens do not pile up
+            gap = (n_brackets - 1) % max(1, len(xs) - 1)
+            label_at = ((xs[gap] + xs[gap + 1]) / 2 if len(xs) > 1 else xs[0], yb)
             meta[id(arrow)] = DrawnArrow(e, start, end, tuple(s_toks))
         else:
             s_tok = s_toks[0]
@@ -311,6 +306,7 @@ def circuit_flow_figure(circuit: Circuit, tokens: Sequence[str],
                 label_at = ((start[0] + end[0]) / 2, max(start[1], end[1]) + 0.35)
             meta[id(arrow)] = DrawnArrow(e, start, end)
         if label_at is not None and e.kind != "logits":
+            layout.tags.append((meta[id(arrow)], label_at))
             ax.text(*label_at, e.kind, color=kind_color, fontsize=9, fontweight="bold",
                     ha="center", va="center", zorder=6,
                     bbox=dict(boxstyle="round,pad=0.15", fc="white", ec=color[e.sender],
@@ -345,7 +341,7 @@ def circuit_flow_figure(circuit: Circuit, tokens: Sequence[str],
         ax.spines[side].set_visible(False)
 
     head = title or "circuit flow"
-    if n_prompts is not None:
+    if n_prompts is not None and with_n(head, n_prompts) != head:
         head += f" (n = {n_prompts} prompts)"
     sub = []
     if layout.empty_groups:
@@ -365,10 +361,8 @@ def circuit_flow_figure(circuit: Circuit, tokens: Sequence[str],
                                         len(circuit.groups[n].heads), span[n]))
                for n in drawn]
     kinds = list(dict.fromkeys(e.kind for e in circuit.edges if e not in layout.skipped_edges))
-    names = {"q": "q: writes the receiver's query", "k": "k: writes the receiver's key",
-             "v": "v: writes the receiver's value", "logits": "logits: writes the answer"}
     handles += [Line2D([], [], color=EDGE_STYLE[k][0], ls=EDGE_STYLE[k][1], lw=1.8,
-                       label=names[k]) for k in EDGE_STYLE if k in kinds]
+                       label=EDGE_MEANING[k]) for k in EDGE_STYLE if k in kinds]
     if handles:
         ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9,
                   frameon=False, title_fontsize=9, alignment="left",

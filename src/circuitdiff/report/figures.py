@@ -1,14 +1,18 @@
 """Every figure circuitdiff draws: headless backend, atomic writes, labelled axes, integer layer
-ticks and the number of prompts in each title."""
+ticks, the number of prompts once in each title, colours from :mod:`.palette`, and a readability
+check (:mod:`.layout`: no overlapping or clipped text) before each figure is saved."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from ..core.runs import temp_path
+from .layout import warn_layout
+from .palette import MODEL_COLORS, RANDOM_HATCH
 from .tables import short_name
 
 
@@ -23,10 +27,16 @@ def pyplot():
 
 
 def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
-    """Write ``fig`` to ``path`` atomically (a killed run never leaves half a PNG) and close it."""
+    """Write ``fig`` to ``path`` atomically (a killed run never leaves half a PNG) and close it.
+
+    Before saving, the figure's text is measured (:func:`~.layout.warn_layout`): overlapping or
+    clipped labels are reported as a :class:`~.layout.FigureLayoutWarning` (the tests make it
+    an error)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
+    fig.set_dpi(dpi)  # measure at the resolution that is saved
+    warn_layout(fig, path.name)
     tmp = temp_path(path)
     try:
         fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png")
@@ -35,6 +45,14 @@ def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
         pyplot().close(fig)
         tmp.unlink(missing_ok=True)
     return path
+
+
+def with_n(title: str, n: int | None, what: str = "prompts") -> str:
+    """``title`` with `` (n=N prompts)`` appended, unless ``n`` is unknown or the title already
+    says ``n=N`` (a caller's title may carry it: never print it twice)."""
+    if n is None or re.search(rf"\bn\s*=\s*{n}\b", title):
+        return title
+    return f"{title} (n={n} {what})"
 
 
 def integer_ticks(axis) -> None:
@@ -77,10 +95,15 @@ def plot_completeness(points: Sequence, path: str | Path,
         pts = [p for p in points if p.subset.startswith(kind)]
         ax.scatter([p.circuit_minus_k for p in pts], [p.model_minus_k for p in pts],
                    marker=marker, label="whole group" if kind == "group" else "random half")
+    placed: list[tuple[float, float]] = []
     for p in points:
         if p.subset.startswith("group"):
-            ax.annotate(p.subset.split(":", 1)[1], (p.circuit_minus_k, p.model_minus_k),
-                        fontsize=7)
+            xy = (p.circuit_minus_k, p.model_minus_k)
+            # points that (nearly) coincide get their names stacked, not printed on each other
+            k = sum(abs(x - xy[0]) < 0.06 and abs(y - xy[1]) < 0.06 for x, y in placed)
+            placed.append(xy)
+            ax.annotate(p.subset.split(":", 1)[1], xy, xytext=(4, 3 + 10 * k),
+                        textcoords="offset points", fontsize=7)
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
     ax.set_xlim(-0.02, 1.02)
     ax.set_ylim(-0.02, 1.02)
@@ -106,9 +129,9 @@ def plot_knockout_curves(curves: Sequence, path: str | Path, title: str = "") ->
     ax.set_ylabel("accuracy")
     ax.set_ylim(-0.02, 1.02)
     integer_ticks(ax.xaxis)
-    n = f" (n={curves[0].n} prompts)" if curves else ""
-    ax.set_title((title or "attention knockout") + n, fontsize=9)
-    ax.legend(fontsize=7)
+    ax.set_title(with_n(title or "attention knockout", curves[0].n if curves else None),
+                 fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return save_figure(fig, path)
 
 
@@ -120,7 +143,7 @@ def discovery_heatmaps(result, out: str | Path, model_name: str) -> list[Path]:
         if not g.heads and result.circuit.settings.get("truncated_at"):
             continue  # a truncated (empty) group has no scores to show
         paths.append(score_heatmap(result.scores[group],
-                                   f"{group} @ {g.position} (n={n} prompts)\n"
+                                   with_n(f"{group} @ {g.position}", n) + "\n"
                                    f"{Path(model_name).name}",
                                    Path(out) / f"heatmap_{group}.png", g.heads))
     return paths
@@ -138,9 +161,8 @@ def plot_faithfulness_bars(rows: Sequence, path: str | Path, title: str = "") ->
                                                      is not None for m in models)]
     width = 0.8 / max(1, len(slots))
     fig, ax = plt.subplots(figsize=(max(5.5, 1.5 * len(models) + 2), 3.8))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for si, (c, rnd) in enumerate(slots):
-        color = colors[circuits.index(c) % len(colors)]
+        color = MODEL_COLORS[circuits.index(c) % len(MODEL_COLORS)]
         xs, vals, lo, hi = [], [], [], []
         for mi, m in enumerate(models):
             r = at.get((m, c))
@@ -160,7 +182,7 @@ def plot_faithfulness_bars(rows: Sequence, path: str | Path, title: str = "") ->
             xs.append(mi - 0.4 + (si + 0.5) * width)
             vals.append(v)
         ax.bar(xs, vals, width, yerr=[lo, hi], capsize=2, color=color,
-               alpha=0.35 if rnd else 1.0, hatch="//" if rnd else None,
+               alpha=0.35 if rnd else 1.0, hatch=RANDOM_HATCH if rnd else None,
                label=f"{c}: random circuits (mean ± sd)" if rnd else f"{c} (95% CI)")
     ax.axhline(1.0, color="k", ls="--", lw=0.8)
     ax.set_xticks(range(len(models)))
@@ -169,7 +191,7 @@ def plot_faithfulness_bars(rows: Sequence, path: str | Path, title: str = "") ->
     ax.set_ylabel("faithfulness (circuit acc / model acc)")
     ax.set_ylim(0, 1.45)
     ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.2])
-    n = f" (n={rows[0].n} prompts)" if rows else ""
-    ax.set_title((title or "faithfulness of the base circuits on every model") + n, fontsize=9)
+    ax.set_title(with_n(title or "faithfulness of the base circuits on every model",
+                        rows[0].n if rows else None), fontsize=9)
     ax.legend(fontsize=7, ncol=2, loc="upper center")
     return save_figure(fig, path)

@@ -19,11 +19,15 @@ _STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;
 padding:0 1em;color:#1d1d1f;line-height:1.45}
 h1{font-size:1.7em;margin-bottom:.2em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.8em}
-table{border-collapse:collapse;margin:.6em 0 1.2em;font-size:.92em}
-th,td{border:1px solid #d0d0d0;padding:.25em .6em;text-align:left}th{background:#f3f4f6}
+*,*::before,*::after{box-sizing:border-box}
+.tablewrap{max-width:100%;overflow-x:auto;margin:.6em 0 1.2em}
+table{border-collapse:collapse;font-size:.92em;max-width:100%}
+th,td{border:1px solid #d0d0d0;padding:.25em .6em;text-align:left;overflow-wrap:break-word}
+th{background:#f3f4f6}
 td.num{text-align:right;font-variant-numeric:tabular-nums}
 figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}
 figcaption{font-size:.88em;color:#555}
+pre{white-space:pre-wrap;overflow-wrap:anywhere;max-width:100%}
 .verdict{border-left:5px solid #999;padding:.4em .9em;margin:.6em 0;background:#fafafa}
 .verdict.yes{border-color:#2e7d32}.verdict.no{border-color:#c62828}.verdict.undecided{border-color:#f9a825}
 .verdict b{text-transform:uppercase;font-size:.85em;letter-spacing:.03em}
@@ -50,7 +54,8 @@ def esc(text) -> str:
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence], caption: str = "") -> str:
-    """An HTML table; numbers are right-aligned, ``None`` shows as "undefined"."""
+    """An HTML table; numbers are right-aligned, ``None`` shows as "undefined". Long cells wrap
+    and a table still wider than the page scrolls inside its own box (never the page)."""
     def cell(v) -> str:
         if v is None:
             return "<td>undefined</td>"
@@ -62,7 +67,8 @@ def table(header: Sequence[str], rows: Sequence[Sequence], caption: str = "") ->
     cap = f"<caption class='muted'>{esc(caption)}</caption>" if caption else ""
     head = "".join(f"<th>{esc(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(cell(v) for v in r) + "</tr>" for r in rows)
-    return f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return (f"<div class='tablewrap'><table>{cap}<thead><tr>{head}</tr></thead>"
+            f"<tbody>{body}</tbody></table></div>")
 
 
 def figure(png: str | Path, caption: str) -> str:

@@ -8,7 +8,8 @@ from typing import Sequence
 
 from ..core.circuit import Circuit, format_head
 from ..core.task import PARTITION_ROLES
-from .figures import integer_ticks, pyplot, save_figure
+from .figures import integer_ticks, pyplot, save_figure, with_n
+from .palette import EDGE_MEANING, EDGE_STYLE, group_colors
 
 
 def scan_heatmap(result, path: str | Path, title: str = "") -> Path:
@@ -37,50 +38,83 @@ def scan_heatmap(result, path: str | Path, title: str = "") -> Path:
     return save_figure(fig, path)
 
 
-def circuit_graph(circuit: Circuit, path: str | Path, title: str = "") -> Path:
-    """The circuit as a graph: one box per group (function, role, heads) placed by role
-    (columns) and mean layer (rows), arrows ``sender --kind--> receiver``, the logits on top."""
-    plt = pyplot()
+def _short_function(name: str, function: str) -> str:
+    """A group's box label without its ``@ role`` (the column already says the role)."""
+    return (function or name).split(" @ ")[0].split("@")[0].replace("_", " ")
 
-    order = [r for r in PARTITION_ROLES]
-    roles = list(dict.fromkeys(g.position for g in circuit.groups.values()))
-    cols = sorted(roles, key=lambda r: (order.index(r) if r in order else len(order), r))
-    xy: dict[str, tuple[float, float]] = {}
-    per_cell: dict[tuple[str, float], int] = {}
-    for name, g in circuit.groups.items():
-        y = sum(l for l, _ in g.heads) / max(1, len(g.heads))
-        cell = (g.position, round(y, 1))
-        k = per_cell.get(cell, 0)
-        per_cell[cell] = k + 1
-        xy[name] = (cols.index(g.position) + 0.18 * k, y + 0.35 * k)
-    top = max([y for _, y in xy.values()] + [circuit.n_layers - 1]) + 1.2
-    xy["logits"] = ((len(cols) - 1) / 2, top)
-    fig, ax = plt.subplots(figsize=(max(6.0, 2.6 * len(cols)), max(4.0, 1.1 * top + 1.5)))
-    colors = {"q": "tab:blue", "k": "tab:orange", "v": "tab:green", "logits": "black"}
+
+def _wrap_heads(heads, per_line: int = 4) -> str:
+    names = [format_head(h) for h in heads]
+    return "\n".join(" ".join(names[i:i + per_line]) for i in range(0, len(names), per_line))
+
+
+def circuit_graph(circuit: Circuit, path: str | Path, title: str = "") -> Path:
+    """The circuit as a graph: one box per group (its function and heads), in a column of its
+    own grouped by role, at the group's mean layer; arrows ``sender → receiver`` coloured and
+    dashed by edge kind (:data:`~.palette.EDGE_STYLE`, as in the flow diagram), the output on top.
+    Box colours are the groups' colours of the flow diagram (:func:`~.palette.group_colors`)."""
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FixedLocator
+
+    plt = pyplot()
+    order = list(PARTITION_ROLES)
+    groups = {n: g for n, g in circuit.groups.items() if g.heads}
+    mean = {n: sum(l for l, _ in g.heads) / len(g.heads) for n, g in groups.items()}
+    roles = sorted(dict.fromkeys(g.position for g in groups.values()),
+                   key=lambda r: (order.index(r) if r in order else len(order), r))
+    # every group its own slot: roles left to right, inside a role by mean layer
+    slots = sorted(groups, key=lambda n: (roles.index(groups[n].position), mean[n], n))
+    xy = {n: (float(i), mean[n]) for i, n in enumerate(slots)}
+    colors = group_colors(circuit.groups)
+    n_layers = circuit.n_layers
+    out_y = n_layers - 0.2
+    senders = [e.sender for e in circuit.edges if e.kind == "logits" and e.sender in xy]
+    out_x = sum(xy[s][0] for s in senders) / len(senders) if senders else (len(slots) - 1) / 2
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.5 * len(slots) + 3.2),
+                                    max(4.2, 0.9 * n_layers + 2.4)))
+    drawn_kinds = []
     for e in circuit.edges:
-        (x0, y0), (x1, y1) = xy[e.sender], xy[e.receiver]
+        if e.sender not in xy or (e.receiver != "logits" and e.receiver not in xy):
+            continue
+        (x0, y0) = xy[e.sender]
+        (x1, y1) = (out_x, out_y) if e.receiver == "logits" else xy[e.receiver]
+        col, ls = EDGE_STYLE[e.kind]
         ax.annotate("", xy=(x1, y1), xytext=(x0, y0),
-                    arrowprops=dict(arrowstyle="->", color=colors[e.kind], lw=1.4,
-                                    shrinkA=18, shrinkB=18, connectionstyle="arc3,rad=0.12"))
-        ax.text((x0 + x1) / 2, (y0 + y1) / 2, e.kind, color=colors[e.kind], fontsize=8,
-                ha="center", va="center", bbox=dict(fc="white", ec="none", pad=0.5))
-    for name, g in circuit.groups.items():
-        x, y = xy[name]
-        heads = " ".join(format_head(h) for h in g.heads)
-        ax.text(x, y, f"{g.function or name}\n{heads}", ha="center", va="center", fontsize=7,
-                bbox=dict(boxstyle="round", fc="lightyellow", ec="gray"))
-    ax.text(*xy["logits"], "logits @ last", ha="center", va="center", fontsize=8,
-            bbox=dict(boxstyle="round", fc="lightgray", ec="gray"))
-    ax.set_xticks(range(len(cols)))
-    ax.set_xticklabels(cols)
-    ax.set_xlim(-0.7, len(cols) - 0.3)
-    ax.set_ylim(-0.8, top + 0.8)
+                    arrowprops=dict(arrowstyle="-|>", color=col, lw=1.6, ls=ls,
+                                    shrinkA=22, shrinkB=22, connectionstyle="arc3,rad=0.3"))
+        drawn_kinds.append(e.kind)
+    for n in slots:
+        g = groups[n]
+        ax.text(*xy[n], f"{_short_function(n, g.function)}\n{_wrap_heads(g.heads)}",
+                ha="center", va="center", fontsize=8, zorder=4,
+                bbox=dict(boxstyle="round", fc=colors[n], ec="black", alpha=0.85))
+    if senders:
+        ax.text(out_x, out_y, "output (logits)", ha="center", va="center", fontsize=8, zorder=4,
+                bbox=dict(boxstyle="round", fc="#f3f3f3", ec="black"))
+    ax.axhline(n_layers - 0.5, color="0.6", lw=0.8, ls=":")
+    # role names under their slots
+    centres = [sum(i for i, n in enumerate(slots) if groups[n].position == r)
+               / sum(1 for n in slots if groups[n].position == r) for r in roles]
+    ax.set_xticks(centres)
+    ax.set_xticklabels(roles)
+    for a, b in zip(roles, roles[1:]):
+        last_a = max(i for i, n in enumerate(slots) if groups[n].position == a)
+        ax.axvline(last_a + 0.5, color="0.85", lw=0.8)
+    ax.set_xlim(-0.6, max(len(slots), 1) - 0.4)
+    ax.set_ylim(-0.8, n_layers + 0.2)
+    ax.yaxis.set_major_locator(FixedLocator(list(range(n_layers))))
     ax.set_xlabel("role (token positions the group reads at)")
     ax.set_ylabel("layer (mean over the group's heads)")
-    integer_ticks(ax.yaxis)
-    n = circuit.settings.get("n_prompts")
-    ax.set_title(f"{title or Path(circuit.model).name}: circuit graph"
-                 f"{f' (n={n} prompts)' if n else ''}; edges q / k / v / logits", fontsize=9)
+    empty = [n for n, g in circuit.groups.items() if not g.heads]
+    head = with_n(f"{title or Path(circuit.model).name}: circuit graph",
+                  circuit.settings.get("n_prompts"))
+    ax.set_title(head + (f"\nempty (not drawn): {', '.join(empty)}" if empty else ""),
+                 fontsize=9)
+    handles = [Line2D([], [], color=EDGE_STYLE[k][0], ls=EDGE_STYLE[k][1], lw=1.8,
+                      label=EDGE_MEANING[k]) for k in EDGE_STYLE if k in drawn_kinds]
+    if handles:
+        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8,
+                  frameon=False, title="edges", title_fontsize=8, alignment="left")
     return save_figure(fig, path)
 
 
@@ -102,8 +136,7 @@ def plot_size_curve(curve: Sequence[dict], path: str | Path, target: float,
     ax.set_xlabel("circuit size ((head, role) units)")
     ax.set_ylabel("faithfulness (paper protocol)")
     integer_ticks(ax.xaxis)
-    ax.set_title((title or "size vs faithfulness") + (f" (n={n} held-out prompts)" if n else ""),
-                 fontsize=9)
+    ax.set_title(with_n(title or "size vs faithfulness", n, "held-out prompts"), fontsize=9)
     ax.legend(fontsize=7)
     return save_figure(fig, path)
 

@@ -83,6 +83,19 @@ def _circuit_table(circuit: dict) -> str:
             + edges + note)
 
 
+def _rules_table(verdicts: dict) -> str:
+    """Each claim's decision rule once (the rules are the same for every fine-tune; a rule that
+    differs between fine-tunes gets a row per variant)."""
+    rules: dict[tuple[str, str], None] = {}
+    for claims in verdicts.values():
+        for key, d in claims.items():
+            if d.get("rule"):
+                rules[(CLAIM_TITLES.get(key, key), d["rule"])] = None
+    return ("<h3>Decision rules</h3>"
+            + _table(["claim", "rule (applied to every fine-tune above)"], list(rules),
+                     "how each verdict is decided"))
+
+
 def _summary_section(s: dict) -> str:
     parts = []
     acc = s.get("accuracy", {})
@@ -116,9 +129,9 @@ def _summary_section(s: dict) -> str:
     for ft, claims in v.items():
         parts.append(f"<h3>{esc(ft)}</h3>")
         for key, d in claims.items():
-            parts.append(verdict(CLAIM_TITLES.get(key, key), d["answer"], d["evidence"])
-                         + f"<div class='muted' style='margin:-.3em 0 .6em 1.4em'>rule: "
-                           f"{esc(d['rule'])}</div>")
+            parts.append(verdict(CLAIM_TITLES.get(key, key), d["answer"], d["evidence"]))
+    if v:
+        parts.append(_rules_table(v))
     if not v and len(s.get("models", [])) > 1 and "no_circuit" not in s:
         parts.append("<p class='muted'>No verdicts: the steps they need were not run.</p>")
     return "".join(parts)
@@ -185,7 +198,8 @@ def _knockout_section(s: dict, folder: Path) -> str:
         for edge, c in curves.items():
             body.append([short_name(m), edge, c["baseline"], min(c["accuracy"]), c["n"]])
         parts.append(_fig(folder, f"knockout/{model_tag(m)}.png",
-                          f"attention knockout on {short_name(m)} "
+                          f"Attention knockout on {short_name(m)}: accuracy when attention "
+                          f"along each edge is blocked in layers ≥ L "
                           f"(n={next(iter(curves.values()))['n']} prompts)"))
     n_eval = s.get("config", {}).get("evaluation", {}).get("n_prompts")
     note = (f"<p class='muted'>Knockout runs on the first {body[0][4]} of the {n_eval} evaluation "
@@ -221,6 +235,19 @@ def _dcm_section(s: dict, folder: Path) -> str:
                                              f"(n={n_test} prompts)"))
 
 
+def _patched(row: dict, num: dict[str, str]) -> str:
+    """What a CMAP row patches, short: ``G2 heads@labels`` for a group, ``G1 + G2 + G3`` for a
+    cumulative row (the groups are named on their own rows), as in the bar chart's ticks."""
+    if row["kind"] == "group":
+        return f"{num.get(row['name'], '')} {row['name']}".strip()
+    if row["kind"] == "cumulative":
+        return " + ".join(num.get(g, g) for g in row.get("groups", row["name"].split("+")))
+    if row["kind"] == "input":
+        group, _, comp = row["name"].partition(":")
+        return f"{num.get(group, group)} {comp}"
+    return row["name"]
+
+
 def _cmap_section(s: dict, folder: Path) -> str:
     parts = []
     for m, res in s.get("cmap", {}).items():
@@ -228,7 +255,9 @@ def _cmap_section(s: dict, folder: Path) -> str:
             parts.append(f"<h3>{esc(short_name(m))}</h3><p class='muted'>{esc(res['skipped'])}</p>")
             continue
         d = res["directions"][0]
-        body = [[r["kind"], r["name"], r["n_heads"], r["accuracy"], r["share"],
+        num = {r["name"]: f"G{i + 1}" for i, r in
+               enumerate(x for x in d["rows"] if x["kind"] == "group")}
+        body = [[r["kind"], _patched(r, num), r["n_heads"], r["accuracy"], r["share"],
                  format_interval(r.get("share_ci")) or "-", r.get("random_share")]
                 for r in d["rows"] if not r.get("empty")]
         parts.append(f"<h3>{esc(short_name(m))} → {esc(short_name(d['target']))}</h3>"
@@ -288,11 +317,16 @@ def build_study_page(summary: dict, folder: str | Path) -> HtmlPage:
                       f" (discovery n={s['config'].get('discovery', {}).get('n_prompts', '?')}"
                       f" prompts)")
                  + _circuit_table(s["circuit"]))
+        n_disc = s["config"].get("discovery", {}).get("n_prompts", "?")
+        n_val = s.get("discovery", {}).get("sizing", {}).get("n_validate", "?")
         disc = (_fig(folder, "discover/scan.png", "Position scan: accuracy with one layer's heads "
-                     "mean-ablated at one role")
+                     f"mean-ablated at one role (n={n_disc} prompts)")
                 + _fig(folder, "discover/curve.png", "Faithfulness against circuit size on "
-                       "held-out prompts")
-                + _fig(folder, "discover/circuit_graph.png", "Circuit graph with edge scores"))
+                       f"held-out prompts (n={n_val} prompts)")
+                + _fig(folder, "discover/circuit_graph.png",
+                       "Circuit graph: one box per group (its heads), columns by role, height "
+                       "the group's mean layer; arrows coloured by edge kind as in the flow "
+                       f"diagram (discovery n={n_disc} prompts)"))
         if s.get("paper_circuit"):
             heat = "".join(figure(p, f"paper chain: path-patching scores, {p.stem[8:]}")
                            for p in sorted((folder / "discover_paper").glob("heatmap_*.png")))
