@@ -33,12 +33,13 @@ from typing import Any, Callable, Sequence
 
 from .core.circuit import Circuit
 from .core.model import LoadedModel
+from .core.pool import ModelPool
 from .core.runs import (RunFolder, atomic_write_text, environment, model_tag, safe_name,
                         settings_digest)
 from .core.task import EntityTrackingTask, TaskConfig
 from .methods.accuracy import evaluate_accuracy
 from .methods.auto_chain import DiscoveryError, NoCircuitError
-from .methods.cmap import CMAPConfig, cmap
+from .methods.cmap import CMAPConfig, run as run_cmap
 from .methods.dcm import DCMConfig, DCMResult, dcm, dcm_view, functional_patching, prepare
 from .methods.discovery import DiscoveryConfig, discover
 from .methods.evaluation import EvalConfig, evaluate_matrix
@@ -183,7 +184,7 @@ class StudyConfig:
                 "paper_discovery": None if self.paper_discovery is None
                 else self.paper_discovery.to_dict(),
                 "own_discovery": self.fine_tune_discovery.to_dict(),
-                "dcm": self.dcm.key(), "cmap": self.cmap.key(),
+                "dcm": self.dcm.key(), "cmap": self.cmap.settings(),
                 "knockout_prompts": self.knockout_prompts, "rules": asdict(self.rules),
                 "steps": list(self.steps)}
 
@@ -526,8 +527,9 @@ def _step_cmap(st: _Study) -> None:
                 st.log(f"  {spec}: {why}")
                 out[spec] = {"skipped": why, "gap": gap, "gap_ci": ci}
                 continue
-            res = cmap(st.base_spec, spec, None, circuit, st.cfg.cmap, load=st.load,
-                       folder=st.folder, progress=st.progress)
+            res = run_cmap(ModelPool([st.base_spec, spec], st.load), None,
+                           replace(st.cfg.cmap, circuit=circuit), store=st.folder,
+                           progress=st.progress)
             d = res.directions[0]  # fine-tune -> base
             plot_cmap_bars(d, st.folder.file(f"cmap/{model_tag(spec)}.png"))
             out[spec] = res.to_dict()
@@ -540,7 +542,7 @@ def _step_cmap(st: _Study) -> None:
                 st.log(f"  {spec}: gap {d.gap:+.2f}; the circuit carries {share} of it")
         return out
 
-    st.step("cmap", {"base": st.base_spec, "models": st.fine_tunes, "cmap": st.cfg.cmap.key(),
+    st.step("cmap", {"base": st.base_spec, "models": st.fine_tunes, "cmap": st.cfg.cmap.settings(),
                      "circuit": circuit.to_dict(),
                      "accuracy": settings_digest(st.results["accuracy"]),
                      "rules": asdict(st.cfg.rules)}, compute)

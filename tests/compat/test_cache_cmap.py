@@ -61,11 +61,11 @@ def circuit() -> Circuit:
 
 def run_cmap(base: str, finetuned: str, out) -> None:
     """One CMAP run of the pair into ``out`` (the call shape of the current code)."""
-    from circuitdiff.methods.cmap import CMAPConfig, cmap
+    from circuitdiff.methods.cmap import CMAPConfig, run
 
     cfg = CMAPConfig(n_prompts=6, n_boxes=4, random_draws=1, bootstrap=10, batch_size=3,
-                     max_rows=16, input=True, reverse=True)
-    cmap(base, finetuned, None, circuit(), cfg, folder=RunFolder(out))
+                     max_rows=16, input=True, reverse=True, circuit=circuit())
+    run([base, finetuned], None, cfg, store=RunFolder(out))
 
 
 def saved_settings(run) -> dict:

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from .arch import Architecture, resolve
-from .specs import (ModelSpecError, adapter_base, check_local, check_resolvable,  # noqa: F401
-                    hub_reachable, is_adapter_folder, organism_name, organism_path, split_gguf)
+from .specs import (ModelSpecError, adapter_base, check_local, check_resolvable, is_adapter_folder,
+                    organism_name, organism_path, split_gguf)
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
