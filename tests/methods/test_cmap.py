@@ -375,3 +375,31 @@ def test_report_files(tiny, prompts, tmp_path):
     names = sorted(p.name for p in paths)
     assert names == ["bars_finetuned_to_base.png", "heads_finetuned_to_base_last.png",
                      "result.json", "table.txt"]
+
+
+def test_rows_count_units_and_distinct_heads_apart(tiny, prompts):
+    """Issue 31: a head the circuit uses at two positions is two (head, role) units but one
+    head; the circuit's size is its units, in the rows and in the table."""
+    ft = finetune_layer0_qkv(tiny)
+    c = Circuit({"a": CircuitGroup([(0, 1), (1, 2)], "last"),
+                 "b": CircuitGroup([(0, 1)], "query_label")}, 3, 4, "tiny")
+    res = run([tiny, ft], prompts, cfg(circuit=c, random_draws=0, input=True))
+    rows = {r.name: r for r in res.directions[0].rows}
+    assert (rows["circuit"].n_units, rows["circuit"].n_heads) == (3, 2)
+    assert (rows["a"].n_units, rows["a"].n_heads) == (2, 2)
+    assert (rows["b:QKV"].n_units, rows["b:QKV"].n_heads) == (1, 1)
+    table = format_cmap(res).splitlines()
+    assert "units" in table[1] and "heads" in table[1]
+    assert any(line.startswith("circuit") and "| 3 " in line and "| 2 " in line for line in table)
+
+
+def test_config_key_is_derived_and_needs_a_circuit(tiny, prompts):
+    c = cfg()
+    assert "batch_size" not in c.cache_key() and "max_rows" not in c.cache_key()
+    assert c.cache_key()["circuit"] == circuit().to_dict()
+    assert "circuit" not in c.settings()
+    assert CMAPConfig.from_dict(c.to_dict()).cache_key() == c.cache_key()
+    with pytest.raises(ValueError, match="circuit"):
+        run([tiny, tiny], prompts, cfg(circuit=None))
+    with pytest.raises(ValueError, match="confidence"):
+        cfg(confidence=float("nan"))

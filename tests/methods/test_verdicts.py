@@ -118,6 +118,10 @@ def test_gain_carried_is_undecided_without_a_gain():
     v = gain_carried({"cmap": _cmap([-0.05, 0.1], [0.7, 0.9])}, "ft", RULES)
     assert v["answer"] == UNDECIDED and "no gain to explain" in v["evidence"]
     assert gain_carried({}, "ft", RULES)["answer"] == UNDECIDED
+    units = _cmap([0.2, 0.4], [0.7, 0.9])
+    units["ft"]["directions"][0]["rows"][0]["n_units"] = 22  # issue 31: 22 units, 20 heads
+    assert "22 (head, role) units, 20 distinct heads" in gain_carried({"cmap": units}, "ft",
+                                                                      RULES)["evidence"]
 
 
 def test_verdicts_cover_every_fine_tune_and_claim():

@@ -182,9 +182,18 @@ def gain_carried(results: dict, spec: str, rules: VerdictRules) -> dict:
     ci = whole.get("share_ci")
     rnd = whole.get("random_share")
     return _verdict(against(ci, rules.carried), rule,
-                    f"{gtxt}; the circuit ({whole['n_heads']} heads) carries {whole['share']:.2f} "
+                    f"{gtxt}; the circuit ({_size(whole)}) carries {whole['share']:.2f} "
                     f"{_ci(ci)} of it" + ("" if rnd is None else f" (random heads: {rnd:.2f})"),
                     gap=gap, gap_ci=gap_ci, share=whole["share"], share_ci=ci)
+
+
+def _size(row: dict) -> str:
+    """A CMAP row's size as the circuit counts it: (head, role) units, and the distinct heads
+    among them when fewer (a row saved before units were counted: its heads)."""
+    heads, units = row["n_heads"], row.get("n_units")
+    if units is None:
+        return f"{heads} heads"
+    return f"{units} (head, role) units" + (f", {heads} distinct heads" if heads != units else "")
 
 
 def verdicts(results: dict, base: str, fine_tunes: Sequence[str], rules: VerdictRules,
