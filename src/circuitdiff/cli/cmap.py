@@ -96,7 +96,8 @@ def run(args) -> dict:
         if w not in pair.warnings:
             print(f"circuitdiff cmap: warning: {w}", file=sys.stderr)
     pair_name = f"{model_tag(args.finetuned)}_vs_{model_tag(args.base)}"
-    paths = save_cmap_report(result, folder, f"cmap/{safe_name(Path(args.circuit).stem)}/{pair_name}")
+    prefix = f"cmap/{safe_name(Path(args.circuit).stem)}/{pair_name}"
+    paths = save_cmap_report(result, folder, prefix)
     how = "LoRA adapter toggled" if pair.lora else "two models, one at a time"
     print(f"CMAP of {args.circuit} ({how}, {result.seconds:.0f} s)")
     print(format_cmap(result))

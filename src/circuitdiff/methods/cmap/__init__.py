@@ -49,7 +49,8 @@ from ...core.specs import check_pair
 from ...core.task import Batch, Prompt, batches
 from ..base import as_store
 from ..faithfulness import random_circuits
-from .config import ALL_POSITIONS, COMPONENTS, FORWARD, REVERSE, CMAPConfig, CMAPError, cmap_prompts
+from .config import (ALL_POSITIONS, COMPONENTS, FORWARD, REVERSE, CMAPConfig, CMAPError,
+                     cmap_prompts)
 from .engine import _patch, _record, cmap_pool, grid, input_edits, output_edits, patched_logits
 from .patches import (Endpoint, InputPatch, ModelRef, OutputPatch, _Plan, _union, has_adapter,
                       position_index)
