@@ -403,3 +403,16 @@ def test_config_key_is_derived_and_needs_a_circuit(tiny, prompts):
         run([tiny, tiny], prompts, cfg(circuit=None))
     with pytest.raises(ValueError, match="confidence"):
         cfg(confidence=float("nan"))
+
+
+def test_positions_are_the_task_roles_as_index_columns(tokenizer, prompts):
+    """CMAP's positions are the task's roles through ``Batch.role_index`` (``[B, P]``), plus
+    ``all``; an unknown name is a one-line TaskError."""
+    from circuitdiff.core.task import TaskError
+    from circuitdiff.methods.cmap import position_index
+
+    b = batches(prompts, tokenizer, 64)[0]
+    assert torch.equal(position_index(b, "last"), b.role("last")[:, None])
+    assert position_index(b, "all").shape == b.input_ids.shape
+    with pytest.raises(TaskError, match="nope"):
+        position_index(b, "nope")
