@@ -94,3 +94,28 @@ def test_cmap_cache_names_and_settings_are_the_old_ones(tmp_path, tokenizer, mon
         assert saved[NAMES["lora"][1]] == LORA_FORWARD
         assert saved[NAMES["lora"][3]] == {**LORA_FORWARD, "model": "lora[adapter on]",
                                            "plan": LORA_PLAN}
+
+
+def test_a_result_saved_before_units_resumes_with_units(tmp_path, tokenizer, monkeypatch):
+    """Rows cached before ``n_units`` existed are read, not recomputed, and get their units
+    from the circuit."""
+    import circuitdiff.methods.cmap as cm
+
+    save_base_and_lora(tokenizer, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    run_cmap("base", "lora", tmp_path / "run")
+    for name in NAMES["lora"][:2]:
+        f = tmp_path / "run" / name
+        saved = json.loads(f.read_text())
+        for r in saved["result"]["rows"]:
+            del r["n_units"]
+        f.write_text(json.dumps(saved))
+    monkeypatch.setattr(cm, "_direction", lambda *a, **k: pytest.fail("recomputed"))
+    cfg = cm.CMAPConfig(n_prompts=6, n_boxes=4, random_draws=1, bootstrap=10, batch_size=3,
+                        max_rows=16, input=True, reverse=True, circuit=circuit())
+    res = cm.run(["base", "lora"], None, cfg, store=RunFolder(tmp_path / "run"))
+    rows = {r.name: r.n_units for r in res.directions[0].rows}
+    assert rows == {"value_fetcher": 2, "position_detector": 1, "structure_reader": 0,
+                    "value_fetcher+position_detector": 3, "circuit": 3,
+                    **{f"{g}:{c}": n for g, n in (("value_fetcher", 2), ("position_detector", 1))
+                       for c in ("Q", "K", "V", "QK", "QKV")}}
