@@ -38,7 +38,7 @@ from .core.runs import (RunFolder, atomic_write_text, environment, model_tag,
                         settings_digest)
 from .core.task import EntityTrackingTask, TaskConfig
 from .methods import accuracy, discovery, evaluation, knockout
-from .methods.cmap import CMAPConfig, cmap
+from .methods.cmap import CMAPConfig, run as run_cmap
 from .methods import dcm
 from .methods.dcm import DCMConfig, DCMResult, FunctionalConfig
 from .methods.discovery import DiscoveryConfig, DiscoveryError, NoCircuitError
@@ -183,7 +183,7 @@ class StudyConfig:
                 "paper_discovery": None if self.paper_discovery is None
                 else self.paper_discovery.to_dict(),
                 "own_discovery": self.fine_tune_discovery.to_dict(),
-                "dcm": self.dcm.cache_key(), "cmap": self.cmap.key(),
+                "dcm": self.dcm.cache_key(), "cmap": self.cmap.settings(),
                 "knockout_prompts": self.knockout_prompts, "rules": asdict(self.rules),
                 "steps": list(self.steps)}
 
@@ -511,8 +511,9 @@ def _step_cmap(st: _Study) -> None:
                 st.log(f"  {spec}: {why}")
                 out[spec] = {"skipped": why, "gap": gap, "gap_ci": ci}
                 continue
-            res = cmap(st.base_spec, spec, None, circuit, st.cfg.cmap, load=st.load,
-                       folder=st.folder, progress=st.progress)
+            res = run_cmap(ModelPool([st.base_spec, spec], st.load), None,
+                           replace(st.cfg.cmap, circuit=circuit), store=st.folder,
+                           progress=st.progress)
             d = res.directions[0]  # fine-tune -> base
             plot_cmap_bars(d, st.folder.file(f"cmap/{model_tag(spec)}.png"))
             out[spec] = res.to_dict()
@@ -525,7 +526,7 @@ def _step_cmap(st: _Study) -> None:
                 st.log(f"  {spec}: gap {d.gap:+.2f}; the circuit carries {share} of it")
         return out
 
-    st.step("cmap", {"base": st.base_spec, "models": st.fine_tunes, "cmap": st.cfg.cmap.key(),
+    st.step("cmap", {"base": st.base_spec, "models": st.fine_tunes, "cmap": st.cfg.cmap.settings(),
                      "circuit": circuit.to_dict(),
                      "accuracy": settings_digest(st.results["accuracy"]),
                      "rules": asdict(st.cfg.rules)}, compute)

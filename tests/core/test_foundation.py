@@ -385,3 +385,19 @@ def test_gemma3_architecture_in_process(tokenizer, prompts):
     assert torch.allclose(same, clean, atol=1e-5)
     changed = last_logits(loaded, batch, [Write(1, torch.zeros_like(r.out[1]))])
     assert not torch.allclose(changed, clean, atol=1e-4)
+
+
+def test_core_owns_the_organisms_path_and_never_imports_organisms():
+    """Loading an organism needs only core: the weights' folder is core's (organisms trains
+    them and imports the path from core, never the reverse)."""
+    from pathlib import Path
+
+    import circuitdiff.core as core
+    from circuitdiff.core.specs import ORGANISMS_DIR, organism_path
+    from test_layout import _imported_parts
+
+    assert organism_path("base") == ORGANISMS_DIR / "base"
+    assert ORGANISMS_DIR.parts[-2:] == ("data", "organisms")
+    importers = [p.name for p in Path(core.__file__).parent.rglob("*.py")
+                 if "organisms" in _imported_parts(p)]
+    assert not importers, importers
