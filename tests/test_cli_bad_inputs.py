@@ -151,6 +151,7 @@ def test_two_runs_on_one_folder_end_cleanly(saved_models, tmp_path):
     assert sum(r.endswith("curves.json") for r in results) == 1, results
 
 
+@pytest.mark.slow  # two CLI processes, one waiting (~15 s)
 def test_a_run_waits_for_the_lock(saved_models, tmp_path):
     """While another run holds the folder, a new run waits (says so, writes nothing) and then
     finishes once the folder is free."""

@@ -257,6 +257,7 @@ def test_positions_smollm2_tokenizer(smollm2_path):
     check_roles(tok)  # the whole position schema (tests/core/test_roles.py), same tokenizer
 
 
+@pytest.mark.slow  # the Gemma-3 GGUF tokenizer (~35 s)
 def test_positions_gemma3_tokenizer(gemma3_path):
     from circuitdiff.core.model import load_tokenizer
 
@@ -343,6 +344,7 @@ def test_load_bad_input(saved_models, tokenizer, tmp_path):
         load_model(str(tmp_path / "empty"))
 
 
+@pytest.mark.slow  # de-quantises a 135M GGUF (~40 s)
 def test_smollm2_gguf_loads_and_evaluates(smollm2_path):
     loaded = load_model(smollm2_path)
     assert (loaded.arch.n_heads, loaded.arch.n_kv_heads, loaded.arch.head_dim) == (9, 3, 64)
