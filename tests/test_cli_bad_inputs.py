@@ -79,7 +79,7 @@ CATALOGUE = [
     ("circuit-unknown-role", lambda c: ["evaluate", "--circuit", c["bad_role"], "--model",
                                         "organism:base", "--out", c["out"]], "unknown role"),
     ("study-negative-n", lambda c: ["study", "-n", "-5", "--out", c["out"]], "at least 1"),
-    ("study-n-mean-0", lambda c: ["study", "--n-mean", "0", "--out", c["out"]], "n_mean"),
+    ("study-n-mean-0", lambda c: ["study", "--n-mean", "0", "--out", c["out"]], "--n-mean: must be at least 1"),
     ("out-read-only", lambda c: ["data", "-n", "4", "--out", "/proc/circuitdiff-test"],
      "not writable"),
     ("study-unknown-step", lambda c: ["study", "--steps", "discover,scna", "--out", c["out"]],
