@@ -266,6 +266,8 @@ def check_inputs(args) -> None:
             raise InputError(f"--adapter {adapter} holds no adapter_config.json; pass a peft "
                              f"LoRA adapter folder")
         read_json(folder / "adapter_config.json", "adapter config")
+    if getattr(args, "command", None) == "evaluate" and not specs:
+        raise InputError("pass at least one --model SPEC to evaluate the circuit on")
     first = specs[0] if specs else _default_spec()
     grid = model_grid(first) if first else None
     circuits = getattr(args, "circuit", None)
