@@ -289,8 +289,23 @@ def _model_variants(base: Path, lora: Path, root: Path) -> dict[str, str]:
     }
 
 
+@pytest.fixture(scope="module")
+def catalogue_models(tokenizer, tmp_path_factory):
+    """The saved tiny models, their broken copies and a corrupted copy: made once for the
+    catalogue (no case writes into them)."""
+    from conftest import save_base_and_lora
+
+    root = tmp_path_factory.mktemp("catalogue_models")
+    base, lora = save_base_and_lora(tokenizer, root)
+    bad = root / "corrupt"
+    shutil.copytree(base, bad)
+    weights = next(bad.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return base, lora, bad, _model_variants(base, lora, root)
+
+
 @pytest.mark.parametrize("case", CATALOGUE, ids=[c[0] for c in CATALOGUE])
-def test_bad_input(case, tmp_path, capsys, saved_models, corrupt_folder, monkeypatch):
+def test_bad_input(case, tmp_path, capsys, catalogue_models, monkeypatch):
     """Each case: exit code 2, one line naming the problem, nothing written; before any
     model loads (the whole catalogue runs in seconds)."""
     _, build, phrase = case
@@ -303,10 +318,10 @@ def test_bad_input(case, tmp_path, capsys, saved_models, corrupt_folder, monkeyp
         (tmp_path / f"{name}.json").write_text(text)
     (tmp_path / "not_utf8.json").write_bytes(b'{"n_layers": 3, "model": "\xff\xfe"}')
     (tmp_path / "empty_dir").mkdir()
-    base, lora = saved_models
+    base, lora, corrupt_folder, variants = catalogue_models
     ctx = {"out": str(tmp_path / "out"), "lora": str(lora), "base": str(base),
            **{name: str(tmp_path / f"{name}.json") for name in [*CIRCUITS, "not_utf8"]},
-           **_model_variants(base, lora, tmp_path),
+           **variants,
            "empty_dir": str(tmp_path / "empty_dir"),
            "long_name": str(tmp_path / "out" / ("n" * 300)),
            "long_path": str(tmp_path / "out" / "/".join(["p" * 200] * 21)),
