@@ -14,6 +14,7 @@ import contextlib
 import importlib
 import json
 import os
+import re
 import sys
 
 #: command modules; each defines ``register(subparsers)`` which sets ``func`` on its parser
@@ -29,6 +30,8 @@ class Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one line (``prog: error: ...``) and exit code 2."""
 
     def error(self, message: str):  # noqa: D401 - argparse's hook
+        # "argument --threshold: must be ..." reads as "--threshold must be ..."
+        message = re.sub(r"^argument ([^:]+): must ", r"\1 must ", message)
         print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
         sys.exit(2)
 

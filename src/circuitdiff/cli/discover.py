@@ -21,7 +21,7 @@ def register(sub) -> None:
                    help="auto (default): trace q/k/v back from the logits at every role the "
                         "position scan marks, size to --target; paper: VF → PT → PD → SR at the "
                         "paper's positions with fixed --sizes")
-    p.add_argument("--target", type=float_in(above=0, maximum=1), default=0.9,
+    p.add_argument("--target", type=float_in(), default=0.9,
                    help="auto chain: faithfulness to reach on held-out prompts (default 0.9)")
     p.add_argument("--sizes", default=None,
                    help="heads kept per group: paper chain VF,PT,PD,SR (default 20,5,10,5 as in "

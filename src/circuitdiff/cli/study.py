@@ -39,7 +39,7 @@ def register(sub) -> None:
                    help="auto (default): the model's own circuit (positions and heads, sized to "
                         "--target), with the paper chain's circuit evaluated beside it; paper: "
                         "only the paper's four-group chain")
-    p.add_argument("--target", type=float_in(above=0, maximum=1), default=0.9,
+    p.add_argument("--target", type=float_in(), default=0.9,
                    help="auto chain: faithfulness to reach on held-out prompts (default 0.9)")
     p.add_argument("--sizes", default="6,3,4,2",
                    help="paper chain: heads kept per group VF,PT,PD,SR (default 6,3,4,2 for the "

@@ -212,12 +212,12 @@ def check_circuit_file(path: str, grid: tuple[int, int] | None = None,
                                  f"{n_layers} layers x {n_heads} heads")
             n += 1
     if n == 0:
-        raise InputError(f"circuit {file} has no heads in any group; nothing to evaluate (pass "
-                         f"the circuit.json a discover run saved)")
+        raise InputError(f"circuit {file} has no group with heads; nothing to evaluate (pass the "
+                         f"circuit.json a discover run saved)")
     if grid is not None and tuple(grid) != (n_layers, n_heads):
         raise InputError(f"circuit {file} is for {n_layers} layers x {n_heads} heads but model "
-                         f"{spec} has {grid[0]} x {grid[1]} (its config.json); pass a circuit "
-                         f"found on this architecture")
+                         f"{spec} has {grid[0]} x {grid[1]} (its config.json); use a circuit "
+                         f"found on this base model (or architecture)")
 
 
 def check_out_path(out: str) -> None:
