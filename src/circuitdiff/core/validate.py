@@ -115,11 +115,12 @@ def estimate_params(s: dict[str, int]) -> int:
     return emb + s["num_hidden_layers"] * (attn + mlp + 2 * h)
 
 
-def check_fits(config_file: Path, dtype: str = "float32") -> int:
-    """Refuse a model whose weights cannot fit in the memory available now; its parameters."""
+def check_fits(config_file: Path, dtype: str = "float32", in_ram: bool = True) -> int:
+    """Refuse a model whose weights cannot fit in the memory available now (``in_ram``: they
+    are loaded into this machine's memory, not onto an accelerator); its parameters."""
     n = estimate_params(config_sizes(config_file))
     need = n * DTYPE_BYTES.get(dtype, 4)
-    free = available_memory()
+    free = available_memory() if in_ram else None
     if free is not None and need > free:
         raise InputError(f"{config_file} describes a model of about {n / 1e9:.2f}B parameters "
                          f"({need / 2**30:.1f} GiB in {dtype}) but only {free / 2**30:.1f} GiB of "
@@ -127,7 +128,8 @@ def check_fits(config_file: Path, dtype: str = "float32") -> int:
     return n
 
 
-def check_model_spec(spec: str, dtype: str = "float32", tokenizer: bool = True) -> None:
+def check_model_spec(spec: str, dtype: str = "float32", tokenizer: bool = True,
+                     in_ram: bool = True) -> None:
     """Check a model spec from its small files: it exists, its config has sizes that fit in
     memory, an adapter names a base that exists, the folder has a tokenizer."""
     if organism_name(spec) is not None:
@@ -155,9 +157,9 @@ def check_model_spec(spec: str, dtype: str = "float32", tokenizer: bool = True) 
                              f"{base!r} does not exist (a relative path is read from the adapter "
                              f"folder); fix it to the base model's folder")
         check_model_spec(base, dtype, tokenizer=tokenizer and not any(
-            (folder / f).is_file() for f in TOKENIZER_FILES))
+            (folder / f).is_file() for f in TOKENIZER_FILES), in_ram=in_ram)
         return
-    check_fits(folder / "config.json", dtype)
+    check_fits(folder / "config.json", dtype, in_ram)
     if tokenizer and not any((folder / f).is_file() for f in TOKENIZER_FILES):
         raise InputError(f"model folder {folder} has no tokenizer ({', '.join(TOKENIZER_FILES)}); "
                          f"save the tokenizer beside the weights (tokenizer.save_pretrained)")
@@ -257,8 +259,10 @@ def check_inputs(args) -> None:
     models = [models] if isinstance(models, str) else list(models or [])
     specs = models + [s for s in (getattr(args, "base", None), getattr(args, "finetuned", None))
                       if s]
+    device = getattr(args, "device", None)
+    in_ram = (device is None or device == "cpu") and getattr(args, "device_map", None) is None
     for spec in specs:
-        check_model_spec(spec, dtype)
+        check_model_spec(spec, dtype, in_ram=in_ram)
     adapter = getattr(args, "adapter", None)
     if adapter:
         folder = Path(adapter).expanduser()
