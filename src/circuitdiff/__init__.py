@@ -5,34 +5,56 @@ The package reads as the pipeline, imports going one way only:
 circuit, run folder) → ``methods`` (accuracy, path patching, discovery, ablation, faithfulness,
 evaluation, completeness, minimality, knockout) → ``report`` (tables, figures, markdown) →
 ``study`` → ``cli``. This module exports what a notebook needs.
+
+The exports are lazy (PEP 562): ``import circuitdiff`` imports neither torch nor transformers,
+so ``circuitdiff --help`` and argument errors answer at once; the first use of a name imports
+its module.
 """
 
-from .core.arch import Architecture, ArchitectureError, resolve
-from .core.circuit import Circuit, CircuitGroup
-from .core.interventions import Read, StopAfter, Write, intervene, run_with_edits
-from .core.metrics import answer_prob, correct, last_logits
-from .core.model import LoadedModel, ModelSpecError, load_model
-from .core.runs import RunFolder
-from .core.task import EntityTrackingTask, Prompt, TaskConfig, TaskError, encode, encode_pair
-from .methods import accuracy, discovery, evaluation, knockout  # each method's run()
-from .methods.accuracy import AccuracyConfig, AccuracyResult, evaluate_accuracy
-from .methods.discovery import DiscoveryConfig, DiscoveryResult
-from .methods.evaluation import AnalysisConfig, EvalConfig, EvaluationResult
-from .methods.knockout import Edge, KnockoutConfig, KnockoutCurve, KnockoutResult, knockout_curve
-from .methods.path_patching import (FastOptions, PatchRequest, Scores, attribution_scores,
-                                    path_patching_scores)
-from .study import StudyConfig, run_study
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AccuracyConfig", "AccuracyResult", "AnalysisConfig", "Architecture", "ArchitectureError", "Circuit",
-    "CircuitGroup", "DiscoveryConfig", "DiscoveryResult", "Edge", "EntityTrackingTask",
-    "EvalConfig", "EvaluationResult", "FastOptions", "KnockoutConfig", "KnockoutCurve",
-    "KnockoutResult", "LoadedModel", "ModelSpecError", "PatchRequest", "Prompt", "Read",
-    "RunFolder", "Scores", "StopAfter", "StudyConfig", "TaskConfig", "TaskError", "Write",
-    "accuracy", "answer_prob", "attribution_scores", "correct", "discovery", "encode",
-    "encode_pair", "evaluate_accuracy", "evaluation", "intervene", "knockout", "knockout_curve",
-    "last_logits", "load_model",
-    "path_patching_scores", "resolve", "run_study", "run_with_edits",
-]
+#: exported name -> the module (relative to this package) that defines it; a name equal to its
+#: module's last part is the module itself (``circuitdiff.accuracy`` is ``methods.accuracy``)
+_EXPORTS = {
+    **dict.fromkeys(("Architecture", "ArchitectureError", "resolve"), ".core.arch"),
+    **dict.fromkeys(("Circuit", "CircuitGroup"), ".core.circuit"),
+    **dict.fromkeys(("Read", "StopAfter", "Write", "intervene", "run_with_edits"),
+                    ".core.interventions"),
+    **dict.fromkeys(("answer_prob", "correct", "last_logits"), ".core.metrics"),
+    **dict.fromkeys(("LoadedModel", "ModelSpecError", "load_model"), ".core.model"),
+    "RunFolder": ".core.runs",
+    **dict.fromkeys(("EntityTrackingTask", "Prompt", "TaskConfig", "TaskError", "encode",
+                     "encode_pair"), ".core.task"),
+    **dict.fromkeys(("accuracy", "discovery", "evaluation", "knockout"), ".methods"),
+    **dict.fromkeys(("AccuracyConfig", "AccuracyResult", "evaluate_accuracy"),
+                    ".methods.accuracy"),
+    **dict.fromkeys(("DiscoveryConfig", "DiscoveryResult"), ".methods.discovery"),
+    **dict.fromkeys(("AnalysisConfig", "EvalConfig", "EvaluationResult"), ".methods.evaluation"),
+    **dict.fromkeys(("Edge", "KnockoutConfig", "KnockoutCurve", "KnockoutResult",
+                     "knockout_curve"), ".methods.knockout"),
+    **dict.fromkeys(("FastOptions", "PatchRequest", "Scores", "attribution_scores",
+                     "path_patching_scores"), ".methods.path_patching"),
+    **dict.fromkeys(("StudyConfig", "run_study"), ".study"),
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    """Import an exported name on first use (PEP 562) and keep it as a module attribute."""
+    where = _EXPORTS.get(name)
+    if where is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module = importlib.import_module(where, __name__)
+    value = importlib.import_module(f"{where}.{name}", __name__) if where == ".methods" \
+        else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

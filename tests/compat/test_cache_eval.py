@@ -55,6 +55,8 @@ def patched_cli(tokenizer, monkeypatch):
     monkeypatch.setattr(ce, "load_from_args", lambda args, spec=None: models[spec])
     monkeypatch.setattr(ck, "load_from_args", lambda args, spec=None: models["a"])
     monkeypatch.setattr("circuitdiff.core.model.load_tokenizer", lambda spec: tokenizer)
+    # "a" and "b" are no model folders: skip the pre-load check of their files
+    monkeypatch.setattr("circuitdiff.core.validate.check_model_spec", lambda *a, **k: None)
     return models
 
 

@@ -14,6 +14,7 @@ import contextlib
 import importlib
 import json
 import os
+import re
 import sys
 
 #: command modules; each defines ``register(subparsers)`` which sets ``func`` on its parser
@@ -29,6 +30,8 @@ class Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one line (``prog: error: ...``) and exit code 2."""
 
     def error(self, message: str):  # noqa: D401 - argparse's hook
+        # "argument --threshold: must be ..." reads as "--threshold must be ..."
+        message = re.sub(r"^argument ([^:]+): must ", r"\1 must ", message)
         print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
         sys.exit(2)
 
@@ -50,6 +53,68 @@ def _int_at_least(minimum: int):
 #: argparse types for counts
 positive_int = _int_at_least(1)
 nonnegative_int = _int_at_least(0)
+#: most prompts one option may ask for (a larger set is generated for minutes, then killed)
+MAX_PROMPTS = 100_000
+
+
+def prompt_count(text: str) -> int:
+    """An argparse type: a prompt count, 1 to :data:`MAX_PROMPTS`."""
+    v = positive_int(text)
+    if v > MAX_PROMPTS:
+        raise argparse.ArgumentTypeError(f"at most {MAX_PROMPTS} prompts per run, got {v}; split "
+                                         f"a larger set over several --seed values")
+    return v
+
+
+def box_count(text: str) -> int:
+    """An argparse type: boxes per prompt, 2 (one binding to tell from another) to 26 (the
+    labels A..Z); the exact upper bound is checked against the task's labels before any work."""
+    v = _int_at_least(2)(text)
+    if v > 26:
+        raise argparse.ArgumentTypeError(f"at most 26 boxes (one label each), got {v}")
+    return v
+
+
+def finite_float(text: str, minimum: float | None = None, above: float | None = None,
+                 maximum: float | None = None) -> float:
+    """An argparse type: a finite number (NaN and inf are refused), optionally in a range."""
+    import math
+
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    if minimum is not None and v < minimum:
+        raise argparse.ArgumentTypeError(f"must be at least {minimum:g}, got {v:g}")
+    if above is not None and v <= above:
+        raise argparse.ArgumentTypeError(f"must be greater than {above:g}, got {v:g}")
+    if maximum is not None and v > maximum:
+        raise argparse.ArgumentTypeError(f"must be at most {maximum:g}, got {v:g}")
+    return v
+
+
+def float_in(minimum: float | None = None, maximum: float | None = None,
+             above: float | None = None):
+    """An argparse type: a finite number in the given range."""
+    def parse(text: str) -> float:
+        return finite_float(text, minimum=minimum, above=above, maximum=maximum)
+    parse.__name__ = "number"
+    return parse
+
+
+class LazyHelp(str):
+    """Help text computed only when ``--help`` is printed (argparse formats help with ``%``), so
+    building the parser imports nothing heavy."""
+
+    def __new__(cls, make):
+        obj = super().__new__(cls, "(help)")
+        obj._make = make
+        return obj
+
+    def __mod__(self, params):
+        return self._make() % params
 
 
 def add_model_options(p: argparse.ArgumentParser, multiple: bool = False) -> None:
@@ -70,10 +135,11 @@ def add_model_options(p: argparse.ArgumentParser, multiple: bool = False) -> Non
     p.add_argument("--device-map", default=None, help="accelerate device_map, e.g. auto")
 
 
-def add_task_options(p: argparse.ArgumentParser, n: int = 500) -> None:
-    """--n-boxes/-n/--seed/--batch-size: the task and how its prompts are batched."""
-    p.add_argument("--n-boxes", type=positive_int, default=7, help="boxes per prompt (default 7)")
-    p.add_argument("-n", "--n-prompts", type=positive_int, default=n,
+def add_task_options(p: argparse.ArgumentParser, n: int = 500, boxes=None) -> None:
+    """--n-boxes/-n/--seed/--batch-size: the task and how its prompts are batched (``boxes``:
+    the type of --n-boxes, default :func:`box_count`)."""
+    p.add_argument("--n-boxes", type=boxes or box_count, default=7, help="boxes per prompt (default 7)")
+    p.add_argument("-n", "--n-prompts", type=prompt_count, default=n,
                    help=f"prompts (default {n})")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompts (default 0)")
     p.add_argument("--batch-size", type=positive_int, default=32,
@@ -199,17 +265,24 @@ def _launch_workers(args, argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a one-line usage error (exit 2)
+        return int(e.code or 0)
+    from ..core.validate import InputError, check_inputs
+
+    name = args.command
+    try:  # files, folders and model configs, before torch is imported or anything is written
+        check_inputs(args)
+    except (InputError, ValueError, FileNotFoundError) as e:
+        print(f"circuitdiff {name}: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    from ..core import distributed
     from ..core.arch import ArchitectureError
     from ..core.interventions import InterventionError
     from ..core.model import ModelSpecError
     from ..core.runs import open_run_folder
     from ..core.task import TaskError
-
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as e:  # --help, --version, or a one-line usage error (exit 2)
-        return int(e.code or 0)
-    from ..core import distributed
 
     if getattr(args, "workers", None) and args.workers > 1 and not distributed.launched():
         return _launch_workers(args, list(sys.argv[1:] if argv is None else argv))
@@ -218,7 +291,6 @@ def main(argv: list[str] | None = None) -> int:
         args.device = distributed.rank_device(getattr(args, "device", None))
     quiet = args.json or args.quiet or not ranks.main  # rank 0 alone prints
     set_threads(args)
-    name = args.command
     try:
         with contextlib.ExitStack() as stack:
             if quiet:

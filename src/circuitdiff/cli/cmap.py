@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from . import load_from_args
+from . import box_count, load_from_args, nonnegative_int, positive_int, prompt_count
 
 
 def register(sub) -> None:
@@ -27,9 +27,9 @@ def register(sub) -> None:
                    help="fine-tune of --base: a model (same spec forms) or a LoRA adapter folder "
                         "trained on --base")
     p.add_argument("--out", default="runs/cmap", help="run folder (default runs/cmap)")
-    p.add_argument("-n", "--n-prompts", type=int, default=500, help="prompts (default 500)")
+    p.add_argument("-n", "--n-prompts", type=prompt_count, default=500, help="prompts (default 500)")
     p.add_argument("--seed", type=int, default=0, help="prompt seed (default 0)")
-    p.add_argument("--n-boxes", type=int, default=7, help="boxes per prompt (default 7)")
+    p.add_argument("--n-boxes", type=box_count, default=7, help="boxes per prompt (default 7)")
     p.add_argument("--per-head", action="store_true",
                    help="also CMAP every single head: a [layers, heads] heatmap per position")
     p.add_argument("--per-head-position", action="append", metavar="POS",
@@ -39,15 +39,15 @@ def register(sub) -> None:
                    help="also patch the base's activations into the fine-tune (base -> fine-tune)")
     p.add_argument("--input", action="store_true",
                    help="also input CMAP: the q, k, v, qk, qkv of each group's heads")
-    p.add_argument("--random-draws", type=int, default=10,
+    p.add_argument("--random-draws", type=nonnegative_int, default=10,
                    help="random circuits of the same group sizes as the control (default 10)")
     p.add_argument("--random-seed", type=int, default=0,
                    help="seed of the random head sets (default 0)")
-    p.add_argument("--bootstrap", type=int, default=1000,
+    p.add_argument("--bootstrap", type=nonnegative_int, default=1000,
                    help="bootstrap resamples of the prompts for the intervals (default 1000; 0 "
                         "= none)")
-    p.add_argument("--batch-size", type=int, default=32, help="prompts per forward (default 32)")
-    p.add_argument("--max-rows", type=int, default=256,
+    p.add_argument("--batch-size", type=positive_int, default=32, help="prompts per forward (default 32)")
+    p.add_argument("--max-rows", type=positive_int, default=256,
                    help="rows per forward when patch variants are stacked (default 256)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],

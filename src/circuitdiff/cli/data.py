@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import add_out_option, add_task_options
+from . import add_out_option, add_task_options, positive_int
 
 #: the JSONL files written, in order
 FILES = ("clean.jsonl", "corrupt.jsonl", "mean_ablation.jsonl", "dcm_counterfactual.jsonl")
@@ -14,7 +14,7 @@ def register(sub) -> None:
                    help="model whose tokenizer decides which words are single tokens "
                         "(default: the embedded default model)")
     add_out_option(p, "data", "output folder")
-    add_task_options(p)
+    add_task_options(p, boxes=positive_int)  # its range is checked in run(), with the reason
     p.set_defaults(func=run)
 
 

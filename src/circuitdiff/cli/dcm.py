@@ -2,20 +2,32 @@
 
 from __future__ import annotations
 
-from . import add_model_options, add_out_option, load_from_args, nonnegative_int, positive_int
+from . import (LazyHelp, add_model_options, add_out_option, box_count, float_in, load_from_args,
+               nonnegative_int, positive_int, prompt_count)
 
 
 def _floats(spec: str) -> tuple[float, ...]:
+    """``--lambdas``: comma-separated finite numbers >= 0."""
+    import argparse
+    import math
+
     try:
-        return tuple(float(x) for x in spec.split(",") if x.strip())
+        out = tuple(float(x) for x in spec.split(",") if x.strip())
     except ValueError:
-        raise ValueError(f"--lambdas {spec!r} is not a comma-separated list of numbers "
-                         f"like 0.001,0.01,0.1") from None
+        out = ()
+    if not out or not all(math.isfinite(x) and x >= 0 for x in out):
+        raise argparse.ArgumentTypeError(f"{spec!r} is not a comma-separated list of finite "
+                                         f"numbers >= 0 like 0.001,0.01,0.1")
+    return out
+
+
+def _default_lambdas() -> str:
+    from ..methods.dcm import DEFAULT_LAMBDAS
+
+    return ",".join(f"{x:g}" for x in DEFAULT_LAMBDAS)
 
 
 def register(sub) -> None:
-    from ..methods.dcm import DEFAULT_LAMBDAS
-
     p = sub.add_parser(
         "dcm", help="DCM: learn which heads of each circuit group carry the object value, the "
                     "position or the box label; patch them in every --model",
@@ -33,16 +45,17 @@ def register(sub) -> None:
     p.add_argument("--desiderata", default="paper",
                    help="comma-separated names, or paper (object_value,position,box_label), "
                         "robustness (position + its robustness set) or all (default paper)")
-    p.add_argument("--n-boxes", type=positive_int, default=7, help="boxes per prompt (default 7)")
-    p.add_argument("--n-train", type=positive_int, default=200, help="training prompts (paper 1000)")
-    p.add_argument("--n-val", type=positive_int, default=100, help="validation prompts (paper 500)")
-    p.add_argument("--n-test", type=positive_int, default=100, help="test prompts (paper 500)")
-    p.add_argument("--lambdas", default=",".join(f"{x:g}" for x in DEFAULT_LAMBDAS),
-                   help="λ sweep; the default λ is chosen on validation (paper: 0.01)")
-    p.add_argument("--tolerance", type=float, default=0.02,
+    p.add_argument("--n-boxes", type=box_count, default=7, help="boxes per prompt (default 7)")
+    p.add_argument("--n-train", type=prompt_count, default=200, help="training prompts (paper 1000)")
+    p.add_argument("--n-val", type=prompt_count, default=100, help="validation prompts (paper 500)")
+    p.add_argument("--n-test", type=prompt_count, default=100, help="test prompts (paper 500)")
+    p.add_argument("--lambdas", type=_floats, default=None,
+                   help=LazyHelp(lambda: f"λ sweep (default {_default_lambdas()}); the λ is "
+                                         f"chosen on validation (paper: 0.01)"))
+    p.add_argument("--tolerance", type=float_in(0, 1), default=0.02,
                    help="choose the largest λ whose validation accuracy is within this of the "
                         "best (default 0.02)")
-    p.add_argument("--lr", type=float, default=0.1, help="Adam learning rate (paper 0.1)")
+    p.add_argument("--lr", type=float_in(above=0), default=0.1, help="Adam learning rate (paper 0.1)")
     p.add_argument("--epochs", type=positive_int, default=2, help="epochs (paper 2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompts (default 0)")
     p.add_argument("--random-draws", type=nonnegative_int, default=10,
@@ -69,7 +82,7 @@ def run(args) -> dict:
     models = args.model or [default_model_spec()]
     config = dcm.DCMConfig(
         circuit=Circuit.load(args.circuit), desiderata=args.desiderata, n_train=args.n_train,
-        n_val=args.n_val, n_test=args.n_test, lambdas=_floats(args.lambdas),
+        n_val=args.n_val, n_test=args.n_test, lambdas=args.lambdas or _floats(_default_lambdas()),
         tolerance=args.tolerance, lr=args.lr, epochs=args.epochs, seed=args.seed,
         n_boxes=args.n_boxes, n_random=args.random_draws, random_seed=args.random_seed,
         batch_size=args.batch_size)

@@ -7,7 +7,8 @@ paper's fixed four-group chain (VF → PT → PD → SR) with fixed ``--sizes``.
 
 from __future__ import annotations
 
-from . import add_model_options, add_task_options, load_from_args
+from . import (add_model_options, add_task_options, float_in, load_from_args, positive_int,
+               prompt_count)
 
 
 def register(sub) -> None:
@@ -20,22 +21,22 @@ def register(sub) -> None:
                    help="auto (default): trace q/k/v back from the logits at every role the "
                         "position scan marks, size to --target; paper: VF → PT → PD → SR at the "
                         "paper's positions with fixed --sizes")
-    p.add_argument("--target", type=float, default=0.9,
+    p.add_argument("--target", type=float_in(), default=0.9,
                    help="auto chain: faithfulness to reach on held-out prompts (default 0.9)")
     p.add_argument("--sizes", default=None,
                    help="heads kept per group: paper chain VF,PT,PD,SR (default 20,5,10,5 as in "
                         "the paper); auto chain: fixed sizes per group in discovery order "
                         "instead of --target (the last one repeats)")
-    p.add_argument("--n-validate", type=int, default=200,
+    p.add_argument("--n-validate", type=prompt_count, default=200,
                    help="auto chain: held-out prompts (seed --seed + 1) for the scan and sizing")
-    p.add_argument("--n-mean", type=int, default=100,
+    p.add_argument("--n-mean", type=prompt_count, default=100,
                    help="auto chain: mean-ablation prompts (seed --seed + 2)")
-    p.add_argument("--z-threshold", type=float, default=3.0,
+    p.add_argument("--z-threshold", type=float_in(above=0), default=3.0,
                    help="auto chain: a sender is significant at <= -Z standard errors (3)")
     p.add_argument("--method", default="exact", choices=["exact", "attribution", "hybrid"],
                    help="exact path patching (default), gradient attribution, or attribution "
                         "then exact scores for the top candidates")
-    p.add_argument("--hybrid-k", type=int, default=None,
+    p.add_argument("--hybrid-k", type=positive_int, default=None,
                    help="candidates scored exactly by --method hybrid (default 3 x group size)")
     p.add_argument("--compare-exact", action="store_true",
                    help="paper chain: compute both exact and attribution scores and print the "

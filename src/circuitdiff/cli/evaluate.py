@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import add_model_options, add_task_options, load_from_args
+from . import (add_model_options, add_task_options, float_in, load_from_args, nonnegative_int,
+               positive_int, prompt_count)
 
 
 def register(sub) -> None:
@@ -18,11 +19,11 @@ def register(sub) -> None:
     add_model_options(p, multiple=True)
     add_task_options(p, n=500)
     p.add_argument("--out", default="runs/evaluate", help="run folder (default runs/evaluate)")
-    p.add_argument("--n-mean", type=int, default=500,
+    p.add_argument("--n-mean", type=prompt_count, default=500,
                    help="size of the mean-ablation set (default 500, as the paper)")
     p.add_argument("--mean-seed", type=int, default=None,
                    help="seed of the mean-ablation set (default: --seed + 1)")
-    p.add_argument("--random-draws", type=int, default=10,
+    p.add_argument("--random-draws", type=nonnegative_int, default=10,
                    help="random circuits of the same group sizes (default 10)")
     p.add_argument("--random-seed", type=int, default=0, help="seed of the random circuits (default 0)")
     p.add_argument("--keep-other-positions", action="store_true",
@@ -32,19 +33,19 @@ def register(sub) -> None:
     p.add_argument("--per-model-tokenization", action="store_true",
                    help="allow models with different tokenizers: each gets its own prompts "
                         "from the same seed")
-    p.add_argument("--max-rows", type=int, default=256,
+    p.add_argument("--max-rows", type=positive_int, default=256,
                    help="rows per forward when ablation variants are stacked (default 256)")
     p.add_argument("--matrix", action="store_true",
                    help="also print the circuit x model matrix and head overlaps (implied by "
                         "several --circuit)")
     p.add_argument("--completeness", action="store_true",
                    help="F(C\\K) vs F(M\\K) for whole groups and random halves; PNG per pair")
-    p.add_argument("--n-halves", type=int, default=5, help="random halves for --completeness")
+    p.add_argument("--n-halves", type=positive_int, default=5, help="random halves for --completeness")
     p.add_argument("--minimality", action="store_true",
                    help="prune each circuit on the FIRST --model; writes pruned/<circuit>.json")
-    p.add_argument("--threshold", type=float, default=0.01,
+    p.add_argument("--threshold", type=float_in(minimum=0), default=0.01,
                    help="minimality: keep a head if its best marginal effect >= this (0.01)")
-    p.add_argument("--max-partner-frac", type=float, default=0.3,
+    p.add_argument("--max-partner-frac", type=float_in(minimum=0, maximum=1), default=0.3,
                    help="minimality: largest partner set, as a fraction of the group (0.3)")
     p.set_defaults(func=run)
 

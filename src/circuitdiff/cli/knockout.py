@@ -52,6 +52,7 @@ def parse_layers(spec: str | None) -> list[int] | None:
 def run(args) -> dict:
     from ..core.model import default_model_spec, load_tokenizer
     from ..core.runs import RunFolder, model_tag
+    from ..core.validate import model_grid
     from ..methods import knockout
     from ..report.figures import plot_knockout_curves
     from ..report.tables import short_name
@@ -60,6 +61,11 @@ def run(args) -> dict:
                                   layers=parse_layers(args.layers), n=args.n_prompts,
                                   seed=args.seed, n_boxes=args.n_boxes,
                                   batch_size=args.batch_size, max_rows=args.max_rows)
+    spec = args.model or default_model_spec()
+    grid = model_grid(spec)
+    if cfg.layers and grid is not None and max(cfg.layers) >= grid[0]:
+        raise ValueError(f"--layers {args.layers} names layer {max(cfg.layers)} but {spec} has "
+                         f"{grid[0]} layers (0-{grid[0] - 1}); pass layers in that range")
     folder = RunFolder(args.out)
     # every edge must block something on these prompts: checked before a model is loaded
     knockout.check_edges(load_tokenizer(args.model or default_model_spec()), cfg)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from . import add_out_option, positive_int
+from . import add_out_option, float_in, positive_int
 
 
 def register(sub) -> None:
@@ -15,7 +15,7 @@ def register(sub) -> None:
     tr = osub.add_parser("train", help="retrain base, lora, full and chat from scratch (CPU)")
     add_out_option(tr, "organisms", "output folder (gets base/ lora/ full/ chat/)")
     tr.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
-    tr.add_argument("--scale", type=float, default=1.0,
+    tr.add_argument("--scale", type=float_in(above=0), default=1.0,
                     help="multiply every stage's steps (e.g. 0.01 for a smoke run)")
     tr.add_argument("--threads", type=positive_int, default=2,
                     help="torch threads after the bind race (which runs two processes of one thread each, "

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import add_model_options, add_task_options, load_from_args
+from . import add_model_options, add_task_options, load_from_args, positive_int, prompt_count
 
 
 def register(sub) -> None:
@@ -14,12 +14,12 @@ def register(sub) -> None:
     add_model_options(p)
     add_task_options(p, n=200)
     p.add_argument("--out", required=True, help="run folder (resumes from saved results)")
-    p.add_argument("--n-mean", type=int, default=200, help="mean-ablation prompts (seed + 1)")
+    p.add_argument("--n-mean", type=prompt_count, default=200, help="mean-ablation prompts (seed + 1)")
     p.add_argument("--role", action="append", default=None, metavar="ROLE",
                    help="role to scan (repeatable; default: every token-covering role plus "
                         "prev_query_label and correct_object); offsets allowed, e.g. "
                         "prev_query_label+1")
-    p.add_argument("--max-rows", type=int, default=512,
+    p.add_argument("--max-rows", type=positive_int, default=512,
                    help="rows per forward when variants are stacked (default 512)")
     p.set_defaults(func=run)
 

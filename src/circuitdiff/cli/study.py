@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from . import add_model_options, add_task_options, load_from_args, positive_int
+from . import (LazyHelp, add_model_options, add_task_options, float_in, load_from_args,
+               nonnegative_int, prompt_count)
 
 
 def _steps(text: str) -> tuple[str, ...]:
@@ -14,6 +15,13 @@ def _steps(text: str) -> tuple[str, ...]:
         return parse_steps(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _steps_help() -> str:
+    from ..study import STEP_HELP
+
+    return ("comma-separated steps to run (default all; the steps they need run too, from saved "
+            "results when there): " + "; ".join(f"{k}: {v}" for k, v in STEP_HELP.items()))
 
 
 def register(sub) -> None:
@@ -31,22 +39,17 @@ def register(sub) -> None:
                    help="auto (default): the model's own circuit (positions and heads, sized to "
                         "--target), with the paper chain's circuit evaluated beside it; paper: "
                         "only the paper's four-group chain")
-    p.add_argument("--target", type=float, default=0.9,
+    p.add_argument("--target", type=float_in(), default=0.9,
                    help="auto chain: faithfulness to reach on held-out prompts (default 0.9)")
     p.add_argument("--sizes", default="6,3,4,2",
                    help="paper chain: heads kept per group VF,PT,PD,SR (default 6,3,4,2 for the "
                         "organisms; the paper used 20,5,10,5 on Llama-7B)")
-    p.add_argument("--n-discovery", type=int, default=100, help="prompts for path patching")
-    p.add_argument("--n-mean", type=int, default=200, help="mean-ablation prompts")
-    p.add_argument("--random-draws", type=int, default=5,
+    p.add_argument("--n-discovery", type=prompt_count, default=100, help="prompts for path patching")
+    p.add_argument("--n-mean", type=prompt_count, default=200, help="mean-ablation prompts")
+    p.add_argument("--random-draws", type=nonnegative_int, default=5,
                    help="random circuits of the same group sizes (default 5)")
-    from ..study import STEP_HELP, STEPS
-
-    p.add_argument("--steps", type=_steps, default=STEPS,
-                   help="comma-separated steps to run (default all; the steps they need run too, "
-                        "from saved results when there): " + "; ".join(
-                            f"{k}: {v}" for k, v in STEP_HELP.items()))
-    p.add_argument("--dcm-train", type=positive_int, default=200,
+    p.add_argument("--steps", type=_steps, default=None, help=LazyHelp(_steps_help))
+    p.add_argument("--dcm-train", type=prompt_count, default=200,
                    help="DCM training prompts (validation and test are half of it each)")
     p.add_argument("--no-knockout", action="store_true", help="skip attention knockout")
     p.add_argument("--accuracy-only", action="store_true",
@@ -80,7 +83,7 @@ def run(args) -> dict:
     own = replace(default_own_discovery(), n_prompts=args.n_discovery,
                   n_boxes=args.n_boxes, seed=args.seed + 100, batch_size=args.batch_size,
                   target=args.target)
-    steps = tuple(args.steps)
+    steps = tuple(args.steps) if args.steps is not None else _steps("all")
     if accuracy_only:
         steps = ("accuracy",)
     if args.no_knockout:
