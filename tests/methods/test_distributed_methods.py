@@ -126,3 +126,121 @@ def test_methods_on_two_ranks_equal_one_process(tmp_path):
                 k, float((one[k] - two[k]).abs().max()))
         else:  # one sender (naive), one batch (attribution), one cell at a time: exact
             assert torch.equal(one[k], two[k]), (k, float((one[k] - two[k]).abs().max()))
+
+
+# -- the CLI under two ranks against one process ----------------------------------------------
+def _saved(folder: Path) -> dict:
+    """Every saved result of a run folder: JSON results and safetensors tensors by path."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        rel = str(p.relative_to(folder))
+        if p.suffix == ".safetensors":
+            out[rel] = load_file(p)
+        elif p.suffix == ".json" and p.name != "run.json":
+            d = json.loads(p.read_text())
+            out[rel] = d.get("result", d) if isinstance(d, dict) else d
+    return out
+
+
+def _same(a, b, path: str = "") -> None:
+    """Equal structures; floats (and tensors) within 1e-6."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), (path, set(a) ^ set(b))
+        for k in a:
+            _same(a[k], b[k], f"{path}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same(x, y, f"{path}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert a.shape == b.shape and a.dtype == b.dtype, path
+        if a.is_floating_point():
+            assert torch.allclose(a, b, atol=1e-6, rtol=0, equal_nan=True), (
+                path, float((a - b).abs().nan_to_num().max()))
+        else:
+            assert torch.equal(a, b), path
+    elif isinstance(a, float) and isinstance(b, float):
+        assert (a != a and b != b) or abs(a - b) <= 1e-6, (path, a, b)
+    else:
+        assert a == b, (path, a, b)
+
+
+DISCOVER = ["discover", "--model", "organism:lora", "-n", "8", "--sizes", "2,2,2,1", "--chain",
+            "paper", "--method", "hybrid", "--compare-exact", "--n-mean", "8", "--n-validate", "8",
+            "--no-heatmaps", "--truncate"]
+
+
+def _ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_cli_discover_scan_evaluate_on_two_ranks_equal_one_process(tmp_path):
+    """The organisms are tiny GQA models, one with a LoRA adapter: the CLI's saved results
+    (circuit, every step's scores, the scan, faithfulness/completeness/minimality) match."""
+    from circuitdiff.core.circuit import Circuit, CircuitGroup
+
+    for workers in (1, 2):
+        _ok(_cli(*DISCOVER, "--out", tmp_path / f"discover{workers}", workers=workers))
+        _ok(_cli("scan", "--model", "organism:lora", "-n", "16", "--n-mean", "16", "--out",
+                 tmp_path / f"scan{workers}", workers=workers))
+    circuit = tmp_path / "circuit.json"
+    Circuit({"vf": CircuitGroup([(l, h) for l in (2, 3) for h in range(8)], "last"),
+             "pd": CircuitGroup([(l, h) for l in (0, 1) for h in range(0, 8, 2)], "query_label")},
+            4, 8, "organism").save(circuit)
+    for workers in (1, 2):
+        _ok(_cli("evaluate", "--circuit", circuit, "--model", "organism:base", "--model",
+                 "organism:lora", "-n", "16", "--n-mean", "16", "--random-draws", "2",
+                 "--completeness", "--n-halves", "1", "--minimality", "--out",
+                 tmp_path / f"evaluate{workers}", workers=workers))
+    for what in ("discover", "scan", "evaluate"):
+        one, two = _saved(tmp_path / f"{what}1"), _saved(tmp_path / f"{what}2")
+        assert one, what
+        _same(one, two, what)
+    assert any(k.startswith("exact_") for k in _saved(tmp_path / "discover1"))
+    faith = json.loads((tmp_path / "evaluate1" / "faithfulness.json").read_text())
+    assert any(r["faithfulness"] and r["faithfulness"] > 0 for r in faith)  # not all at chance
+
+
+#: makes rank 1 of a ``--workers`` run die (exit code 9) when it starts its second exact
+#: path-patching call: by then rank 0 has saved the first step (rank 1 got past rank 0's
+#: cache decision for the second step, which rank 0 makes after saving the first)
+DIE = textwrap.dedent('''
+    import os
+    if os.environ.get("RANK") == "1" and os.environ.get("DIE_AT_CALL"):
+        import circuitdiff.methods.path_patching as pkg
+        import circuitdiff.methods.path_patching.exact as exact
+        import circuitdiff.methods.discovery.steps as steps
+        orig, calls = exact.path_patching_scores, []
+
+        def dying(*a, **k):
+            calls.append(1)
+            if len(calls) >= int(os.environ["DIE_AT_CALL"]):
+                os._exit(9)
+            return orig(*a, **k)
+        pkg.path_patching_scores = exact.path_patching_scores = dying
+        steps.path_patching_scores = dying
+''')
+
+
+def test_killed_rank_is_named_and_the_rerun_resumes(tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(DIE)
+    argv = ["discover", "--model", "organism:lora", "-n", "8", "--sizes", "2,2,2,1", "--chain",
+            "paper", "--n-mean", "8", "--n-validate", "8", "--no-heatmaps", "--truncate"]
+    out = tmp_path / "run"
+    env = {"DIE_AT_CALL": "2", "PYTHONPATH": os.pathsep.join([str(site), SRC, TESTS])}
+    proc = _cli(*argv, "--out", out, workers=2, **env)
+    assert proc.returncode != 0
+    assert "rank 1 of 2 failed (exit code 9)" in proc.stderr, proc.stderr[-3000:]
+    first = out / "scores_value_fetcher.safetensors"
+    assert first.exists() and not (out / "circuit.json").exists()
+    stamp = first.stat().st_mtime_ns
+    proc = _cli(*argv, "--out", out)  # one process resumes from what rank 0 saved
+    _ok(proc)
+    assert first.stat().st_mtime_ns == stamp
+    ref = tmp_path / "ref"
+    _ok(_cli(*argv, "--out", ref))
+    _same(_saved(ref), _saved(out))
