@@ -675,6 +675,18 @@ class _Unsupported(Exception):
 
 
 
+def _execution_devices(model: nn.Module) -> set[str]:
+    """The devices a model dispatched by accelerate (``device_map``) computes on: its GPUs, or
+    the CPU when no layer sits on a GPU. Layers offloaded to ``cpu``/``disk`` compute on the
+    main device (accelerate's hooks bring their weights in), so one GPU plus offload — or CPU
+    plus disk — is one device, which the fast path supports; a model split over several GPUs
+    is not. An undispatched model: empty."""
+    dmap = getattr(unwrap(model), "hf_device_map", None) or {}
+    gpus = {str(d if not isinstance(d, int) else f"cuda:{d}") for d in dmap.values()
+            if str(d) not in ("cpu", "disk", "meta")}
+    return gpus or ({"cpu"} if dmap else set())
+
+
 def _rank_order(req: _Request) -> list[int]:
     """Sender indices in the order they are dealt to ranks: those that can reach a receiver
     first (by layer), then those at or after the last receiver layer (free on the fast path),
@@ -707,7 +719,12 @@ def path_patching_scores(loaded: LoadedModel, clean: Sequence[Prompt],
     scoring and are computed on every rank, not shipped. Per-sender math is unchanged; only which
     senders share a stacked forward differs, so the scores equal one process's up to float
     rounding of the stacked matmuls (measured 0 on CPU float32, see
-    ``tests/methods/test_distributed_methods.py``)."""
+    ``tests/methods/test_distributed_methods.py``).
+
+    A big model dispatched by accelerate (``device_map`` with layers offloaded to CPU or disk)
+    runs the fast path through accelerate's own hooks (each replayed module fetches its weights
+    and computes on its execution device); a model split over several GPUs falls back to the
+    naive path with a warning."""
     from ...core import distributed
 
     arch = loaded.arch
@@ -719,6 +736,11 @@ def path_patching_scores(loaded: LoadedModel, clean: Sequence[Prompt],
     rep = None
     if options.impl == "fast":
         try:
+            devices = _execution_devices(loaded.model)
+            if len(devices) > 1:
+                raise PathPatchingError(
+                    f"its layers run on {len(devices)} devices ({', '.join(sorted(devices))}) "
+                    f"and the one-position replay keeps its state on one")
             rep = _Replay(loaded.model, arch)
         except PathPatchingError as e:
             warnings.warn(f"fast path patching unsupported for {arch.model_type} ({e}); using "
