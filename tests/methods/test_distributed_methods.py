@@ -312,3 +312,25 @@ def test_model_over_several_gpus_falls_back_to_naive(tmp_path):
         got = path_patching_scores(split, clean, cf, req)
     ref = path_patching_scores(whole, clean, cf, req)
     assert torch.allclose(ref.mean, got.mean, atol=1e-6, rtol=0)
+
+
+# -- the study under two ranks ---------------------------------------------------------------
+@pytest.mark.slow
+def test_study_on_two_ranks_gives_the_same_verdicts(tmp_path):
+    """The small settings of ``tests/test_study.py``, a base and its LoRA fine-tune."""
+    from circuitdiff.core.toy import word_level_tokenizer
+
+    base_dir, lora_dir = save_base_and_lora(word_level_tokenizer(), tmp_path, layers=4,
+                                            base_name="base4", lora_name="lora4")
+    args = ["study", "--model", base_dir, "--model", lora_dir, "-n", "8", "--n-discovery", "6",
+            "--n-mean", "8", "--random-draws", "2", "--sizes", "2,2,2,1", "--n-boxes", "3",
+            "--batch-size", "8", "--chain", "paper", "--dcm-train", "8"]
+    summaries = []
+    for workers in (1, 2):
+        _ok(_cli(*args, "--out", tmp_path / f"study{workers}", workers=workers, timeout=1200))
+        summaries.append(json.loads((tmp_path / f"study{workers}" / "summary.json").read_text()))
+    one, two = summaries
+    assert set(one["verdicts"]) == {str(lora_dir)}
+    _same(one["verdicts"], two["verdicts"], "verdicts")
+    _same(one["circuit"]["groups"], two["circuit"]["groups"], "circuit")
+    _same(one["faithfulness"], two["faithfulness"], "faithfulness")
