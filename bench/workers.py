@@ -8,17 +8,18 @@ worker count the script re-launches itself under torch's elastic launcher (what 
 * ``capture`` — the clean and counterfactual captures and pass 2's clean prefix states, which
   every rank computes for itself (a call scoring one sender, on a fresh capture cache);
 * ``scoring`` — this rank's share of the senders (the same call on the warm cache, minus the
-  gather), per rank: the slowest rank sets the pace;
+  gather), per rank, wall and (in brackets) the rank's CPU seconds: the slowest rank sets the
+  pace, and CPU seconds show the split even where other load leaves the ranks short of cores;
 * ``gather`` — the all-gather of the per-sample scores (timed alone, same tensor sizes);
 * ``total`` — the whole call on a fresh cache, what a user waits for; speed-up = 1-rank total /
   2-rank total.
 
 Cases: the organism ``organism:base`` (4 layers x 8 heads, GQA 2 kv) with k receivers at every
-box's label (long suffix: scoring dominates), and a random Llama shaped like Qwen2.5-0.5B but
-shallower in samples (24 layers x 14 heads, 2 kv heads, hidden 896, MLP 4864) with q receivers
-at ``last`` (pass 2 is one token: the captures weigh more).
+box's label (long suffix: scoring dominates), and a random Llama with Qwen2.5-0.5B's layer
+shapes (24 layers x 14 heads, 2 kv heads, hidden 896, MLP 4864; a small word-level vocabulary,
+few prompts) with q receivers at ``last`` (pass 2 is one token: the captures weigh more).
 
-    python bench/workers.py [--cases organism,qwen] [-n 8] [--workers 1,2]
+    python bench/workers.py [--cases organism,qwen] [-n N] [--boxes 3] [--workers 1,2]
 """
 
 from __future__ import annotations
@@ -92,12 +93,13 @@ def child(args) -> None:
     cache = CaptureCache()
     one = PatchRequest(req.position, req.receivers, req.kind, [(0, 0)])
     _, capture = timed(lambda: path_patching_scores(loaded, clean, cf, one, opts, cache=cache))
-    t = clock()
+    t, c = clock(), time.process_time()
     path_patching_scores(loaded, clean, cf, req, opts, cache=cache)  # no barrier: own pace
-    warm = clock() - t
+    warm, warm_cpu = clock() - t, time.process_time() - c
     local = torch.zeros(len(d.dealt(n_senders)), args.n)
     _, gather = timed(lambda: d.gather_dealt(local, n_senders))
-    per_rank = d.concat_shares([{"rank": r.rank, "warm": warm, "capture": capture,
+    per_rank = d.concat_shares([{"rank": r.rank, "warm": warm, "warm_cpu": warm_cpu,
+                                 "capture": capture,
                                  "gather": gather, "total": total}])
     if r.main:
         with open(args.result, "w") as f:
@@ -127,8 +129,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--workers", default="1,2", help="worker counts (default 1,2)")
-    ap.add_argument("-n", type=int, default=8, help="prompts (default 8)")
-    ap.add_argument("--boxes", type=int, default=5, help="boxes per prompt (default 5)")
+    ap.add_argument("-n", type=int, default=None,
+                    help="prompts (default: 48 on the organism, 6 on the Qwen shape)")
+    ap.add_argument("--boxes", type=int, default=3, help="boxes per prompt (default 3)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--case", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--result", default=None, help=argparse.SUPPRESS)
@@ -140,12 +143,14 @@ def main() -> None:
     if bad:
         ap.error(f"unknown cases {bad}; choose from {CASES}")
     counts = [int(w) for w in args.workers.split(",")]
-    print(f"{args.n} prompts, {args.boxes} boxes, one CPU thread per rank, gloo; "
+    n_given = args.n
+    print(f"{args.boxes} boxes per prompt, one CPU thread per rank, gloo; "
           f"{os.cpu_count()} cores on this machine")
     print("| case | ranks | senders | total s | speed-up | capture s (every rank) | "
-          "scoring s per rank | gather s | scores equal |")
+          "scoring s per rank (its CPU s) | gather s | scores equal |")
     print("|---|---|---|---|---|---|---|---|---|")
     for case in cases:
+        args.n = n_given or (48 if case == "organism" else 6)
         base = None
         for w in counts:
             res = launch(args, case, w)
@@ -153,12 +158,13 @@ def main() -> None:
             total = max(x["total"] for x in ranks)
             capture = max(x["capture"] for x in ranks)
             gather = max(x["gather"] for x in ranks)
-            scoring = [max(0.0, x["warm"] - x["gather"]) for x in ranks]
+            scoring = [(max(0.0, x["warm"] - x["gather"]), x["warm_cpu"]) for x in ranks]
             base = base or (total, res["checksum"])
             same = "yes" if res["checksum"] == base[1] else f"differs {res['checksum'] - base[1]:.1e}"
-            print(f"| {case} ({res['arch']}) | {w} | {res['senders']} | {total:.2f} | "
+            print(f"| {case} ({res['arch']}), {args.n} prompts | {w} | {res['senders']} | "
+                  f"{total:.2f} | "
                   f"{base[0] / total:.2f}x | {capture:.2f} | "
-                  f"{', '.join(f'{s:.2f}' for s in scoring)} | {gather:.3f} | {same} |",
+                  f"{', '.join(f'{s:.2f} ({c:.2f})' for s, c in scoring)} | {gather:.3f} | {same} |",
                   flush=True)
 
 
