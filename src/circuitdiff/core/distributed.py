@@ -2,10 +2,12 @@
 
 circuitdiff scales out with the engine its users already run — ``torch.distributed`` launched
 by ``torchrun`` (one node, many nodes, Slurm alike) — never a home-made process pool. Every rank
-runs the same program on the same inputs; the embarrassingly parallel inner loops (the senders
-of a path-patching step, the cells of a scan) give each rank a contiguous share
-(:func:`share`) and gather the pieces back in rank order (:func:`gather_cat`), so every rank
-ends up with the result one process would have computed. Rank 0 alone writes the run folder
+runs the same program on the same inputs; the embarrassingly parallel inner loops give each
+rank a share and gather the pieces back in a fixed order, so every rank ends up with the result
+one process would have computed: the cells of a scan and ablation variants in contiguous shares
+(:func:`share`, :func:`gather_shares`), the senders of a path-patching step and attribution's
+prompt batches dealt round-robin (:func:`dealt`, :func:`gather_dealt`: senders sorted by layer
+cost unequally, dealing evens the ranks out). Rank 0 alone writes the run folder
 (:class:`~circuitdiff.core.runs.RunFolder` asks :func:`is_main`); a cache hit is decided on
 rank 0 and broadcast (:func:`decide`), so all ranks take the same branch and never wait on
 each other in a collective that one of them skipped.
