@@ -282,6 +282,52 @@ def before_after(args, src: str) -> dict:
     return res
 
 
+#: the dense bf16 matmul peak assumed for the plan's expected time on CUDA (an H100/H200 SXM);
+#: the plan prints the time at that peak and at 40 % of it
+CUDA_BF16_PEAK = 989e12
+
+
+def plan(args) -> dict:
+    """FLOPs of every step (all reachable senders, from the shapes: the model is built on the
+    meta device, no weights), the expected time and the expected peak memory."""
+    from circuitdiff.core.toy import word_level_tokenizer
+
+    tok = word_level_tokenizer()
+    loaded = build(args.shape, "meta", len(tok), args.init_range)
+    loaded.tokenizer = tok
+    clean, cf = _data(args, loaded)
+    arch, cfg = loaded.arch, loaded.model.config
+    params = sum(p.numel() for p in loaded.model.parameters())
+    width = 2 if args.shape == "7b" else 4  # bf16 on CUDA, float32 otherwise
+    total = 0.0
+    print(f"plan: {arch.describe()}, {params / 1e9:.2f} B parameters, {args.n} samples, "
+          f"batch {args.batch_size}")
+    for step in args.steps:
+        position, recv, kind = step_spec(step, arch)
+        send = reachable(arch, recv)
+        _, f_fast = flop_counts(loaded, clean, cf, position, recv, kind, send, args.batch_size)
+        total += f_fast
+        print(f"  {step:>3} {position}+{kind if recv else 'logits'}: {len(send)} senders, "
+              f"{f_fast / 1e12:.1f} TFLOP (fast path)")
+    T = len(tok(clean[0].text)["input_ids"])
+    B = min(args.batch_size, args.n)
+    rows = 131072 if args.device.startswith("cuda") else 16384  # FastOptions.rows
+    weights = params * width
+    prefix_kv = 2 * arch.n_layers * B * arch.n_kv_heads * T * arch.head_dim * width
+    captures = (4 * arch.n_layers * B * arch.n_heads * arch.head_dim
+                + 2 * (arch.n_layers + 1) * B * arch.hidden_size) * 4
+    acts = rows * (2 * arch.hidden_size + 2 * cfg.intermediate_size) * width
+    peak = weights + prefix_kv + captures + acts
+    print(f"  all steps: {total / 1e12:.1f} TFLOP; at {CUDA_BF16_PEAK / 1e12:.0f} TFLOP/s "
+          f"(bf16 peak) {total / CUDA_BF16_PEAK:.1f} s, at 40 % of it "
+          f"{total / (0.4 * CUDA_BF16_PEAK):.1f} s")
+    print(f"  expected peak memory ~{peak / 2 ** 30:.1f} GiB: weights {weights / 2 ** 30:.1f}, "
+          f"clean prefix KV {prefix_kv / 2 ** 30:.2f}, captures {captures / 2 ** 30:.2f}, one "
+          f"stacked forward of {rows} rows {acts / 2 ** 30:.1f} (+ pass 2's attention scores, "
+          f"capped at 30 % of free memory)")
+    return {"tflop": total / 1e12, "peak_gib": peak / 2 ** 30}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu")
@@ -317,6 +363,14 @@ def main() -> None:
         args.naive_senders = 8 if args.shape == "7b" else 64
     if args.fast_only:
         return child(args)
+    if args.shape == "7b":
+        plan(args)
+        if not args.device.startswith("cuda"):
+            print("bench/path_patching.py: the 7b shape needs a CUDA device (about 13 GiB of "
+                  "bf16 weights and the TFLOPs above: hours on a CPU); run it with --device "
+                  "cuda, or --shape tiny for a smoke check of the same code path on a CPU",
+                  file=sys.stderr)
+            sys.exit(2)
 
     from circuitdiff.methods.path_patching import FastOptions, PatchRequest, path_patching_scores
 

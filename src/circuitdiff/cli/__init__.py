@@ -256,9 +256,16 @@ def _launch_workers(args, argv: list[str]) -> int:
     try:
         elastic_launch(cfg, entrypoint=sys.executable)("-m", "circuitdiff", *rest)
     except ChildFailedError as e:
-        rank, failure = min(e.failures.items())
+        # the rank that failed first: the launcher then stops the others (SIGTERM), and a
+        # peer's collective may fail on the lost connection in the same second
+        import signal
+
+        order = sorted(e.failures.items(), key=lambda kv: (
+            kv[1].exitcode == -signal.SIGTERM, kv[1].timestamp, kv[1].exitcode == 1, kv[0]))
+        rank, failure = order[0]
+        also = "".join(f"; then rank {r} (exit code {f.exitcode})" for r, f in order[1:])
         print(f"circuitdiff {args.command}: error: rank {rank} of {args.workers} failed (exit code "
-              f"{failure.exitcode}); saved results are kept and a rerun resumes from them",
+              f"{failure.exitcode}){also}; saved results are kept and a rerun resumes from them",
               file=sys.stderr)
         return 1
     return 0

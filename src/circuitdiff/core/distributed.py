@@ -2,10 +2,12 @@
 
 circuitdiff scales out with the engine its users already run — ``torch.distributed`` launched
 by ``torchrun`` (one node, many nodes, Slurm alike) — never a home-made process pool. Every rank
-runs the same program on the same inputs; the embarrassingly parallel inner loops (the senders
-of a path-patching step, the cells of a scan) give each rank a contiguous share
-(:func:`share`) and gather the pieces back in rank order (:func:`gather_cat`), so every rank
-ends up with the result one process would have computed. Rank 0 alone writes the run folder
+runs the same program on the same inputs; the embarrassingly parallel inner loops give each
+rank a share and gather the pieces back in a fixed order, so every rank ends up with the result
+one process would have computed: the cells of a scan and ablation variants in contiguous shares
+(:func:`share`, :func:`gather_shares`), the senders of a path-patching step and attribution's
+prompt batches dealt round-robin (:func:`dealt`, :func:`gather_dealt`: senders sorted by layer
+cost unequally, dealing evens the ranks out). Rank 0 alone writes the run folder
 (:class:`~circuitdiff.core.runs.RunFolder` asks :func:`is_main`); a cache hit is decided on
 rank 0 and broadcast (:func:`decide`), so all ranks take the same branch and never wait on
 each other in a collective that one of them skipped.
@@ -105,6 +107,37 @@ def gather_cat(local: torch.Tensor, dim: int = 0) -> torch.Tensor:
     return torch.cat(parts, dim=dim).to(local.device)
 
 
+def dealt(n: int, r: Ranks | None = None) -> list[int]:
+    """This rank's indices of ``range(n)`` dealt round-robin (rank ``r`` gets ``r, r + W, ...``):
+    a share of the same size as :func:`share` that mixes cheap and costly items when their cost
+    runs with the index (path-patching senders sorted by layer). :func:`gather_dealt` undoes it."""
+    r = r or ranks()
+    return list(range(r.rank, n, r.world))
+
+
+def gather_dealt(local: torch.Tensor, n: int) -> torch.Tensor:
+    """Every rank's rows for its :func:`dealt` indices, gathered back into index order:
+    ``[n, ...]`` on every rank (``local`` itself for one process)."""
+    r = ranks()
+    if r.world == 1:
+        return local
+    gathered = gather_cat(local, 0)
+    order = torch.tensor([i for k in range(r.world) for i in range(k, n, r.world)],
+                         dtype=torch.long)
+    out = torch.empty_like(gathered)
+    out[order.to(out.device)] = gathered
+    return out
+
+
+def gather_shares(full: torch.Tensor) -> torch.Tensor:
+    """``full`` ``[n, ...]`` whose rows :func:`share` ``(n)`` this rank filled, with every other
+    row taken from the rank that owns it (``full`` itself for one process)."""
+    if ranks().world == 1:
+        return full
+    mine = share(len(full))
+    return gather_cat(full[mine.start:mine.stop], 0)
+
+
 def decide(value: T) -> T:
     """Rank 0's ``value`` on every rank (a cache hit, a loaded result): one branch for all."""
     dist = _dist()
@@ -132,5 +165,5 @@ def concat_shares(values: Sequence[T]) -> list[T]:
     return [v for p in parts for v in p]
 
 
-__all__ = ["Ranks", "barrier", "concat_shares", "decide", "gather_cat", "init", "is_main",
-           "launched", "rank_device", "ranks", "share"]
+__all__ = ["Ranks", "barrier", "concat_shares", "dealt", "decide", "gather_cat", "gather_dealt",
+           "gather_shares", "init", "is_main", "launched", "rank_device", "ranks", "share"]

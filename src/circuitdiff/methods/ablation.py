@@ -228,14 +228,15 @@ def circuit_accuracy(loaded: LoadedModel, prompts: Sequence[Prompt], means: Head
         means, b, keep, keep_other_positions, loaded.device))
 
 
-def variant_chunks(batch: Batch, n_variants: int, max_rows: int = 256
+def variant_chunks(batch: Batch, n_variants: int, max_rows: int = 256, first: int = 0
                    ) -> Iterator[tuple[int, int, Batch]]:
-    """``(first_variant, k, big_batch)``: ``n_variants`` copies of ``batch`` stacked variant-major
-    along the batch dimension, ``k`` at a time so a forward holds at most ``max_rows`` rows (at
-    least one variant). The one chunking loop behind every stacked-variant forward (ablation
-    variants, the position scan, attention knockout, CMAP)."""
+    """``(first_variant, k, big_batch)``: copies of ``batch`` for variants ``first ..
+    n_variants - 1`` stacked variant-major along the batch dimension, ``k`` at a time so a
+    forward holds at most ``max_rows`` rows (at least one variant). The one chunking loop behind
+    every stacked-variant forward (ablation variants, the position scan, attention knockout,
+    CMAP)."""
     per = max(1, max_rows // len(batch))
-    for s in range(0, n_variants, per):
+    for s in range(first, n_variants, per):
         k = min(per, n_variants - s)
         yield s, k, batch.repeat(k)
 
@@ -247,10 +248,15 @@ WhereFor = Callable[[Batch, int, int], torch.Tensor]
 
 def stacked_runs(loaded: LoadedModel, prompts: Sequence[Prompt], means: HeadMeans,
                  n_variants: int, where_for: WhereFor, batch_size: int = 32, max_rows: int = 256,
-                 progress: bool = False, desc: str = "variants"):
+                 progress: bool = False, desc: str = "variants", only: range | None = None):
     """Yield ``(batch_index, first_variant, k, big_batch, last_logits [k*B, V])`` per forward:
     ``n_variants`` mean-ablation variants stacked along the batch dimension, up to ``max_rows``
-    rows per forward. The one batching loop behind circuit variants and the position scan."""
+    rows per forward. The one batching loop behind circuit variants and the position scan.
+
+    ``only`` (a contiguous range of variants, e.g. this rank's
+    :func:`~circuitdiff.core.distributed.share`) runs those variants alone: under ``torchrun``
+    every rank runs its share and the callers gather the rows
+    (:func:`~circuitdiff.core.distributed.gather_shares`)."""
     means.check(loaded)
     from tqdm.auto import tqdm
 
@@ -259,7 +265,8 @@ def stacked_runs(loaded: LoadedModel, prompts: Sequence[Prompt], means: HeadMean
         if bool((batch.answer_ids < 0).any()):
             raise AblationError("circuit evaluation needs prompts whose query names a box")
         _check_layout(batch, "evaluation prompts", means.seq_len)
-        for s, k, big in variant_chunks(batch, n_variants, max_rows):
+        lo, hi = (only.start, only.stop) if only is not None else (0, n_variants)
+        for s, k, big in variant_chunks(batch, hi, max_rows, lo):
             logits = last_logits(loaded, big, where_edits(means, where_for(big, s, k),
                                                            loaded.device))
             yield i, s, k, big, logits
@@ -267,8 +274,9 @@ def stacked_runs(loaded: LoadedModel, prompts: Sequence[Prompt], means: HeadMean
 
 def _keep_variant_runs(loaded: LoadedModel, prompts: Sequence[Prompt], means: HeadMeans,
                     variants: Sequence[KeepMasks], keep_other_positions: bool, batch_size: int,
-                    max_rows: int, progress: bool):
-    """:func:`stacked_runs` of circuit variants given as keep masks per role."""
+                    max_rows: int, progress: bool, only: range | None = None):
+    """:func:`stacked_runs` of circuit variants given as keep masks per role (``only``: those
+    variants alone)."""
     names = list(variants[0])
     for v in variants:
         if list(v) != names:
@@ -283,7 +291,7 @@ def _keep_variant_runs(loaded: LoadedModel, prompts: Sequence[Prompt], means: He
         return ablate_where(big, keep, L, H, keep_other_positions)
 
     yield from stacked_runs(loaded, prompts, means, len(variants), where_for, batch_size,
-                            max_rows, progress)
+                            max_rows, progress, only=only)
 
 
 @torch.no_grad()
@@ -313,8 +321,12 @@ def variant_correct(loaded: LoadedModel, prompts: Sequence[Prompt], means: HeadM
 
     Variants are stacked along the batch dimension — up to ``max_rows`` rows per forward — so V
     variants cost about ``V * N / max_rows`` forwards instead of ``V * N / batch_size``. Every
-    variant must name the same positions (the masks are stacked).
+    variant must name the same positions (the masks are stacked). Under ``torchrun`` (every rank
+    calling with the same arguments) each rank runs its contiguous share of the variants and the
+    rows are gathered, so every rank returns the whole ``[V, N]``.
     """
+    from ..core import distributed
+
     if metric not in METRICS:
         raise AblationError(f"metric must be one of {METRICS}, got {metric!r}")
     V, N = len(variants), len(prompts)
@@ -322,11 +334,12 @@ def variant_correct(loaded: LoadedModel, prompts: Sequence[Prompt], means: HeadM
     if not variants:
         return out
     for i, s, k, big, logits in _keep_variant_runs(loaded, prompts, means, variants,
-                                                keep_other_positions, batch_size, max_rows, progress):
+                                                keep_other_positions, batch_size, max_rows,
+                                                progress, distributed.share(V)):
         B = len(big) // k
         start = i * batch_size
         out[s:s + k, start:start + B] = correct(logits, big, metric).cpu().view(k, B)
-    return out
+    return distributed.gather_shares(out)
 
 
 def variant_accuracies(loaded: LoadedModel, prompts: Sequence[Prompt], means: HeadMeans,

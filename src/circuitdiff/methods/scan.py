@@ -112,8 +112,12 @@ def position_scan(loaded: LoadedModel, prompts: Sequence[Prompt], means: HeadMea
 
     Variants are stacked along the batch dimension, role-major (variant ``v`` is role
     ``v // n_layers``, layer ``v % n_layers``); ``baseline`` may pass an already measured
-    full-model accuracy on the same prompts.
+    full-model accuracy on the same prompts. Under ``torchrun`` (every rank calling with the same
+    arguments) each rank runs its contiguous share of the ``(layer, role)`` cells and the
+    per-prompt hits are gathered, so every rank returns the whole scan.
     """
+    from ..core import distributed
+
     if not prompts:
         raise ScanError("no prompts to scan")
     roles = list(roles) if roles is not None else default_scan_roles(prompts, loaded.tokenizer)
@@ -140,9 +144,11 @@ def position_scan(loaded: LoadedModel, prompts: Sequence[Prompt], means: HeadMea
 
     hits = torch.zeros(V, len(prompts), dtype=torch.bool)
     for i, s, k, big, logits in stacked_runs(loaded, prompts, means, V, where_for, batch_size,
-                                             max_rows, progress, desc="scan"):
+                                             max_rows, progress, desc="scan",
+                                             only=distributed.share(V)):
         B = len(big) // k
         hits[s:s + k, i * batch_size:i * batch_size + B] = correct(logits, big).cpu().view(k, B)
+    hits = distributed.gather_shares(hits)
     acc = hits.double().mean(1).view(len(roles), L).T.tolist()
     if baseline is None:
         baseline = evaluate_accuracy(loaded, prompts, batch_size).accuracy

@@ -28,7 +28,14 @@ def attribution_scores(loaded: LoadedModel, clean: Sequence[Prompt],
     head output at positions ``>= p`` is a constant (so the gradient leaves ``p`` only through the
     residual stream, as pass 1 does). ``d log p = dp / p`` is the linearised relative change.
     Two forward/backward passes per batch, any architecture.
+
+    Under ``torchrun`` (every rank calling with the same arguments) the prompt batches are dealt
+    to the ranks — every head is estimated in one backward, so the batches, not the senders,
+    are the parallel unit; each batch's contribution is gathered and they are summed in batch
+    order on every rank, so the estimate is bit-identical to one process's.
     """
+    from ...core import distributed
+
     arch = loaded.arch
     req = PatchRequest(request.position, request.receivers, request.kind).resolve(arch)
     _check_sets(loaded, clean, counterfactual)
@@ -36,10 +43,11 @@ def attribution_scores(loaded: LoadedModel, clean: Sequence[Prompt],
     L, H = arch.n_layers, arch.n_heads
     from tqdm.auto import tqdm
 
-    total = torch.zeros(L, H, dtype=torch.float32)
     n_batches = (len(clean) + batch_size - 1) // batch_size
-    for i in tqdm(range(0, len(clean), batch_size), total=n_batches, desc="attribution",
-                  disable=not progress, unit="batch"):
+    mine = distributed.dealt(n_batches)
+    parts = torch.zeros(len(mine), L, H, dtype=torch.float32)  # this rank's batches
+    for j, b in enumerate(tqdm(mine, desc="attribution", disable=not progress, unit="batch")):
+        i = b * batch_size
         bc, bx = _encode_checked(loaded, clean[i:i + batch_size],
                                  counterfactual[i:i + batch_size], req.position)
         inputs_c, inputs_x = bc.model_inputs(dev), bx.model_inputs(dev)
@@ -92,7 +100,10 @@ def attribution_scores(loaded: LoadedModel, clean: Sequence[Prompt],
             if g is None:
                 continue
             delta = (rx.out[l] - gather_positions(rc.out[l], p)).float()
-            total[l] += (delta * g.float()).sum(-1).sum((0, 1)).cpu()
+            parts[j, l] += (delta * g.float()).sum(-1).sum((0, 1)).cpu()
+    total = torch.zeros(L, H, dtype=torch.float32)
+    for part in distributed.gather_dealt(parts, n_batches):  # batch order, as one process adds
+        total += part
     return total / len(clean)
 
 

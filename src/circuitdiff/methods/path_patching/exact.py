@@ -675,6 +675,29 @@ class _Unsupported(Exception):
 
 
 
+def _execution_devices(model: nn.Module) -> set[str]:
+    """The devices a model dispatched by accelerate (``device_map``) computes on: its GPUs, or
+    the CPU when no layer sits on a GPU. Layers offloaded to ``cpu``/``disk`` compute on the
+    main device (accelerate's hooks bring their weights in), so one GPU plus offload — or CPU
+    plus disk — is one device, which the fast path supports; a model split over several GPUs
+    is not. An undispatched model: empty."""
+    dmap = getattr(unwrap(model), "hf_device_map", None) or {}
+    gpus = {str(d if not isinstance(d, int) else f"cuda:{d}") for d in dmap.values()
+            if str(d) not in ("cpu", "disk", "meta")}
+    return gpus or ({"cpu"} if dmap else set())
+
+
+def _rank_order(req: _Request) -> list[int]:
+    """Sender indices in the order they are dealt to ranks: those that can reach a receiver
+    first (by layer), then those at or after the last receiver layer (free on the fast path),
+    so dealing round-robin gives every rank a like mix of costly and free senders."""
+    recv_layers = req.recv_layers()
+    last_recv = max(recv_layers) if recv_layers else None
+    return sorted(range(len(req.senders)),
+                  key=lambda i: (last_recv is not None and req.senders[i][0] >= last_recv,
+                                 req.senders[i], i))
+
+
 @torch.no_grad()
 def path_patching_scores(loaded: LoadedModel, clean: Sequence[Prompt],
                          counterfactual: Sequence[Prompt], request: PatchRequest = PatchRequest(),
@@ -686,13 +709,38 @@ def path_patching_scores(loaded: LoadedModel, clean: Sequence[Prompt],
     the senders are 0. ``options`` says how it is computed (``impl="naive"`` is the oracle; the
     fast path falls back to it with a warning where it cannot replay a layer); ``cache`` reuses
     the fast path's clean and counterfactual runs of the same prompts across calls (the scores
-    are the same either way)."""
+    are the same either way).
+
+    Under ``torchrun`` every rank must call this with the same arguments: the senders are dealt
+    to the ranks (:func:`~circuitdiff.core.distributed.dealt`; each rank keeps the
+    sort-by-layer batching inside its share), each rank scores its own, and the per-sample scores
+    are gathered in a fixed order, so every rank returns the whole :class:`Scores`. The clean and
+    counterfactual captures (and pass 2's clean prefix states) are cheap next to the senders'
+    scoring and are computed on every rank, not shipped. Per-sender math is unchanged; only which
+    senders share a stacked forward differs, so the scores equal one process's up to float
+    rounding of the stacked matmuls (measured 0 on CPU float32, see
+    ``tests/methods/test_distributed_methods.py``).
+
+    A big model dispatched by accelerate (``device_map`` with layers offloaded to CPU or disk)
+    runs the fast path through accelerate's own hooks (each replayed module fetches its weights
+    and computes on its execution device); a model split over several GPUs falls back to the
+    naive path with a warning."""
+    from ...core import distributed
+
     arch = loaded.arch
     req = request.resolve(arch)
     _check_sets(loaded, clean, counterfactual)
+    order = _rank_order(req)
+    mine = [order[j] for j in distributed.dealt(len(order))]
+    local = _Request(req.position, [req.senders[i] for i in mine], req.receivers, req.kind)
     rep = None
     if options.impl == "fast":
         try:
+            devices = _execution_devices(loaded.model)
+            if len(devices) > 1:
+                raise PathPatchingError(
+                    f"its layers run on {len(devices)} devices ({', '.join(sorted(devices))}) "
+                    f"and the one-position replay keeps its state on one")
             rep = _Replay(loaded.model, arch)
         except PathPatchingError as e:
             warnings.warn(f"fast path patching unsupported for {arch.model_type} ({e}); using "
@@ -700,22 +748,26 @@ def path_patching_scores(loaded: LoadedModel, clean: Sequence[Prompt],
     from tqdm.auto import tqdm
 
     bs = options.batch_size
-    per_sample: list[torch.Tensor] = []  # [senders, B] per batch
-    with tqdm(total=len(req.senders) * len(clean), desc=desc, unit="run",
+    per_sample: list[torch.Tensor] = []  # [local senders, B] per batch
+    with tqdm(total=len(local.senders) * len(clean), desc=desc, unit="run",
               disable=not progress) as bar:
         for i in range(0, len(clean), bs):
             bc, bx = _encode_checked(loaded, clean[i:i + bs], counterfactual[i:i + bs],
                                      req.position)
             if rep is not None:
                 try:
-                    per_sample.append(_fast_batch(loaded, rep, bc, bx, req, options, bar, cache))
+                    per_sample.append(_fast_batch(loaded, rep, bc, bx, local, options, bar,
+                                                  cache))
                     continue
                 except _Unsupported as e:
                     warnings.warn(f"fast path patching unsupported: {e}; using the naive path",
                                   stacklevel=2)
                     rep = None
-            per_sample.append(_naive_batch(loaded, bc, bx, req, bar))
-    samples = torch.cat(per_sample, 1).double()
+            per_sample.append(_naive_batch(loaded, bc, bx, local, bar))
+    dealt = distributed.gather_dealt(torch.cat(per_sample, 1), len(order))  # rows: `order`
+    samples = torch.empty_like(dealt)
+    samples[torch.tensor(order, dtype=torch.long)] = dealt
+    samples = samples.double()
     scores = torch.zeros(arch.n_layers, arch.n_heads, dtype=torch.float32)
     idx = torch.tensor(req.senders)
     scores[idx[:, 0], idx[:, 1]] = samples.mean(1).float()
