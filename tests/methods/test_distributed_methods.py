@@ -187,11 +187,13 @@ def _one_and_two(tmp_path: Path, name: str, *argv) -> tuple[dict, dict]:
 
 
 # the organisms are tiny GQA models (8 query heads, 2 kv heads), organism:lora a LoRA adapter
+@pytest.mark.slow  # CLI runs under 2 ranks and 1 process
 def test_cli_discover_on_two_ranks_equals_one_process(tmp_path):
     one, _ = _one_and_two(tmp_path, "discover", *DISCOVER)
     assert any(k.startswith("exact_") for k in one) and "circuit.json" in one
 
 
+@pytest.mark.slow  # CLI runs under 2 ranks and 1 process
 def test_cli_scan_on_two_ranks_equals_one_process(tmp_path):
     one, _ = _one_and_two(tmp_path, "scan", "scan", "--model", "organism:lora", "-n", "16",
                           "--n-mean", "16")
@@ -199,6 +201,7 @@ def test_cli_scan_on_two_ranks_equals_one_process(tmp_path):
     assert acc.min() < acc.max()  # some cells matter, some do not
 
 
+@pytest.mark.slow  # CLI runs under 2 ranks and 1 process
 def test_cli_evaluate_on_two_ranks_equals_one_process(tmp_path):
     from circuitdiff.core.circuit import Circuit, CircuitGroup
 
