@@ -83,6 +83,15 @@ class Config:
             key["schema"] = self.SCHEMA
         return key
 
+    def check_at_least(self, names: tuple[str, ...], minimum: int = 1,
+                       error: type[Exception] = ValueError, prefix: str = "") -> None:
+        """Raise ``error`` naming the first field of ``names`` below ``minimum`` (counts, sizes,
+        batch sizes: the one range check every config makes)."""
+        for name in names:
+            value = getattr(self, name)
+            if value < minimum:
+                raise error(f"{prefix}{name} must be >= {minimum}, got {value}")
+
     def digest(self) -> str:
         """Short hex digest of :meth:`cache_key` (for file names)."""
         from .runs import settings_digest

@@ -37,9 +37,7 @@ class AccuracyConfig(Config):
     batch_size: int = execution(32)
 
     def __post_init__(self) -> None:
-        for name in ("n_prompts", "n_boxes", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"AccuracyConfig: {name} must be >= 1, got {getattr(self, name)}")
+        self.check_at_least(("n_prompts", "n_boxes", "batch_size"), prefix="AccuracyConfig: ")
 
     def prompts(self, tokenizer) -> list[Prompt]:
         """The config's own prompts for a model with ``tokenizer``."""

@@ -114,9 +114,7 @@ class EvalConfig(Config):
         if self.mean_seed == self.seed:
             raise ValueError("the mean-ablation set must use another seed than the evaluation "
                              "prompts (mean_seed == seed)")
-        for name in ("n_prompts", "n_mean", "batch_size", "max_rows"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self.check_at_least(("n_prompts", "n_mean", "batch_size", "max_rows"))
         if self.n_random < 0:
             raise ValueError(f"n_random must be >= 0, got {self.n_random}")
         self.circuits = {str(k): Circuit.from_dict(c) if isinstance(c, dict) else c

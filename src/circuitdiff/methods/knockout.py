@@ -274,10 +274,8 @@ class KnockoutConfig(Config):
             if not self.layers or min(self.layers) < 0:
                 raise KnockoutError(f"KnockoutConfig: layers {list(self.layers)} must name at "
                                     f"least one layer >= 0 (or be None for every layer)")
-        for name in ("n", "n_boxes", "batch_size", "max_rows"):
-            if getattr(self, name) < 1:
-                raise KnockoutError(f"KnockoutConfig: {name} must be >= 1, "
-                                    f"got {getattr(self, name)}")
+        self.check_at_least(("n", "n_boxes", "batch_size", "max_rows"), error=KnockoutError,
+                            prefix="KnockoutConfig: ")
 
     def prompts(self, tokenizer) -> list[Prompt]:
         """The config's own prompts for a model with ``tokenizer``."""

@@ -63,9 +63,7 @@ class ScanConfig(Config):
             raise ScanError("the mean-ablation set must use another seed than the scan prompts")
         if self.roles is not None:
             self.roles = tuple(check_role(r, self.n_boxes) for r in self.roles)
-        for name in ("n_prompts", "n_mean", "batch_size", "max_rows"):
-            if getattr(self, name) < 1:
-                raise ScanError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self.check_at_least(("n_prompts", "n_mean", "batch_size", "max_rows"), error=ScanError)
 
 
 @dataclass

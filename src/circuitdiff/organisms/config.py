@@ -277,9 +277,8 @@ class Recipe(Config):
     eval_seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("base_attempts", "bind_race", "stage_attempts", "probe_n", "eval_n"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"Recipe: {name} must be >= 1, got {getattr(self, name)}")
+        self.check_at_least(("base_attempts", "bind_race", "stage_attempts", "probe_n", "eval_n"),
+                            prefix="Recipe: ")
 
 
 def scaled(recipe: Recipe, scale: float) -> Recipe:

@@ -66,9 +66,7 @@ class CMAPConfig(Config):
     circuit: Circuit | None = None
 
     def __post_init__(self) -> None:
-        for name in ("n_prompts", "batch_size", "max_rows"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self.check_at_least(("n_prompts", "batch_size", "max_rows"))
         for name in ("random_draws", "bootstrap"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

@@ -66,9 +66,7 @@ class DCMConfig(Config):
         if bad:
             raise ValueError(f"λ must be > 0 (the sparsity penalty λ·Σ(1-m) is what selects "
                              f"heads), got {bad}; pass e.g. --lambdas 0.001,0.01,0.1")
-        for name in ("n_train", "n_val", "n_test", "epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self.check_at_least(("n_train", "n_val", "n_test", "epochs", "batch_size"))
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.n_random < 0 or self.tolerance < 0:

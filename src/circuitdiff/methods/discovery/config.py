@@ -131,10 +131,8 @@ class DiscoveryConfig(Config):
         if self.on_unreachable not in ("error", "keep-all"):
             raise PathPatchingError(f"on_unreachable must be 'error' or 'keep-all', got "
                                     f"{self.on_unreachable!r}")
-        for name in ("n_prompts", "n_validate", "n_scan", "n_mean", "batch_size", "max_groups",
-                     "max_rows"):
-            if getattr(self, name) < 1:
-                raise PathPatchingError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self.check_at_least(("n_prompts", "n_validate", "n_scan", "n_mean", "batch_size",
+                             "max_groups", "max_rows"), error=PathPatchingError)
         if self.hybrid_k is not None and self.hybrid_k < 1:
             raise PathPatchingError(f"hybrid_k must be >= 1 (or None for 3 x size), got "
                                     f"{self.hybrid_k}")
