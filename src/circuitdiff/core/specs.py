@@ -152,9 +152,10 @@ def spec_folder(spec: str) -> Path | None:
 
 
 def identity(spec: str) -> str:
-    """What a spec names, comparable across spellings: the resolved folder, else the spec."""
+    """What a spec names, comparable across spellings: the resolved folder, a chunked
+    checkpoint's name (lower case), else the spec."""
     folder = spec_folder(spec)
-    return str(folder) if folder is not None else spec
+    return str(folder) if folder is not None else chunked_name(spec) or spec
 
 
 def as_spec(path: str) -> str:
