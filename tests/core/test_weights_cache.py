@@ -70,3 +70,21 @@ def test_dequantised_entry_is_built_once_and_rebuilt_when_damaged(fake_parts, tm
     other = tmp_path / "other.gguf"
     other.write_bytes(fake_parts + b"x")
     assert wc.dequantised_folder(other, build) != c and len(builds) == 4
+
+
+def test_a_chunked_name_is_a_spec(fake_parts, tmp_path):
+    """`NAME` (any case) of a chunked checkpoint resolves offline, names one model however it is
+    spelled, and its GGUF source is the joined file; an adapter naming it pairs with it."""
+    import json
+
+    from circuitdiff.core.model import gguf_source
+    from circuitdiff.core.specs import adapter_base_of, check_resolvable, chunked_name, identity
+
+    assert chunked_name("FAKE") == "fake" and chunked_name("fakeX") is None
+    check_resolvable("Fake")  # no hub lookup, no error
+    assert identity("FAKE") == identity("fake") == "fake"
+    assert gguf_source("fake").read_bytes() == fake_parts
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "fake"}))
+    assert adapter_base_of(str(adapter)) == identity("fake")

