@@ -120,9 +120,9 @@ def test_truncated_gguf(gguf_file, tmp_path, capsys, n_bytes):
 def test_unreachable_hub_id_fails_at_once(monkeypatch, capsys):
     import time
 
-    import circuitdiff.core.model as model
+    import circuitdiff.core.specs as specs
 
-    monkeypatch.setattr(model, "hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(specs, "hub_reachable", lambda timeout=3.0: False)
     start = time.perf_counter()
     rc, err = _run(["eval", "--model", "someone/no-such-model-xyz", "-n", "4"], capsys)
     _assert_bad(rc, err, "cannot be reached")
@@ -131,7 +131,7 @@ def test_unreachable_hub_id_fails_at_once(monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.undo()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert model.hub_reachable() is False
+    assert specs.hub_reachable() is False
 
 
 @pytest.mark.slow  # two CLI processes racing (~15 s)
@@ -151,6 +151,7 @@ def test_two_runs_on_one_folder_end_cleanly(saved_models, tmp_path):
     assert sum(r.endswith("curves.json") for r in results) == 1, results
 
 
+@pytest.mark.slow  # two CLI processes, one waiting (~15 s)
 def test_a_run_waits_for_the_lock(saved_models, tmp_path):
     """While another run holds the folder, a new run waits (says so, writes nothing) and then
     finishes once the folder is free."""

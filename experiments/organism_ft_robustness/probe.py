@@ -15,7 +15,7 @@ Not part of the package or the tests: the probe behind the #16 diagnosis (README
 
 Every result is appended to ``results.jsonl`` beside this file.
 
-    OMP_NUM_THREADS=1 python probe.py ft ../../src/circuitdiff/organisms/weights/base 3e-4:300:2
+    OMP_NUM_THREADS=1 python probe.py ft ../../src/circuitdiff/data/organisms/base 3e-4:300:2
 """
 
 from __future__ import annotations

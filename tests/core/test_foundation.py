@@ -257,6 +257,7 @@ def test_positions_smollm2_tokenizer(smollm2_path):
     check_roles(tok)  # the whole position schema (tests/core/test_roles.py), same tokenizer
 
 
+@pytest.mark.slow  # the Gemma-3 GGUF tokenizer (~35 s)
 def test_positions_gemma3_tokenizer(gemma3_path):
     from circuitdiff.core.model import load_tokenizer
 
@@ -343,6 +344,7 @@ def test_load_bad_input(saved_models, tokenizer, tmp_path):
         load_model(str(tmp_path / "empty"))
 
 
+@pytest.mark.slow  # de-quantises a 135M GGUF (~40 s)
 def test_smollm2_gguf_loads_and_evaluates(smollm2_path):
     loaded = load_model(smollm2_path)
     assert (loaded.arch.n_heads, loaded.arch.n_kv_heads, loaded.arch.head_dim) == (9, 3, 64)
@@ -385,3 +387,19 @@ def test_gemma3_architecture_in_process(tokenizer, prompts):
     assert torch.allclose(same, clean, atol=1e-5)
     changed = last_logits(loaded, batch, [Write(1, torch.zeros_like(r.out[1]))])
     assert not torch.allclose(changed, clean, atol=1e-4)
+
+
+def test_core_owns_the_organisms_path_and_never_imports_organisms():
+    """Loading an organism needs only core: the weights' folder is core's (organisms trains
+    them and imports the path from core, never the reverse)."""
+    from pathlib import Path
+
+    import circuitdiff.core as core
+    from circuitdiff.core.specs import ORGANISMS_DIR, organism_path
+    from test_layout import _imported_parts
+
+    assert organism_path("base") == ORGANISMS_DIR / "base"
+    assert ORGANISMS_DIR.parts[-2:] == ("data", "organisms")
+    importers = [p.name for p in Path(core.__file__).parent.rglob("*.py")
+                 if "organisms" in _imported_parts(p)]
+    assert not importers, importers

@@ -17,8 +17,10 @@ from circuitdiff.core.model import LoadedModel, load_model
 from circuitdiff.core.runs import RunFolder
 from circuitdiff.core.task import EntityTrackingTask, TaskConfig, batches
 from circuitdiff.methods.accuracy import evaluate_accuracy
+from circuitdiff.core.pool import ModelPool
+from circuitdiff.core.pool import check_pair
 from circuitdiff.methods.cmap import (CMAPConfig, Endpoint, InputPatch, OutputPatch, _Bootstrap,
-                                      check_pair, cmap, gap_share, patched_logits)
+                                      gap_share, patched_logits, run)
 from circuitdiff.report.cmap import format_cmap, save_cmap_report
 
 from conftest import save_base_and_lora, tiny_llama
@@ -52,7 +54,7 @@ def logits(loaded: LoadedModel, prompts, adapter: bool | None = None) -> torch.T
 
 def cfg(**kw) -> CMAPConfig:
     base = dict(n_prompts=16, n_boxes=N_BOXES, random_draws=2, bootstrap=50, batch_size=6,
-                max_rows=40)
+                max_rows=40, circuit=circuit())
     return CMAPConfig(**{**base, **kw})
 
 
@@ -65,7 +67,7 @@ def accuracies(result) -> dict:
 def test_cmap_of_a_model_into_itself_reproduces_its_accuracy(tiny, prompts):
     full = evaluate_accuracy(tiny, prompts).accuracy
     with pytest.warns(UserWarning, match="same logits"):
-        res = cmap(tiny, tiny, prompts, circuit(), cfg(per_head=True, input=True, reverse=True))
+        res = run([tiny, tiny], prompts, cfg(per_head=True, input=True, reverse=True))
     assert [d.direction for d in res.directions] == ["finetuned->base", "base->finetuned"]
     for d in res.directions:
         assert d.source_accuracy == d.target_accuracy == full
@@ -136,8 +138,8 @@ def test_output_cmap_at_named_positions_equals_a_hand_built_patch(tiny, prompts)
 def test_stacked_variants_equal_one_variant_per_forward(tiny, prompts):
     ft = finetune_layer0_qkv(tiny)
     c = dict(per_head=True, reverse=True, random_draws=3)
-    one = cmap(tiny, ft, prompts, circuit(), cfg(max_rows=6, **c))     # batch 6: one variant
-    many = cmap(tiny, ft, prompts, circuit(), cfg(max_rows=1000, **c))  # all variants at once
+    one = run([tiny, ft], prompts, cfg(max_rows=6, **c))     # batch 6: one variant
+    many = run([tiny, ft], prompts, cfg(max_rows=1000, **c))  # all variants at once
     assert accuracies(one) == accuracies(many)
     assert [d.per_head for d in one.directions] == [d.per_head for d in many.directions]
     accs = [a for d in many.directions for m in d.per_head.values() for row in m["accuracy"]
@@ -177,8 +179,8 @@ def test_lora_path_equals_two_separately_loaded_models(tiny_lora, tokenizer, pro
             assert (one - logits(tiny_lora, prompts, adapter=t1.adapter)).abs().max() > 1e-4
     no_load = lambda spec: pytest.fail(f"the LoRA path loaded {spec}")  # noqa: E731
     c = cfg(reverse=True, input=True, per_head=True)
-    a = cmap(None, tiny_lora, prompts, circuit(), c, load=no_load)
-    b = cmap(base, merged, prompts, circuit(), c)
+    a = run(ModelPool([tiny_lora], no_load), prompts, c)
+    b = run([base, merged], prompts, c)
     assert accuracies(a) == accuracies(b)
     assert [d.per_head for d in a.directions] == [d.per_head for d in b.directions]
 
@@ -201,8 +203,8 @@ def test_full_finetune_is_recorded_then_freed_never_two_models_loaded(tmp_path, 
         return loaded
 
     folder = RunFolder(tmp_path / "run")
-    res = cmap(str(base_dir), str(ft_dir), prompts, circuit(), cfg(reverse=True), load=load,
-               folder=folder)
+    res = run(ModelPool([str(base_dir), str(ft_dir)], load), prompts, cfg(reverse=True),
+              store=folder)
     assert max_alive == 1 and len(alive) == 3  # fine-tune, base, fine-tune again (reverse)
     records = list((tmp_path / "run" / "cmap" / "record").glob("*.safetensors"))
     assert len(records) == 2
@@ -215,8 +217,7 @@ def test_full_finetune_is_recorded_then_freed_never_two_models_loaded(tmp_path, 
     orig = cm._direction
     cm._direction = lambda *a, **k: pytest.fail("recomputed")
     try:
-        again = cmap(str(base_dir), str(ft_dir), prompts, circuit(), cfg(reverse=True),
-                     load=load_model, folder=folder)
+        again = run([str(base_dir), str(ft_dir)], prompts, cfg(reverse=True), store=folder)
     finally:
         cm._direction = orig
     assert again.to_dict()["directions"] == res.to_dict()["directions"]
@@ -250,7 +251,7 @@ def test_bootstrap_interval_brackets_the_share():
 
 def test_random_control_runs_every_row_on_each_draw(tiny, prompts):
     ft = finetune_layer0_qkv(tiny)
-    res = cmap(tiny, ft, prompts, circuit(), cfg(random_draws=3))
+    res = run([tiny, ft], prompts, cfg(random_draws=3))
     d = res.directions[0]
     for r in d.rows:
         if not r.empty:
@@ -354,9 +355,9 @@ def test_api_rejects_models_of_different_grids(tiny, tokenizer, prompts):
     small = tiny_llama(len(tokenizer), layers=2)
     other = LoadedModel(small, tokenizer, resolve(small), "two-layers")
     with pytest.raises(ArchitectureError, match="head grids"):
-        cmap(tiny, other, prompts, circuit(), cfg())
+        run([tiny, other], prompts, cfg())
     with pytest.raises(ValueError, match="no LoRA adapter"):
-        cmap(None, tiny, prompts, circuit(), cfg())
+        run(tiny, prompts, cfg())
 
 
 def test_check_pair_sees_the_lora_path_of_organisms():
@@ -369,8 +370,49 @@ def test_check_pair_sees_the_lora_path_of_organisms():
 
 def test_report_files(tiny, prompts, tmp_path):
     ft = finetune_layer0_qkv(tiny)
-    res = cmap(tiny, ft, prompts, circuit(), cfg(per_head=True, per_head_positions=("last",)))
+    res = run([tiny, ft], prompts, cfg(per_head=True, per_head_positions=("last",)))
     paths = save_cmap_report(res, RunFolder(tmp_path))
     names = sorted(p.name for p in paths)
     assert names == ["bars_finetuned_to_base.png", "heads_finetuned_to_base_last.png",
                      "result.json", "table.txt"]
+
+
+def test_rows_count_units_and_distinct_heads_apart(tiny, prompts):
+    """Issue 31: a head the circuit uses at two positions is two (head, role) units but one
+    head; the circuit's size is its units, in the rows and in the table."""
+    ft = finetune_layer0_qkv(tiny)
+    c = Circuit({"a": CircuitGroup([(0, 1), (1, 2)], "last"),
+                 "b": CircuitGroup([(0, 1)], "query_label")}, 3, 4, "tiny")
+    res = run([tiny, ft], prompts, cfg(circuit=c, random_draws=0, input=True))
+    rows = {r.name: r for r in res.directions[0].rows}
+    assert (rows["circuit"].n_units, rows["circuit"].n_heads) == (3, 2)
+    assert (rows["a"].n_units, rows["a"].n_heads) == (2, 2)
+    assert (rows["b:QKV"].n_units, rows["b:QKV"].n_heads) == (1, 1)
+    table = format_cmap(res).splitlines()
+    assert "units" in table[1] and "heads" in table[1]
+    assert any(line.startswith("circuit") and "| 3 " in line and "| 2 " in line for line in table)
+
+
+def test_config_key_is_derived_and_needs_a_circuit(tiny, prompts):
+    c = cfg()
+    assert "batch_size" not in c.cache_key() and "max_rows" not in c.cache_key()
+    assert c.cache_key()["circuit"] == circuit().to_dict()
+    assert "circuit" not in c.settings()
+    assert CMAPConfig.from_dict(c.to_dict()).cache_key() == c.cache_key()
+    with pytest.raises(ValueError, match="circuit"):
+        run([tiny, tiny], prompts, cfg(circuit=None))
+    with pytest.raises(ValueError, match="confidence"):
+        cfg(confidence=float("nan"))
+
+
+def test_positions_are_the_task_roles_as_index_columns(tokenizer, prompts):
+    """CMAP's positions are the task's roles through ``Batch.role_index`` (``[B, P]``), plus
+    ``all``; an unknown name is a one-line TaskError."""
+    from circuitdiff.core.task import TaskError
+    from circuitdiff.methods.cmap import position_index
+
+    b = batches(prompts, tokenizer, 64)[0]
+    assert torch.equal(position_index(b, "last"), b.role("last")[:, None])
+    assert position_index(b, "all").shape == b.input_ids.shape
+    with pytest.raises(TaskError, match="nope"):
+        position_index(b, "nope")

@@ -175,7 +175,7 @@ def test_gain_carried_needs_the_share_and_its_excess_over_random_circuits():
     assert gain_carried({"cmap": _cmap([0.2, 0.4], [0.3, 0.7])}, "ft", RULES)["answer"] == UNDECIDED
     # a high share that random circuits of its shape reach too is not carried by the circuit
     v = gain_carried({"cmap": _cmap([0.2, 0.4], [0.81, 1.02], 0.92, (-0.05, 0.2))}, "ft", RULES)
-    assert v["answer"] == UNDECIDED and "ranks 1 of 3" in v["evidence"] and "20 units" in v["evidence"]
+    assert v["answer"] == UNDECIDED and "ranks 1 of 3" in v["evidence"] and "20 (head, role) units" in v["evidence"]
     v = gain_carried({"cmap": _cmap([0.2, 0.4], [0.81, 1.02], 0.92, (-0.3, -0.1))}, "ft", RULES)
     assert v["answer"] == NO
     assert gain_carried({"cmap": _cmap([0.2, 0.4], [0.7, 0.9], excess_ci=None)}, "ft",
@@ -183,6 +183,10 @@ def test_gain_carried_needs_the_share_and_its_excess_over_random_circuits():
     v = gain_carried({"cmap": _cmap([-0.05, 0.1], [0.7, 0.9])}, "ft", RULES)
     assert v["answer"] == UNDECIDED and "no gain to explain" in v["evidence"]
     assert gain_carried({}, "ft", RULES)["answer"] == UNDECIDED
+    units = _cmap([0.2, 0.4], [0.7, 0.9])
+    units["ft"]["directions"][0]["rows"][0].update(n_units=22, n_heads=20)  # issue 31: units vs heads
+    assert "22 (head, role) units, 20 distinct heads" in gain_carried({"cmap": units}, "ft",
+                                                                      RULES)["evidence"]
 
 
 def test_calibration_counts_random_circuits_that_get_yes_and_flags_the_verdict():

@@ -67,27 +67,27 @@ def _remove_if_empty(path: Path) -> None:
 
 def run(args) -> dict:
     from ..core.circuit import Circuit
+    from ..core.pool import ModelPool
     from ..core.runs import RunFolder, model_tag, safe_name
-    from ..methods.cmap import CMAPConfig, check_pair, cmap
+    from ..core.pool import check_pair
+    from ..methods import cmap
     from ..report.cmap import format_cmap, save_cmap_report
 
-    circuit = Circuit.load(args.circuit)
-    cfg = CMAPConfig(n_prompts=args.n_prompts, seed=args.seed, n_boxes=args.n_boxes,
-                     random_draws=args.random_draws, random_seed=args.random_seed,
-                     bootstrap=args.bootstrap, per_head=args.per_head,
-                     per_head_positions=tuple(args.per_head_position) if args.per_head_position
-                     else None, input=args.input, reverse=args.reverse,
-                     batch_size=args.batch_size, max_rows=args.max_rows)
-    pair = check_pair(args.base, args.finetuned, circuit)
+    cfg = cmap.CMAPConfig(
+        n_prompts=args.n_prompts, seed=args.seed, n_boxes=args.n_boxes,
+        random_draws=args.random_draws, random_seed=args.random_seed, bootstrap=args.bootstrap,
+        per_head=args.per_head, per_head_positions=args.per_head_position, input=args.input,
+        reverse=args.reverse, batch_size=args.batch_size, max_rows=args.max_rows,
+        circuit=Circuit.load(args.circuit))
+    pair = check_pair(args.base, args.finetuned, cfg.circuit)  # before any weights load
     for w in pair.warnings:
         print(f"circuitdiff cmap: warning: {w}", file=sys.stderr)
     out = Path(args.out)
     existed = out.exists()
     try:
         folder = RunFolder(out)
-        result = cmap(args.base, args.finetuned, None, circuit, cfg, lora=pair.lora,
-                      load=lambda spec: load_from_args(args, spec=spec), folder=folder,
-                      progress=True)
+        pool = ModelPool([args.base, args.finetuned], lambda spec: load_from_args(args, spec=spec))
+        result = cmap.run(pool, None, cfg, store=folder, progress=True)
     except BaseException:
         if not existed:
             _remove_if_empty(out)

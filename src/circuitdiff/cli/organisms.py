@@ -26,9 +26,9 @@ def register(sub) -> None:
 
 
 def run_list(args) -> dict:
-    from ..organisms import ORGANISMS, WEIGHTS_DIR, organism_path
+    from ..core.specs import ORGANISMS, ORGANISMS_DIR, organism_path
 
-    summary = WEIGHTS_DIR / "train_summary.json"
+    summary = ORGANISMS_DIR / "train_summary.json"
     acc = json.loads(summary.read_text()).get("accuracy", {}) if summary.exists() else {}
     for name in ORGANISMS:
         a = acc.get(name)

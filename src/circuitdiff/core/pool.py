@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import gc
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 from .arch import ArchitectureError
+from .circuit import Circuit
 from .model import LoadedModel
+from .specs import ModelSpecError, adapter_base_of, as_spec, config_grid, identity
 
 Loader = Callable[[str], LoadedModel]
 
@@ -127,6 +129,57 @@ class ModelPool:
             torch.cuda.empty_cache()
 
 
+@dataclass
+class PairCheck:
+    """What :func:`check_pair` found: whether the fine-tune is a LoRA adapter on the base (one
+    set of weights, adapter toggled), and warnings to show."""
+
+    lora: bool
+    warnings: list[str] = field(default_factory=list)
+
+
+def check_pair(base: str, finetuned: str, circuit: Circuit | None = None) -> PairCheck:
+    """Check a (base, fine-tune) pair of specs before any weights are loaded.
+
+    Errors (one line, naming the fix): a LoRA adapter trained on another base
+    (:class:`ModelSpecError`); different head grids (from the configs), a circuit found on
+    another head grid, different tokenizers (:class:`~circuitdiff.core.arch.ArchitectureError`).
+    Warns when both specs name the same model (the gap will be 0). Checks that need the weights
+    (hub ids, GGUF files) are repeated when the models load.
+    """
+    from .model import load_tokenizer
+
+    warn = []
+    if identity(base) == identity(finetuned):
+        warn.append(f"--finetuned {finetuned} is the same model as --base {base}: the gap is 0 "
+                    f"and the share recovered is undefined")
+    ft_base = adapter_base_of(finetuned)
+    lora = ft_base is not None and ft_base == identity(base)
+    if ft_base is not None and not lora:
+        raise ModelSpecError(f"the LoRA adapter {finetuned} was trained on {ft_base}, not on the "
+                             f"given base {base}: pass --base {as_spec(ft_base)}")
+    gb, gf = config_grid(base), config_grid(finetuned)
+    if gb is not None and gf is not None and gb != gf:
+        raise ArchitectureError(
+            f"base {base} and fine-tune {finetuned} have different head grids (layers, heads, "
+            f"kv heads, head_dim: {gb} vs {gf}): CMAP needs a fine-tune of the base's architecture")
+    if circuit is not None:
+        grid = gb or gf
+        if grid is not None and (circuit.n_layers, circuit.n_heads) != grid[:2]:
+            raise ArchitectureError(
+                f"the circuit was found on a {circuit.n_layers}x{circuit.n_heads} head grid but "
+                f"{base} has {grid[0]}x{grid[1]}: use a circuit found on this base")
+    try:
+        tb, tf = load_tokenizer(base), load_tokenizer(finetuned)
+    except (ModelSpecError, OSError, ValueError):
+        tb = tf = None  # not loadable alone: checked when the models load
+    if tb is not None and not same_tokenizer(tb, tf):
+        raise ArchitectureError(f"base {base} and fine-tune {finetuned} have different tokenizers: "
+                                f"the same prompts would be different token ids; CMAP needs a "
+                                f"fine-tune that kept its base's tokenizer")
+    return PairCheck(lora, warn)
+
+
 def as_pool(model_or_pool: "LoadedModel | ModelPool | Sequence[str]", load: Loader | None = None
             ) -> ModelPool:
     """A pool for what a method was given: a pool as it is, a loaded model as a one-model pool,
@@ -140,4 +193,4 @@ def as_pool(model_or_pool: "LoadedModel | ModelPool | Sequence[str]", load: Load
     return ModelPool(list(model_or_pool), load)
 
 
-__all__ = ["ModelPool", "as_pool", "head_grid", "same_tokenizer"]
+__all__ = ["ModelPool", "PairCheck", "as_pool", "check_pair", "head_grid", "same_tokenizer"]

@@ -33,18 +33,26 @@ def _hits(x: Sequence) -> torch.Tensor:
     return torch.as_tensor([float(v) for v in x], dtype=torch.float64)
 
 
+def _paired_means(a_hits: Sequence, b_hits: Sequence, resamples: int, seed: int
+                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Means of ``a`` and ``b`` over the same bootstrap resamples of prompts (``[resamples]``
+    each); ``None`` when the hits are missing, unpaired or nothing is drawn."""
+    a, b = _hits(a_hits), _hits(b_hits)
+    if a.numel() == 0 or a.numel() != b.numel():
+        return None
+    idx = resample_indices(a.numel(), resamples, seed)
+    return None if idx is None else (a[idx].mean(1), b[idx].mean(1))
+
+
 def ratio_interval(numerator_hits: Sequence, denominator_hits: Sequence, resamples: int = 1000,
                    seed: int = 0, confidence: float = 0.95) -> list[float] | None:
     """Paired bootstrap interval of ``mean(numerator) / mean(denominator)`` over prompts (e.g.
     faithfulness: circuit accuracy / model accuracy); resamples with a zero denominator are
     dropped. ``None`` when the hits are missing or no resample is usable."""
-    num, den = _hits(numerator_hits), _hits(denominator_hits)
-    if num.numel() == 0 or num.numel() != den.numel():
+    means = _paired_means(numerator_hits, denominator_hits, resamples, seed)
+    if means is None:
         return None
-    idx = resample_indices(num.numel(), resamples, seed)
-    if idx is None:
-        return None
-    n, d = num[idx].mean(1), den[idx].mean(1)
+    n, d = means
     ok = d > 0
     return interval(n[ok] / d[ok], confidence)
 
@@ -52,13 +60,8 @@ def ratio_interval(numerator_hits: Sequence, denominator_hits: Sequence, resampl
 def difference_interval(a_hits: Sequence, b_hits: Sequence, resamples: int = 1000, seed: int = 0,
                         confidence: float = 0.95) -> list[float] | None:
     """Paired bootstrap interval of ``mean(a) - mean(b)`` over the same prompts."""
-    a, b = _hits(a_hits), _hits(b_hits)
-    if a.numel() == 0 or a.numel() != b.numel():
-        return None
-    idx = resample_indices(a.numel(), resamples, seed)
-    if idx is None:
-        return None
-    return interval(a[idx].mean(1) - b[idx].mean(1), confidence)
+    means = _paired_means(a_hits, b_hits, resamples, seed)
+    return None if means is None else interval(means[0] - means[1], confidence)
 
 
 def format_interval(ci: Sequence[float] | None, missing: str = "") -> str:

@@ -502,6 +502,18 @@ class Batch:
                             f"outside some prompts' tokens")
         return torch.where(present, shifted, pos)
 
+    def role_index(self, name: str) -> torch.Tensor:
+        """``[B, P]`` token indices of role ``name`` in each prompt (``P = 1`` for a scalar
+        role), every entry a real token: the form an intervention's ``at`` takes. A role absent
+        from some prompt, or covering fewer tokens in some, raises a :class:`TaskError`."""
+        p = self.role(name)
+        p = p[:, None] if p.dim() == 1 else p
+        if bool((p < 0).any()):
+            raise TaskError(f"position {name!r} is absent from some prompts (or covers a "
+                            f"different number of tokens in some); use prompts whose query names "
+                            f"a box")
+        return p
+
     def model_inputs(self, device=None) -> dict[str, torch.Tensor]:
         """The model's keyword inputs (ids, attention mask, position ids), on ``device``."""
         d = {"input_ids": self.input_ids, "attention_mask": self.attention_mask,

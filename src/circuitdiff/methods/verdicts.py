@@ -301,9 +301,8 @@ def gain_carried(results: dict, spec: str, rules: VerdictRules) -> dict:
     ci, excess_ci = whole.get("share_ci"), whole.get("excess_ci")
     shares = [x for x in whole.get("random_shares") or [] if x is not None]
     rnd = sum(shares) / len(shares) if shares else None
-    size = whole.get("n_units", whole.get("n_heads"))
     rank = whole.get("rank")
-    ev = (f"{_gap_text(d)}; the circuit ({size} units) carries {whole['share']:.2f} {_ci(ci)} "
+    ev = (f"{_gap_text(d)}; the circuit ({_size(whole)}) carries {whole['share']:.2f} {_ci(ci)} "
           f"of it; random circuits of its shape: "
           + ("not measured" if rnd is None else
              f"{rnd:.2f} on average over {len(shares)}, excess {_ci(excess_ci)}, the circuit "
@@ -333,6 +332,15 @@ def null_text(claim: str, verdict: dict) -> str:
         return ("null: each selection counted only because it beat no patching and random "
                 "heads of its size on the base")
     return ""
+
+
+def _size(row: dict) -> str:
+    """A CMAP row's size as the circuit counts it: (head, role) units, and the distinct heads
+    among them when fewer (a row saved before units were counted: its heads)."""
+    heads, units = row["n_heads"], row.get("n_units")
+    if units is None:
+        return f"{heads} heads"
+    return f"{units} (head, role) units" + (f", {heads} distinct heads" if heads != units else "")
 
 
 def verdicts(results: dict, base: str, fine_tunes: Sequence[str], rules: VerdictRules,

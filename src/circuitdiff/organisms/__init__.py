@@ -17,21 +17,9 @@ Retrain them with ``python -m circuitdiff.organisms.train --out DIR --seed 0``.
 
 from __future__ import annotations
 
-from pathlib import Path
-
-ORGANISMS: tuple[str, ...] = ("base", "lora", "full", "chat")
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-
-
-def organism_path(name: str) -> Path:
-    """Folder of a shipped organism (``base``, ``lora``, ``full`` or ``chat``)."""
-    if name not in ORGANISMS:
-        raise ValueError(f"unknown organism {name!r}; valid names are {', '.join(ORGANISMS)}")
-    path = WEIGHTS_DIR / name
-    if not path.is_dir():
-        raise FileNotFoundError(f"organism {name!r} is not shipped at {path}; retrain with "
-                                f"`python -m circuitdiff.organisms.train --out {WEIGHTS_DIR}`")
-    return path
+#: the names, the shipped weights' folder and a name's path are core's
+#: (:mod:`circuitdiff.core.specs`): loading an organism never imports this package
+from ..core.specs import ORGANISMS, ORGANISMS_DIR, organism_path
 
 
 def is_adapter(name: str) -> bool:
@@ -39,4 +27,4 @@ def is_adapter(name: str) -> bool:
     return (organism_path(name) / "adapter_config.json").is_file()
 
 
-__all__ = ["ORGANISMS", "WEIGHTS_DIR", "organism_path", "is_adapter"]
+__all__ = ["ORGANISMS", "ORGANISMS_DIR", "organism_path", "is_adapter"]

@@ -28,17 +28,19 @@ def direction_header(d: DirectionResult) -> str:
 
 
 def format_direction(d: DirectionResult) -> str:
-    """The CMAP table of one direction: patched accuracy and gap share with intervals, and the
-    random control (mean±sd of accuracy, and its share)."""
-    head = ["kind", "patched", "heads", "accuracy [CI]", "gap share [CI]", "random acc",
+    """The CMAP table of one direction: the (head, position) units patched and the distinct
+    heads among them, patched accuracy and gap share with intervals, and the random control
+    (mean±sd of accuracy, and its share)."""
+    head = ["kind", "patched", "units", "heads", "accuracy [CI]", "gap share [CI]", "random acc",
             "random share"]
     body = []
     for r in d.rows:
         if r.empty:
-            body.append([r.kind, r.name, "0", "(empty group)", "-", "-", "-"])
+            body.append([r.kind, r.name, "0", "0", "(empty group)", "-", "-", "-"])
             continue
         rnd = "-" if r.random_mean is None else f"{r.random_mean:.2f}±{r.random_sd:.2f}"
-        body.append([r.kind, r.name, str(r.n_heads), fmt(r.accuracy) + _ci(r.accuracy_ci),
+        body.append([r.kind, r.name, str(r.n_units), str(r.n_heads),
+                     fmt(r.accuracy) + _ci(r.accuracy_ci),
                      fmt(r.share) + _ci(r.share_ci), rnd,
                      "-" if r.random_mean is None else fmt(r.random_share)])
     widths = [max(len(x) for x in col) for col in zip(head, *body)]

@@ -3,26 +3,29 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import TYPE_CHECKING, Any
 
 from ..core.circuit import Circuit
 from ..core.runs import model_tag, settings_digest
 from ..core.stats import difference_interval
-from ..methods.cmap import CMAPConfig, cmap
+from ..core.pool import ModelPool
+from ..methods import cmap
+from ..methods.cmap import CMAPConfig, CMAPRow
 
 if TYPE_CHECKING:  # the runner's context; not imported (the runner imports this module)
     StudyRun = Any
 
 
 def cmap_key(cfg: CMAPConfig) -> dict:
-    """The CMAP config's derived key."""
-    return cfg.cache_key() if hasattr(cfg, "cache_key") else cfg.key()
+    """The CMAP config's derived key without the circuit (the study's circuit is its own)."""
+    return cfg.settings()
 
 
 def cmap_settings(st: "StudyRun", circuit: Circuit) -> dict:
-    return {"base": st.base_spec, "models": st.fine_tunes, "cmap": cmap_key(st.cfg.cmap),
-            "circuit": circuit.to_dict(), "accuracy": settings_digest(st.results["accuracy"]),
+    return {"base": st.base_spec, "models": st.fine_tunes,
+            "cmap": replace(st.cfg.cmap, circuit=circuit).cache_key(),
+            "row": CMAPRow.VERSION, "accuracy": settings_digest(st.results["accuracy"]),
             "rules": asdict(st.cfg.rules)}
 
 
@@ -43,8 +46,9 @@ def run_cmap(st: "StudyRun", circuit: Circuit) -> dict:
             out[spec] = {"skipped": why, "gap": gap, "gap_ci": ci}
             continue
         st.pool.free()
-        res = cmap(st.base_spec, spec, None, circuit, st.cfg.cmap, load=st.load,
-                   folder=st.folder, progress=st.progress)
+        res = cmap.run(ModelPool([st.base_spec, spec], st.load), None,
+                       replace(st.cfg.cmap, circuit=circuit), store=st.folder,
+                       progress=st.progress)
         d = res.directions[0]  # fine-tune -> base
         plot_cmap_bars(d, st.folder.file(f"cmap/{model_tag(spec)}.png"))
         out[spec] = res.to_dict()
@@ -54,5 +58,8 @@ def run_cmap(st: "StudyRun", circuit: Circuit) -> dict:
                    f"no significant gain to explain")
         elif whole is not None:
             share = "undefined" if whole.share is None else f"{whole.share:.2f}"
-            st.log(f"  {spec}: gap {d.gap:+.2f}; the circuit carries {share} of it")
+            rnd = [x for x in whole.random_shares if x is not None]
+            null = (f"; random circuits of its shape {sum(rnd) / len(rnd):.2f} on average, "
+                    f"rank {whole.rank} of {len(rnd) + 1}" if rnd else "")
+            st.log(f"  {spec}: gap {d.gap:+.2f}; the circuit carries {share} of it{null}")
     return out

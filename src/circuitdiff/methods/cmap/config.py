@@ -1,0 +1,94 @@
+"""CMAP's settings: the typed config (its cache key derived from the fields), names, errors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ...core.circuit import Circuit
+from ...core.config import Config, check_finite, execution
+from ...core.task import EntityTrackingTask, Prompt, TaskConfig
+
+#: input-CMAP component sets, in the paper's order
+COMPONENTS: tuple[str, ...] = ("q", "k", "v", "qk", "qkv")
+#: a position name CMAP accepts besides the task's named positions: every token of the prompt
+ALL_POSITIONS = "all"
+#: direction names
+FORWARD, REVERSE = "finetuned->base", "base->finetuned"
+
+
+class CMAPError(ValueError):
+    """Raised for a (base, fine-tune, circuit) combination CMAP cannot compare."""
+
+
+@dataclass
+class CMAPConfig(Config):
+    """Everything that decides CMAP's numbers (``cache_key()``, derived) and how it runs.
+
+    ``n_prompts``/``seed``/``n_boxes`` make the prompts (:func:`cmap_prompts`); ``random_draws``
+    random circuits of the circuit's group sizes (seed ``random_seed``) are the control;
+    ``bootstrap`` resamples of the prompts (seed ``bootstrap_seed``) give the ``confidence``
+    interval. ``per_head`` adds the per-head map at ``per_head_positions`` (default: the positions
+    of the circuit's non-empty groups); ``input`` adds input CMAP of every non-empty group;
+    ``reverse`` adds the base → fine-tune direction. ``circuit`` is the circuit compared (a
+    setting: it decides every number; ``None`` only in a template such as the study's, which
+    fills it per run). ``batch_size`` and ``max_rows`` only decide how the forwards are cut.
+    """
+
+    #: prompts to patch (when the run is given none)
+    n_prompts: int = 500
+    #: seed of the prompts
+    seed: int = 0
+    #: boxes per prompt
+    n_boxes: int = 7
+    #: random circuits of the circuit's group sizes (the control)
+    random_draws: int = 10
+    #: seed of the random circuits
+    random_seed: int = 0
+    #: bootstrap resamples of the prompts (0: no intervals)
+    bootstrap: int = 1000
+    #: seed of the bootstrap resamples
+    bootstrap_seed: int = 0
+    #: level of every interval, in (0, 1)
+    confidence: float = 0.95
+    #: also CMAP every single head: a [layers, heads] map per position
+    per_head: bool = False
+    #: positions of the per-head maps (None: the positions of the circuit's non-empty groups)
+    per_head_positions: tuple[str, ...] | None = None
+    #: also input CMAP (q, k, v, qk, qkv) of every non-empty group
+    input: bool = False
+    #: also the base → fine-tune direction
+    reverse: bool = False
+    #: prompts per forward
+    batch_size: int = execution(32)
+    #: rows per forward when patch variants are stacked
+    max_rows: int = execution(256)
+    #: the circuit compared
+    circuit: Circuit | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("n_prompts", "batch_size", "max_rows"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("random_draws", "bootstrap"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        check_finite("CMAPConfig", confidence=self.confidence)
+        if not 0 < self.confidence < 1:
+            raise ValueError(f"confidence must be in (0, 1), got {self.confidence}")
+        if self.per_head_positions is not None:
+            self.per_head_positions = tuple(self.per_head_positions)
+        if isinstance(self.circuit, dict):
+            self.circuit = Circuit.from_dict(self.circuit)
+
+    def settings(self) -> dict:
+        """The cache key without the circuit: what every saved CMAP piece keeps under
+        ``"cmap"`` (the circuit is saved beside it, under ``"circuit"``)."""
+        key = self.cache_key()
+        key.pop("circuit")
+        return key
+
+
+def cmap_prompts(tokenizer, cfg: CMAPConfig) -> list[Prompt]:
+    """The evaluation prompts of ``cfg`` (``n_prompts`` from ``seed``, ``n_boxes`` boxes)."""
+    return EntityTrackingTask(tokenizer, TaskConfig(n_boxes=cfg.n_boxes), seed=cfg.seed).sample(
+        cfg.n_prompts)
