@@ -135,3 +135,24 @@ def test_python_api_runs_the_study_with_default_loading(tmp_path):
     assert s["accuracy"]["organism:full"]["n"] == 20
     assert (tmp_path / "api" / "report.html").exists()
     assert any("organism:full: 7-box accuracy" in line for line in lines)
+
+
+def test_study_on_a_circuit_the_user_brings(four_layer_models, tmp_path, capsys):
+    """``--circuit FILE``: the study runs on that circuit instead of discovering one, and the
+    report says where it came from."""
+    from circuitdiff.core.circuit import Circuit, CircuitGroup
+
+    base_dir, lora_dir = four_layer_models
+    path = tmp_path / "mine.json"
+    Circuit({"readers": CircuitGroup([(3, 0), (3, 1)], "last"),
+             "movers": CircuitGroup([(1, 2)], "query_label")}, 4, 4, "mine").save(path)
+    out = tmp_path / "given"
+    assert main(_study_args(base_dir, lora_dir, out, "--steps", "faithfulness",
+                            "--circuit", str(path))) == 0
+    assert "the circuit is loaded from" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["circuit_source"] == f"loaded from {path}"
+    assert {r["circuit"] for r in summary["faithfulness"]} == {"given_circuit"}
+    assert not (out / "discover").exists()  # nothing discovered
+    assert f"loaded from {path}" in (out / "report.md").read_text()
+    assert all(len(r["random_faithfulness_ci"]) == 2 for r in summary["faithfulness"])

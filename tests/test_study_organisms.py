@@ -17,8 +17,8 @@ pytestmark = pytest.mark.slow  # a whole study on the organisms (~2 min): the sl
 @pytest.fixture(scope="module")
 def organism_study(tmp_path_factory):
     out = tmp_path_factory.mktemp("organisms") / "study"
-    rc = main(["study", "--model", "organism:base", "--model", "organism:lora", "--out",
-               str(out), "-n", "60", "--n-discovery", "100", "--n-mean", "60",
+    rc = main(["study", "--model", "organism:base", "--model", "organism:chat", "--model",
+               "organism:lora", "--model", "organism:full", "--out", str(out), "-n", "60", "--n-discovery", "100", "--n-mean", "60",
                "--random-draws", "3", "--dcm-train", "60", "--quiet"])
     assert rc == 0
     return out, json.loads((out / "summary.json").read_text())
@@ -37,6 +37,25 @@ def test_study_finds_the_lookback_and_judges_the_fine_tune(organism_study):
     cm = s["cmap"]["organism:lora"]["directions"][0]
     assert cm["gap_ci"][0] > 0
     assert "own_circuits" in s and s["own_circuits"]["organism:lora"]["overlap"]["n_reference"] > 0
+
+
+def test_verdicts_follow_the_data_and_their_nulls(organism_study):
+    """lora and full gained (≈ +0.4) through the base circuit; chat gained nothing, so there is
+    nothing to carry. Every verdict carries its null and its calibration on random circuits."""
+    _, s = organism_study
+    v = s["verdicts"]
+    assert v["organism:chat"]["gain_carried"]["answer"] == "undecided"
+    for ft in ("organism:lora", "organism:full"):
+        g = v[ft]["gain_carried"]
+        assert g["answer"] in ("yes", "undecided"), g["evidence"]
+        assert g["numbers"]["share"] > g["numbers"]["random_share"] + 0.1
+        cal = g["calibration"]
+        assert cal["draws"] == 5  # CMAP's 5 random draws, each judged against the other 4
+        assert g["flagged"] == (cal["yes"] > 0)
+        u = v[ft]["uses_base_circuit"]
+        assert u["answer"] in ("yes", "undecided"), u["evidence"]
+        assert u["numbers"]["null_p"] < 0.05 and u["numbers"]["ceiling"] is not None
+        assert u["calibration"]["yes"] == 0  # random circuits of the base's shape never pass
 
 
 def test_report_renders_in_chromium_with_every_figure_and_table(organism_study, chromium):

@@ -2,7 +2,10 @@
 a run folder made then must resume (same file names, the same settings dicts).
 
 The file names end in ``settings_digest(settings, 10)``, so equal names mean equal settings;
-the literal dicts below make a difference readable when it fails."""
+the literal dicts below make a difference readable when it fails. Changed on purpose since: a
+direction's result is keyed with ``row_version`` 2 (the rows gained the null of "gain carried":
+excess interval, random shares, rank, leave-one-out checks), so the two direction files have
+new names and old ones recompute; the recordings keep theirs."""
 
 from __future__ import annotations
 
@@ -22,14 +25,14 @@ torch.set_num_threads(1)
 #: relative names of every file a run wrote, per fine-tune kind (recorded from the old code)
 NAMES = {
     "full": [
-        "cmap/base-1405df__full-52e6d8-09dbc4911c.json",
-        "cmap/full-52e6d8__base-1405df-6c28034ca4.json",
+        "cmap/base-1405df__full-52e6d8-29ce56d1f7.json",
+        "cmap/full-52e6d8__base-1405df-47b1a9b91b.json",
         "cmap/record/base-1405df-c11aa322cb.safetensors",
         "cmap/record/full-52e6d8-59ed7aadc8.safetensors",
     ],
     "lora": [
-        "cmap/lora_adapter_off-16a870__lora_adapter_on-7f031d-7cb96d0389.json",
-        "cmap/lora_adapter_on-7f031d__lora_adapter_off-16a870-55fe727cb7.json",
+        "cmap/lora_adapter_off-16a870__lora_adapter_on-7f031d-f7638bd72b.json",
+        "cmap/lora_adapter_on-7f031d__lora_adapter_off-16a870-4fad0611de.json",
         "cmap/record/lora_adapter_off-16a870-ee5bd14d80.safetensors",
         "cmap/record/lora_adapter_on-7f031d-4a306c9dbd.safetensors",
     ],
@@ -91,7 +94,7 @@ def test_cmap_cache_names_and_settings_are_the_old_ones(tmp_path, tokenizer, mon
     saved = saved_settings(tmp_path / "run")
     assert sorted(saved) == NAMES[kind]
     if kind == "lora":
-        assert saved[NAMES["lora"][1]] == LORA_FORWARD
+        assert saved[NAMES["lora"][1]] == {**LORA_FORWARD, "row_version": 2}
         assert saved[NAMES["lora"][3]] == {**LORA_FORWARD, "model": "lora[adapter on]",
                                            "plan": LORA_PLAN}
 

@@ -1,6 +1,7 @@
 """Cache compatibility of evaluation and knockout: for equal settings, the file names and saved
 settings are the ones the code before the one-method-shape change wrote (recorded on these tiny
-models into ``cache_eval_snapshot.json``), so an old run folder resumes."""
+models into ``cache_eval_snapshot.json``), so an old run folder resumes. (Changed on purpose since: faithfulness rows are
+row_version 3, with an interval per random draw; old rows recompute.)"""
 
 from __future__ import annotations
 

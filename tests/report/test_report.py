@@ -45,7 +45,11 @@ def test_study_page_explains_what_a_reader_would_ask(tmp_path):
     s["faithfulness"][0]["circuit_accuracy"] = 0.0
     html = build_study_page(s, tmp_path).render()
     assert "class='verdict undecided'" in html and "Decision rules" in html
-    assert html.count("<td>r</td>") == 1  # the rule, once, in the rules table
+    from circuitdiff.methods.verdicts import VerdictRules
+    from circuitdiff.report.html import esc
+
+    for row in VerdictRules().table():  # the rules, once, in the rules table
+        assert html.count(f"<td>{esc(row['threshold'])}</td>") == 1
     assert "at or below its random baseline" in html and "below chance" in html
     assert "Empty groups (structure_reader)" in html
     assert all(term in html for term in DEFINITIONS)
@@ -75,5 +79,10 @@ def test_each_rule_printed_once(tmp_path):
     s["verdicts"] = {m: claims for m in ("m1", "m2", "m3")}
     html = build_study_page(s, tmp_path).render()
     assert html.count("class='verdict no'") == 9
-    for c in claims:
-        assert html.count(f"the rule of {c}") == 1, c
+    from circuitdiff.methods.verdicts import VerdictRules
+    from circuitdiff.report.html import esc
+
+    for c in claims:  # not under every verdict: the rules table says it
+        assert html.count(f"the rule of {c}") == 0, c
+    for row in VerdictRules().table():  # the rules table (VerdictRules.table()), once
+        assert html.count(f"<td>{esc(row['statistic'])}</td>") == 1, row["claim"]

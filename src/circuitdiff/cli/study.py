@@ -18,10 +18,10 @@ def _steps(text: str) -> tuple[str, ...]:
 
 
 def _steps_help() -> str:
-    from ..study import STEP_HELP
+    from ..study import REGISTRY
 
     return ("comma-separated steps to run (default all; the steps they need run too, from saved "
-            "results when there): " + "; ".join(f"{k}: {v}" for k, v in STEP_HELP.items()))
+            "results when there): " + "; ".join(f"{s.name}: {s.help}" for s in REGISTRY))
 
 
 def register(sub) -> None:
@@ -49,6 +49,10 @@ def register(sub) -> None:
     p.add_argument("--random-draws", type=nonnegative_int, default=5,
                    help="random circuits of the same group sizes (default 5)")
     p.add_argument("--steps", type=_steps, default=None, help=LazyHelp(_steps_help))
+    p.add_argument("--circuit", default=None, metavar="FILE",
+                   help="study this circuit (a circuit.json as `circuitdiff discover` writes) "
+                        "instead of discovering one on the base; every other step and verdict "
+                        "runs as usual")
     p.add_argument("--dcm-train", type=prompt_count, default=200,
                    help="DCM training prompts (validation and test are half of it each)")
     p.add_argument("--no-knockout", action="store_true", help="skip attention knockout")
@@ -105,4 +109,5 @@ def run(args) -> dict:
         cmap=replace(default_cmap(), n_boxes=args.n_boxes, n_prompts=args.n_prompts,
                      seed=args.seed, batch_size=args.batch_size),
         steps=steps)
-    return run_study(models, lambda spec: load_from_args(args, spec=spec), args.out, cfg)
+    return run_study(models, lambda spec: load_from_args(args, spec=spec), args.out, cfg,
+                     circuit=args.circuit)

@@ -114,9 +114,13 @@ class FaithfulnessRow:
     full_hits: list[int] = field(default_factory=list, repr=False)
     circuit_hits: list[int] = field(default_factory=list, repr=False)
     faithfulness_ci: list[float] | None = None
+    # one paired bootstrap interval of faithfulness per random draw (same resamples as the
+    # circuit's): the random circuits run through the verdict rules (calibration)
+    random_faithfulness_ci: list[list[float] | None] = field(default_factory=list)
 
-    #: the row's format (2: per-prompt hits and the faithfulness interval); in its cache key
-    VERSION: ClassVar[int] = 2
+    #: the row's format (2: per-prompt hits and the faithfulness interval; 3: an interval per
+    #: random draw); in its cache key
+    VERSION: ClassVar[int] = 3
 
     def faithfulness_under(self, protocol: str) -> float | None:
         """Faithfulness under ``protocol`` (``None`` if undefined or not measured)."""
@@ -167,7 +171,9 @@ def evaluate_faithfulness(loaded: LoadedModel, prompts: Sequence[Prompt], means:
         loaded.name, circuit_name, full, accs[0], *random_baseline(rnd),
         faithfulness(full, accs[0]), len(prompts), rnd, protocol_name(keep_other_positions),
         {p: by[p] for p in PROTOCOLS}, protocol_warning(by), full_hits, circuit_hits,
-        ratio_interval(circuit_hits, full_hits, bootstrap, bootstrap_seed))
+        ratio_interval(circuit_hits, full_hits, bootstrap, bootstrap_seed),
+        [ratio_interval(h.int().tolist(), full_hits, bootstrap, bootstrap_seed)
+         for h in hits[1:]])
 
 
 def protocol_warning(by_protocol: dict[str, dict]) -> str:

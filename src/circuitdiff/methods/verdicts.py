@@ -312,6 +312,28 @@ def gain_carried(results: dict, spec: str, rules: VerdictRules) -> dict:
                     random_share=rnd, rank=rank)
 
 
+def null_text(claim: str, verdict: dict) -> str:
+    """The null a verdict was tested against, in one line, with the numbers it quotes (empty
+    when the verdict has none, e.g. undecided for missing evidence)."""
+    n = verdict.get("numbers") or {}
+    f = lambda x, spec=".2f": "-" if x is None else format(x, spec)  # noqa: E731
+    if claim == "uses_base_circuit" and n.get("null_p") is not None:
+        return (f"null: random circuits of the own circuit's shape share {f(n.get('null_mean'), '.1f')} "
+                f"units with the base circuit on average, it shares {n.get('shared')} "
+                f"(p = {f(n['null_p'], '.2g')}); ceiling: two discoveries of the base, Jaccard "
+                f"{f(n.get('ceiling'))} vs {f(n.get('jaccard'))}")
+    if claim == "gain_carried" and n.get("share") is not None:
+        if n.get("random_share") is None:
+            return "null: random circuits of its shape were not measured"
+        return (f"null: random circuits of its shape carry {f(n['random_share'])} on average "
+                f"(the circuit {f(n['share'])}); excess {_ci(n.get('excess_ci'))}; rank "
+                f"{n.get('rank') or '-'}")
+    if claim == "same_functions" and n.get("checks"):
+        return ("null: each selection counted only because it beat no patching and random "
+                "heads of its size on the base")
+    return ""
+
+
 def _size(row: dict) -> str:
     """A CMAP row's size as the circuit counts it: (head, role) units, and the distinct heads
     among them when fewer (a row saved before units were counted: its heads)."""

@@ -30,6 +30,7 @@ figcaption{font-size:.88em;color:#555}
 pre{white-space:pre-wrap;overflow-wrap:anywhere;max-width:100%}
 .verdict{border-left:5px solid #999;padding:.4em .9em;margin:.6em 0;background:#fafafa}
 .verdict.yes{border-color:#2e7d32}.verdict.no{border-color:#c62828}.verdict.undecided{border-color:#f9a825}
+.verdict.flagged{background:#fff3e0}.flag{color:#c62828;font-weight:bold}
 .verdict b{text-transform:uppercase;font-size:.85em;letter-spacing:.03em}
 dl.defs dt{font-weight:600;margin-top:.4em}dl.defs dd{margin-left:1.2em;color:#333}
 .muted{color:#666;font-size:.9em}code{background:#f3f4f6;padding:0 .25em;border-radius:3px}
@@ -84,10 +85,16 @@ def definitions(items: dict[str, str]) -> str:
                                          for k, v in items.items()) + "</dl>"
 
 
-def verdict(claim: str, answer: str, evidence: str) -> str:
-    """A verdict card; ``answer`` is ``yes``, ``no`` or ``undecided``."""
-    return (f"<div class='verdict {esc(answer)}'><b>{esc(answer)}</b> — {esc(claim)}"
-            f"<div class='muted'>{esc(evidence)}</div></div>")
+def verdict(claim: str, answer: str, evidence: str, null: str = "", calibration: str = "",
+            flagged: bool = False) -> str:
+    """A verdict card; ``answer`` is ``yes``, ``no`` or ``undecided``; ``null`` the null it was
+    tested against, ``calibration`` its false-positive line; ``flagged`` (the null said yes)
+    marks it visibly."""
+    flag = (" <span class='flag'>⚠ flagged: random circuits also get yes</span>"
+            if flagged else "")
+    extra = "".join(f"<div class='muted'>{esc(x)}</div>" for x in (null, calibration) if x)
+    return (f"<div class='verdict {esc(answer)}{' flagged' if flagged else ''}'><b>{esc(answer)}"
+            f"</b> — {esc(claim)}{flag}<div class='muted'>{esc(evidence)}</div>{extra}</div>")
 
 
 @dataclass

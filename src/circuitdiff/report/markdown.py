@@ -6,6 +6,7 @@ from typing import Sequence
 
 from ..core.circuit import Circuit
 from ..methods.faithfulness import PROTOCOLS, FaithfulnessRow
+from ..methods.verdicts import null_text
 from .tables import fmt, format_table, short_name
 
 
@@ -41,6 +42,8 @@ def study_report(summary: dict) -> str:
                    f"(in-context {acc['in_context_accuracy']:.3f}, n={acc['n']})\n")
     if "no_circuit" in summary:
         out.append(f"\n**No circuit:** {summary['no_circuit']}\n")
+    if summary.get("circuit_source", "discovered") != "discovered":
+        out.append(f"\nThe circuit was not discovered here: {summary['circuit_source']}.\n")
     for key, title in (("circuit", "Circuit of the base model (path patching)"),
                        ("paper_circuit", "The paper's four-group chain on the same model")):
         if key not in summary:
@@ -95,13 +98,25 @@ def study_report(summary: dict) -> str:
             out.append(f"- {short_name(m)}: " + (d.get("no_circuit", "no circuit") if o is None else
                        f"{o['n_other']} units, {o['shared']} shared with the base's "
                        f"{o['n_reference']} (overlap coefficient {fmt(o.get('coefficient'))}, Jaccard "
-                       f"{fmt(o['jaccard'])})") + "\n")
+                       f"{fmt(o['jaccard'])}; random circuits of its shape share "
+                       f"{fmt(o.get('null_mean'))}, p = {fmt(o.get('null_p'))}); its faithfulness "
+                       f"{fmt(d.get('faithfulness'))}") + "\n")
+        if summary.get("stability"):
+            out.append(f"- the base circuit rediscovered on other prompts: Jaccard "
+                       f"{fmt(summary['stability'].get('jaccard'))} (the overlap ceiling)\n")
     if summary.get("verdicts"):
         out.append("\n## Verdicts (yes / no / undecided; rules in report.html)\n\n")
         for m, claims in summary["verdicts"].items():
             for claim, d in claims.items():
+                flag = " ⚠ FLAGGED (random circuits also get yes)" if d.get("flagged") else ""
                 out.append(f"- **{short_name(m)}** — {claim.replace('_', ' ')}: "
-                           f"**{d['answer']}** — {d['evidence']}\n")
+                           f"**{d['answer']}**{flag} — {d['evidence']}\n")
+                null = null_text(claim, d)
+                cal = (d.get("calibration") or {}).get("text")
+                if null:
+                    out.append(f"  - {null}\n")
+                if cal:
+                    out.append(f"  - calibration: {cal}\n")
     if summary.get("timings"):
         out.append("\n## Timings\n\n" + ", ".join(
             f"{k} {v['seconds']} s" + (" (reused)" if v.get("reused") else "")

@@ -17,7 +17,7 @@ from ..core.circuit import Circuit, format_head
 from ..core.runs import model_tag
 from .html import HtmlPage, definitions, esc, figure, table, verdict
 from ..core.stats import format_interval
-from ..methods.verdicts import CLAIM_TITLES
+from ..methods.verdicts import CLAIM_TITLES, VerdictRules, null_text
 from .tables import fmt, short_name
 
 #: one line per metric, shown at the end of the report
@@ -83,17 +83,15 @@ def _circuit_table(circuit: dict) -> str:
             + edges + note)
 
 
-def _rules_table(verdicts: dict) -> str:
-    """Each claim's decision rule once (the rules are the same for every fine-tune; a rule that
-    differs between fine-tunes gets a row per variant)."""
-    rules: dict[tuple[str, str], None] = {}
-    for claims in verdicts.values():
-        for key, d in claims.items():
-            if d.get("rule"):
-                rules[(CLAIM_TITLES.get(key, key), d["rule"])] = None
+def _rules_table(s: dict) -> str:
+    """The verdict rules as one table (``VerdictRules.table()``: claim, statistic, null,
+    threshold), the same for every fine-tune."""
+    rows = s.get("rules_table") or VerdictRules.from_dict(
+        s.get("config", {}).get("rules", {})).table()
     return ("<h3>Decision rules</h3>"
-            + _table(["claim", "rule (applied to every fine-tune above)"], list(rules),
-                     "how each verdict is decided"))
+            + _table(["claim", "statistic", "null", "threshold"],
+                     [[r["claim"], r["statistic"], r["null"], r["threshold"]] for r in rows],
+                     "how each verdict is decided (applied to every fine-tune above)"))
 
 
 def _summary_section(s: dict) -> str:
@@ -116,7 +114,11 @@ def _summary_section(s: dict) -> str:
         parts.append(f"<p>The base model's circuit ({esc(c.settings.get('chain', 'auto'))} "
                      f"chain{esc(extra)}): {len([g for g in c.groups.values() if g.heads])} "
                      f"groups, {units} (head, role) units.</p>")
-    base_rows = [r for r in s.get("faithfulness", []) if r["circuit"] == "auto_circuit"]
+    if s.get("circuit_source", "discovered") != "discovered":
+        parts.append(f"<p><b>The circuit was not discovered here:</b> "
+                     f"{esc(s['circuit_source'])}.</p>")
+    name = s.get("circuit_name", "auto_circuit")
+    base_rows = [r for r in s.get("faithfulness", []) if r["circuit"] == name]
     if base_rows:
         cells = ", ".join(f"{short_name(r['model'])} {fmt(r['faithfulness'])} "
                           f"{format_interval(r.get('faithfulness_ci'))}" for r in base_rows)
@@ -129,9 +131,12 @@ def _summary_section(s: dict) -> str:
     for ft, claims in v.items():
         parts.append(f"<h3>{esc(ft)}</h3>")
         for key, d in claims.items():
-            parts.append(verdict(CLAIM_TITLES.get(key, key), d["answer"], d["evidence"]))
+            cal = (d.get("calibration") or {}).get("text", "")
+            parts.append(verdict(CLAIM_TITLES.get(key, key), d["answer"], d["evidence"],
+                                 null_text(key, d), cal and f"calibration: {cal}",
+                                 bool(d.get("flagged"))))
     if v:
-        parts.append(_rules_table(v))
+        parts.append(_rules_table(s))
     if not v and len(s.get("models", [])) > 1 and "no_circuit" not in s:
         parts.append("<p class='muted'>No verdicts: the steps they need were not run.</p>")
     return "".join(parts)

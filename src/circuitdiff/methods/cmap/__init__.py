@@ -46,6 +46,7 @@ from ...core.model import LoadedModel
 from ...core.pool import ModelPool
 from ...core.runs import RunFolder, model_tag, settings_digest
 from ...core.pool import check_pair
+from ...core.stats import excess_interval
 from ...core.task import Batch, Prompt, batches
 from ..base import as_store
 from ..faithfulness import random_circuits
@@ -140,11 +141,15 @@ def _direction(pool: ModelPool, source: Endpoint, target: Endpoint, direction: s
         rmean = sum(rnd) / len(rnd) if rnd else None
         rsd = (torch.tensor(rnd, dtype=torch.float64).std().item() if len(rnd) > 1
                else (0.0 if rnd else None))
-        rows.append(CMAPRow(s.kind, s.name, s.groups, s.patch.n_heads, acc, boot.accuracy_ci(hits),
-                            gap_share(acc, tgt_acc, src_acc), share_ci, defined, s.component,
-                            rnd, rmean, rsd,
-                            None if rmean is None else gap_share(rmean, tgt_acc, src_acc),
-                            n_units=s.patch.n_units))
+        row = CMAPRow(s.kind, s.name, s.groups, s.patch.n_heads, acc, boot.accuracy_ci(hits),
+                      gap_share(acc, tgt_acc, src_acc), share_ci, defined, s.component,
+                      rnd, rmean, rsd,
+                      None if rmean is None else gap_share(rmean, tgt_acc, src_acc),
+                      n_units=s.patch.n_units)
+        if s.random:
+            _null(row, hits, torch.stack([out_hits[row_of[p]] for p in s.random]), src_hits,
+                  tgt_hits, cfg, checks=s.kind == "circuit")
+        rows.append(row)
     per_head: dict[str, dict] = {}
     for pos, (l, h), p in heads_map:
         m = per_head.setdefault(pos, {"accuracy": [[None] * arch[1] for _ in range(arch[0])],
@@ -154,6 +159,27 @@ def _direction(pool: ModelPool, source: Endpoint, target: Endpoint, direction: s
         m["share"][l][h] = gap_share(acc, tgt_acc, src_acc)
     return DirectionResult(direction, source.name, target.name, src_acc, tgt_acc, n, rows,
                            per_head, identical, time.perf_counter() - t0, boot.gap_ci())
+
+
+def _null(row: CMAPRow, hits: torch.Tensor, random_hits: torch.Tensor, src_hits: torch.Tensor,
+          tgt_hits: torch.Tensor, cfg: CMAPConfig, checks: bool) -> None:
+    """Fill ``row``'s null (:func:`~circuitdiff.core.stats.excess_interval` against its random
+    draws, on the bootstrap's resamples) and, with ``checks``, each draw's own statistics with
+    the other draws as its null (leave-one-out: how often a random set would pass)."""
+    def stats(h: torch.Tensor, rnd: torch.Tensor) -> dict:
+        return excess_interval(h, rnd, src_hits, tgt_hits, cfg.bootstrap, cfg.bootstrap_seed,
+                               cfg.confidence)
+
+    mine = stats(hits, random_hits)
+    row.excess_ci, row.random_shares, row.rank = (mine["excess_ci"], mine["random_shares"],
+                                                  mine["rank"])
+    if checks and len(random_hits) > 1:
+        for i in range(len(random_hits)):
+            others = torch.cat([random_hits[:i], random_hits[i + 1:]])
+            c = stats(random_hits[i], others)
+            row.random_checks.append({"draw": i, "share": mine["random_shares"][i],
+                                      "share_ci": c["share_ci"], "excess_ci": c["excess_ci"],
+                                      "rank": c["rank"]})
 
 
 # -- the entry point -------------------------------------------------------------------------------
@@ -259,9 +285,11 @@ def run(model_or_pool: "ModelPool | LoadedModel | Sequence[ModelRef]",
         if folder is None:
             d = compute()
         else:
+            # the rows' format is in the result's key (not the recordings': they did not change)
+            rsettings = {**dsettings, "row_version": CMAPRow.VERSION}
             cache_name = (f"cmap/{model_tag(src.name)}__{model_tag(tgt.name)}-"
-                          f"{settings_digest(dsettings, 10)}.json")
-            d = folder.cached(cache_name, dsettings, compute)
+                          f"{settings_digest(rsettings, 10)}.json")
+            d = folder.cached(cache_name, rsettings, compute)
         results.append(_fill_units(DirectionResult.from_dict(d), circuit))
     pool.free()
     warn = []

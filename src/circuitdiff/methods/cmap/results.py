@@ -4,6 +4,7 @@ patched set, a :class:`DirectionResult` per direction, the :class:`CMAPResult`).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -76,6 +77,18 @@ class CMAPRow:
     random_share: float | None = None
     empty: bool = False
     n_units: int | None = None  # (head, position) units patched (None: a result saved before)
+    # the null of "gain carried" (rows with random draws; :func:`~circuitdiff.core.stats.
+    # excess_interval`): the paired interval of share − mean random share, each draw's share,
+    # the row's rank among the draws (1 = above all); and, on the whole-circuit row, the same
+    # statistics for each random draw against the other draws (leave-one-out): the calibration
+    excess_ci: list[float] | None = None
+    random_shares: list[float | None] = field(default_factory=list)
+    rank: int | None = None
+    random_checks: list[dict] = field(default_factory=list)
+
+    #: the rows' format (2: the excess interval, random shares, rank and random checks); in the
+    #: direction's cache key
+    VERSION: ClassVar[int] = 2
 
     def to_dict(self) -> dict:
         return asdict(self)

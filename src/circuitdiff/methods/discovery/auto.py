@@ -1,7 +1,8 @@
 """The automatic discovery chain: find where the circuit reads as well as which heads.
 
-1. **Held-out check.** Full-model accuracy on ``n_validate`` held-out prompts (seed
-   ``seed + 1``); a model at chance has no circuit to find (:class:`NoCircuitError`).
+1. **Held-out check.** Full-model accuracy on ``n_validate`` held-out prompts (the
+   named seed stream ``validate_seed``); a model at chance has no circuit to find
+   (:class:`NoCircuitError`).
 2. **Position scan** (:mod:`..scan`) on the held-out prompts: which (layer, role) ablations hurt.
 3. **Trace back from the logits.** The first edge scores every head at ``last`` with the logits as
    receiver. Every group found (heads × role) then has its inputs traced: its query at its own
@@ -143,8 +144,10 @@ def run_auto(ctx: Context) -> DiscoveryResult:
     L, H = arch.n_layers, arch.n_heads
     n_boxes = clean[0].n_boxes
     task = EntityTrackingTask(loaded.tokenizer, TaskConfig(n_boxes=n_boxes), seed=cfg.seed)
-    held_out = task.sample(cfg.n_validate, seed=cfg.seed + 1)
-    held = {"n_validate": cfg.n_validate, "validate_seed": cfg.seed + 1, "n_boxes": n_boxes}
+    seeds = cfg.seed_streams()
+    held_out = task.sample(cfg.n_validate, seed=seeds["validate_seed"])
+    held = {"n_validate": cfg.n_validate, "validate_seed": seeds["validate_seed"],
+            "n_boxes": n_boxes}
 
     # 1. is there anything to find?
     def validate() -> dict:
@@ -158,8 +161,9 @@ def run_auto(ctx: Context) -> DiscoveryResult:
             f"{loaded.name} answers {full:.2f} of {cfg.n_validate} held-out prompts, no better "
             f"than guessing one of the {n_boxes} objects ({chance:.2f}): the model does not do "
             f"the task, so there is no circuit to find")
-    means = cached_means(folder, loaded, task.sample(cfg.n_mean, seed=cfg.seed + 2),
-                         {"n_mean": cfg.n_mean, "mean_seed": cfg.seed + 2, "n_boxes": n_boxes},
+    means = cached_means(folder, loaded, task.sample(cfg.n_mean, seed=seeds["mean_seed"]),
+                         {"n_mean": cfg.n_mean, "mean_seed": seeds["mean_seed"],
+                          "n_boxes": n_boxes},
                          cfg.batch_size, progress)
 
     # 2. the position scan on the held-out prompts
@@ -288,7 +292,8 @@ def run_auto(ctx: Context) -> DiscoveryResult:
         {"method": "path_patching", "chain": "auto", "scoring": cfg.method,
          "target": cfg.target, "sizes": None if cfg.sizes is None else list(cfg.sizes),
          "n_prompts": len(clean), "n_boxes": n_boxes, "seed": cfg.seed,
-         "validate_seed": cfg.seed + 1, "n_validate": cfg.n_validate, "mean_seed": cfg.seed + 2,
+         "validate_seed": seeds["validate_seed"], "n_validate": cfg.n_validate,
+         "mean_seed": seeds["mean_seed"],
          "n_mean": cfg.n_mean, "prompts": base["prompts"], "adapter": loaded.adapter,
          "z_threshold": cfg.z_threshold, "min_score": cfg.min_score,
          "scan_min_drop": cfg.scan_min_drop,

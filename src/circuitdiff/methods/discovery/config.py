@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from ...core.config import Config, check_finite, execution
+from ...core.stats import sub_seed
 from ...core.circuit import PAPER_GROUPS
 from ..path_patching import IMPLS, PathPatchingError
 
@@ -75,8 +76,9 @@ class DiscoveryConfig(Config):
     Paper chain: ``sizes`` (default 20,5,10,5); ``truncate`` leaves the later groups empty when
     a group lies wholly in layer 0 (no head can send to it) instead of failing.
 
-    Automatic chain: ``target`` faithfulness on ``n_validate`` held-out prompts (seed
-    ``seed + 1``; means over ``n_mean`` prompts of seed ``seed + 2``) decides the size, unless
+    Automatic chain: ``target`` faithfulness on ``n_validate`` held-out prompts (the named seed
+    stream :meth:`seed_streams` ``validate_seed``; means over ``n_mean`` prompts of
+    ``mean_seed``) decides the size, unless
     ``sizes`` fixes heads per group — a size counts as reaching the target when the estimate
     minus ``size_z`` paired standard errors does; the position scan uses the first ``n_scan``
     held-out prompts; a sender is significant when its score is ``<= -z_threshold`` standard
@@ -136,6 +138,15 @@ class DiscoveryConfig(Config):
         if self.hybrid_k is not None and self.hybrid_k < 1:
             raise PathPatchingError(f"hybrid_k must be >= 1 (or None for 3 x size), got "
                                     f"{self.hybrid_k}")
+
+    def seed_streams(self) -> dict[str, int]:
+        """The automatic chain's named prompt streams under ``seed``: ``validate_seed`` (the
+        held-out prompts) and ``mean_seed`` (the means). Named sub-seeds, never ``seed + 1``:
+        ``sample(seed + 1)`` draws with ``Random(seed + 1)``, the very stream the
+        counterfactuals of ``corrupt(seed)`` use, so held-out prompt 0 shared counterfactual 0's
+        objects and labels."""
+        return {"validate_seed": sub_seed(self.seed, "validate"),
+                "mean_seed": sub_seed(self.seed, "means")}
 
 
 __all__ = ["CHAINS", "DiscoveryConfig", "DiscoveryError", "METHODS", "NoCircuitError",
