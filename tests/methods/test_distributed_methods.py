@@ -238,6 +238,7 @@ DIE = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow  # torchrun with a rank killed, then a rerun (~30 s)
 def test_killed_rank_is_named_and_the_rerun_resumes(tmp_path):
     site = tmp_path / "site"
     site.mkdir()

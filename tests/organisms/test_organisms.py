@@ -82,6 +82,7 @@ def test_organism_accuracy(name):
     assert abs(acc - expected) <= TOLERANCE, (name, acc, expected)
 
 
+@pytest.mark.slow  # a scaled recipe run (~10-30 s)
 def test_training_recipe_smoke(tmp_path):
     from circuitdiff.organisms.config import ModelSpec
     from circuitdiff.organisms.recipe import train_all

@@ -173,6 +173,7 @@ def test_raced_bind_hands_on_exactly_what_an_in_process_run_trains(tmp_path):
     assert all(torch.equal(bases[1][k], bases[2][k]) for k in bases[1])
 
 
+@pytest.mark.slow  # three fine-tune attempts (~20 s)
 def test_finetune_target_miss_is_retried_then_reported(tmp_path):
     # targets nothing can meet at this size: the base check is the first to say so
     recipe = Recipe(model=TINY, base_phases=(Phase("grow", (0, 1, 1), 0.1, steps=2, lr=1e-3),),
