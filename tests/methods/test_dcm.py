@@ -19,7 +19,8 @@ from circuitdiff.core.task import EntityTrackingTask, TaskConfig, locate
 from circuitdiff.core.pool import ModelPool
 from circuitdiff.methods import dcm
 from circuitdiff.methods.dcm import (DCMConfig, DCMError, FunctionalConfig, choose_lambda,
-                                     found_gate, random_head_sets)
+                                     found_gate, random_gate_calibration,
+                                     random_head_sets)
 from circuitdiff.methods.dcm import desiderata as D
 from circuitdiff.methods.dcm.masks import counterfactual_values, patched_last_logits, train_masks
 
@@ -304,6 +305,22 @@ def test_found_gate_needs_both_baselines_beaten_with_an_interval():
     assert not found_gate(torch.stack([none, sel]), cfg, "g/d")[0]
 
 
+def test_random_gate_calibration_judges_each_random_set_against_the_others():
+    cfg = DCMConfig(bootstrap=200)
+    n = 40
+    none, sel = torch.zeros(n), torch.ones(n)
+    # four random sets as weak as no patching: none of them counts as a function
+    weak = torch.cat([none[None], sel[None], torch.zeros(4, n)])
+    assert random_gate_calibration(weak, cfg, "g/d") == (0, 4)
+    # one random set that does carry the target (it beats no patching and the other three):
+    # the rule accepts it, and the calibration says so (its false-positive count)
+    planted = weak.clone()
+    planted[3] = 1
+    assert random_gate_calibration(planted, cfg, "g/d") == (1, 4)
+    # a lone random set has no random null to be judged against
+    assert random_gate_calibration(weak[:3], cfg, "g/d") == (None, 0)
+
+
 def test_null_model_finds_no_function(tiny, tokenizer):
     """A random tiny model encodes nothing: masks still move (lr 1, tiny λ select heads), but
     no selection beats no patching and random heads on validation."""
@@ -313,6 +330,8 @@ def test_null_model_finds_no_function(tiny, tokenizer):
     assert any(r.selected for r in res.rows)
     assert res.rows and not any(r.found for r in res.rows)
     assert all(r.reason.startswith(dcm.NO_FUNCTION) for r in res.rows)
+    # the found rule's calibration on the random head sets: recorded, and no random set counts
+    assert all(r.random_draws == 3 and r.random_found == 0 for r in res.rows if r.selected)
     fun = dcm.functional.run(tiny, None, FunctionalConfig(res, cfg))
     assert fun.rows == [] and len(fun.notes) == len(res.rows)
 

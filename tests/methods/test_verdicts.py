@@ -159,14 +159,14 @@ def test_same_functions_compares_paired_target_accuracy_of_found_functions():
     assert v["answer"] == UNDECIDED and "no function found" in v["evidence"]
 
 
-def _cmap(gap_ci, share_ci, share=0.8, excess_ci=(0.3, 0.6), checks=()):
+def _cmap(gap_ci, share_ci, share=0.8, excess_ci=(0.3, 0.6), checks=(), draws=20, rank=1):
     return {"ft": {"directions": [{"gap": 0.3, "gap_ci": gap_ci, "target_accuracy": 0.5,
                                    "source_accuracy": 0.8, "n": 200, "rows": [
                                        {"kind": "circuit", "n_heads": 15, "n_units": 20,
                                         "share": share, "share_ci": share_ci,
                                         "excess_ci": list(excess_ci) if excess_ci else None,
-                                        "random_shares": [0.3, 0.35], "rank": 1,
-                                        "random_checks": list(checks)}]}]}}
+                                        "random_shares": [0.3 + 0.01 * i for i in range(draws)],
+                                        "rank": rank, "random_checks": list(checks)}]}]}}
 
 
 def test_gain_carried_needs_the_share_and_its_excess_over_random_circuits():
@@ -175,7 +175,17 @@ def test_gain_carried_needs_the_share_and_its_excess_over_random_circuits():
     assert gain_carried({"cmap": _cmap([0.2, 0.4], [0.3, 0.7])}, "ft", RULES)["answer"] == UNDECIDED
     # a high share that random circuits of its shape reach too is not carried by the circuit
     v = gain_carried({"cmap": _cmap([0.2, 0.4], [0.81, 1.02], 0.92, (-0.05, 0.2))}, "ft", RULES)
-    assert v["answer"] == UNDECIDED and "ranks 1 of 3" in v["evidence"] and "20 (head, role) units" in v["evidence"]
+    assert (v["answer"] == UNDECIDED and "ranks 1 of 21 (p = 0.048)" in v["evidence"]
+            and "20 (head, role) units" in v["evidence"])
+    # share and excess clear their bars, but random draws rank above it: the permutation test
+    # (p = rank / (draws + 1)) fails — the mean of a heavy-tailed null is not enough (issue 31)
+    v = gain_carried({"cmap": _cmap([0.2, 0.4], [0.7, 0.9], rank=2)}, "ft", RULES)
+    assert v["answer"] == UNDECIDED and v["numbers"]["rank_p"] == 2 / 21
+    # too few draws for a rank to reach alpha: never yes, and the evidence says why
+    v = gain_carried({"cmap": _cmap([0.2, 0.4], [0.7, 0.9], draws=5)}, "ft", RULES)
+    assert v["answer"] == UNDECIDED and "too few draws for the rank test: 5 < 19" in v["evidence"]
+    assert gain_carried({"cmap": _cmap([0.2, 0.4], [0.7, 0.9], draws=19)}, "ft",
+                        RULES)["answer"] == YES
     v = gain_carried({"cmap": _cmap([0.2, 0.4], [0.81, 1.02], 0.92, (-0.3, -0.1))}, "ft", RULES)
     assert v["answer"] == NO
     assert gain_carried({"cmap": _cmap([0.2, 0.4], [0.7, 0.9], excess_ci=None)}, "ft",
@@ -190,13 +200,17 @@ def test_gain_carried_needs_the_share_and_its_excess_over_random_circuits():
 
 
 def test_calibration_counts_random_circuits_that_get_yes_and_flags_the_verdict():
-    checks = [{"share_ci": [0.6, 0.9], "excess_ci": [0.2, 0.4]},      # a random draw passing
-              {"share_ci": [0.2, 0.4], "excess_ci": [-0.2, 0.1]}]
+    # 21 draws, each judged against the other 20 (leave-one-out): one passes every bar and
+    # ranks first (p = 1/21), one passes share and excess but ranks second (p = 2/21: no)
+    checks = ([{"share_ci": [0.6, 0.9], "excess_ci": [0.2, 0.4], "rank": 1},
+               {"share_ci": [0.6, 0.9], "excess_ci": [0.2, 0.4], "rank": 2}]
+              + [{"share_ci": [0.2, 0.4], "excess_ci": [-0.2, 0.1], "rank": 3 + i}
+                 for i in range(19)])
     res = {"cmap": _cmap([0.2, 0.4], [0.7, 0.9], checks=checks)}
     v = verdicts(res, "base", ["ft"], RULES, "auto_circuit")["ft"]["gain_carried"]
     assert v["answer"] == YES
-    assert v["calibration"]["draws"] == 2 and v["calibration"]["yes"] == 1
-    assert v["flagged"] and "1 of 2" in v["calibration"]["text"]
+    assert v["calibration"]["draws"] == 21 and v["calibration"]["yes"] == 1
+    assert v["flagged"] and "1 of 21" in v["calibration"]["text"]
 
 
 def test_verdicts_cover_every_fine_tune_and_claim():

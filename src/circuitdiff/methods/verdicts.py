@@ -18,8 +18,10 @@ patching at all, would give. A number without its null is not evidence.
   A selection that found nothing is reported as "no function found", never tested.
 * **gain carried by the circuit** — patching the fine-tune's circuit activations into the base
   recovers at least ``carried`` of the accuracy gap (share interval) AND more than random
-  circuits of the same shape do by ``excess`` (paired interval of share − mean random share);
-  the circuit's rank among the random draws is reported.
+  circuits of the same shape do by ``excess`` (paired interval of share − mean random share)
+  AND it ranks above (nearly) every random draw: permutation p = rank / (draws + 1) ≤ ``alpha``,
+  exact under the null whatever the shares' distribution. The mean alone is no null: random
+  circuits of a large shape often hold the few heads that carry a gain (heavy tail).
 
 Each answer is ``yes``, ``no`` or ``undecided``: yes only when every interval clears its bar, no
 only when one lies wholly on the other side, undecided otherwise (and whenever a piece of
@@ -30,6 +32,7 @@ false-positive rate printed beside each verdict (a verdict whose null says yes i
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -53,7 +56,8 @@ class VerdictRules(Config):
     #: the fine-tune's own circuit's faithfulness: interval at or above this, else its overlap
     #: says nothing
     own_faithful: float = 0.5
-    #: overlap beats random circuits of the own circuit's shape: exact null p-value below this
+    #: every null's p-value must be at or below this: the overlap's exact null (below) and the
+    #: CMAP circuit's rank among its random draws (rank / (draws + 1) ≤ alpha)
     alpha: float = 0.05
     #: the fine-tune's Jaccard with the base circuit must reach this fraction of the Jaccard of
     #: two discoveries of the base on disjoint prompts (discovery's own stability)
@@ -102,8 +106,10 @@ class VerdictRules(Config):
             {"claim": "gain carried",
              "statistic": f"CMAP gap share of the circuit; share − mean random share ({pct} "
                           f"CI, paired)",
-             "null": "random circuits of the circuit's shape patched the same way",
-             "threshold": f"share CI ≥ {self.carried} and excess CI ≥ {self.excess}"}]
+             "null": "random circuits of the circuit's shape patched the same way (their mean "
+                     "and the circuit's rank among them: a permutation test)",
+             "threshold": f"share CI ≥ {self.carried}, excess CI ≥ {self.excess} and rank p ≤ "
+                          f"{self.alpha} (rank / (draws + 1): ≥ {min_draws(self)} draws)"}]
 
 
 def _units(c: Circuit) -> set[tuple[str, int, int]]:
@@ -263,15 +269,36 @@ def same_functions(results: dict, base: str, spec: str, rules: VerdictRules) -> 
     return _verdict(answer, rule, ev, checks=checks)
 
 
+def rank_p(rank: int | None, draws: int) -> float | None:
+    """The permutation p-value of a set's rank among ``draws`` random sets of its shape:
+    ``rank / (draws + 1)`` (rank 1 = above every draw; ties count against the set). Under the
+    null — the set is one more random draw — every rank is equally likely, so ``P(p ≤ α) ≤ α``
+    exactly, whatever the shares' distribution (heavy-tailed included). None without a rank."""
+    if rank is None or draws < 1:
+        return None
+    return rank / (draws + 1)
+
+
+def min_draws(rules: VerdictRules) -> int:
+    """Random draws the gain rule needs before a rank can reach ``alpha``: ``⌈1/α⌉ − 1``."""
+    return max(1, math.ceil(1 / rules.alpha - 1e-9) - 1)
+
+
 def gain_rule(share_ci: Sequence[float] | None, excess_ci: Sequence[float] | None,
-              rules: VerdictRules) -> str:
-    """yes: share interval ≥ ``carried`` and (share − mean random share) interval ≥ ``excess``;
-    no: the share interval lies below ``carried`` or the excess interval below 0 (no better
-    than random circuits); undecided otherwise or without both intervals."""
+              rank: int | None, draws: int, rules: VerdictRules) -> str:
+    """yes: share interval ≥ ``carried``, (share − mean random share) interval ≥ ``excess``
+    AND the set's rank among the ``draws`` random sets has permutation p ≤ ``alpha``
+    (:func:`rank_p`: it beats every or nearly every draw, not only their mean — random circuits
+    of a large shape often hold the few heads that carry a gain, so their shares are
+    heavy-tailed and the mean alone is no null); no: the share interval lies below ``carried``
+    or the excess interval below 0 (no better than random circuits); undecided otherwise (too
+    few draws for the rank test included) or without the intervals."""
     share, excess = against(share_ci, rules.carried), against(excess_ci, rules.excess)
     if share == NO or (excess_ci and excess_ci[1] < 0):
         return NO
-    return YES if share == YES and excess == YES else UNDECIDED
+    p = rank_p(rank, draws)
+    ranked = p is not None and p <= rules.alpha
+    return YES if share == YES and excess == YES and ranked else UNDECIDED
 
 
 def _gap_text(d: dict) -> str:
@@ -281,10 +308,12 @@ def _gap_text(d: dict) -> str:
 
 def gain_carried(results: dict, spec: str, rules: VerdictRules) -> dict:
     rule = (f"patching the fine-tune's activations of the whole circuit into the base: yes when "
-            f"the gap-share interval is at or above {rules.carried} and the interval of (share − "
-            f"mean share of random circuits of its shape) is at or above {rules.excess}; no when "
-            f"the share lies below {rules.carried} or no better than random; undecided when the "
-            f"gain itself is not distinguishable from 0")
+            f"the gap-share interval is at or above {rules.carried}, the interval of (share − "
+            f"mean share of random circuits of its shape) at or above {rules.excess}, and the "
+            f"circuit's rank among the random circuits has permutation p = rank / (draws + 1) "
+            f"≤ {rules.alpha} (at least {min_draws(rules)} draws); no when the share lies below "
+            f"{rules.carried} or no better than random; undecided otherwise, and when the gain "
+            f"itself is not distinguishable from 0")
     res = results.get("cmap", {}).get(spec)
     if res is None:
         return _verdict(UNDECIDED, rule, "CMAP was not run (step cmap)")
@@ -301,15 +330,17 @@ def gain_carried(results: dict, spec: str, rules: VerdictRules) -> dict:
     ci, excess_ci = whole.get("share_ci"), whole.get("excess_ci")
     shares = [x for x in whole.get("random_shares") or [] if x is not None]
     rnd = sum(shares) / len(shares) if shares else None
-    rank = whole.get("rank")
+    rank, p = whole.get("rank"), rank_p(whole.get("rank"), len(shares))
+    few = (f" (too few draws for the rank test: {len(shares)} < {min_draws(rules)})"
+           if shares and len(shares) < min_draws(rules) else "")
     ev = (f"{_gap_text(d)}; the circuit ({_size(whole)}) carries {whole['share']:.2f} {_ci(ci)} "
           f"of it; random circuits of its shape: "
           + ("not measured" if rnd is None else
              f"{rnd:.2f} on average over {len(shares)}, excess {_ci(excess_ci)}, the circuit "
-             f"ranks {rank} of {len(shares) + 1}"))
-    return _verdict(gain_rule(ci, excess_ci, rules), rule, ev, gap=gap, gap_ci=gap_ci,
-                    share=whole["share"], share_ci=ci, excess_ci=excess_ci,
-                    random_share=rnd, rank=rank)
+             f"ranks {rank} of {len(shares) + 1} (p = {p:.3f}){few}"))
+    return _verdict(gain_rule(ci, excess_ci, rank, len(shares), rules), rule, ev, gap=gap,
+                    gap_ci=gap_ci, share=whole["share"], share_ci=ci, excess_ci=excess_ci,
+                    random_share=rnd, rank=rank, draws=len(shares), rank_p=p)
 
 
 def null_text(claim: str, verdict: dict) -> str:
@@ -327,7 +358,8 @@ def null_text(claim: str, verdict: dict) -> str:
             return "null: random circuits of its shape were not measured"
         return (f"null: random circuits of its shape carry {f(n['random_share'])} on average "
                 f"(the circuit {f(n['share'])}); excess {_ci(n.get('excess_ci'))}; rank "
-                f"{n.get('rank') or '-'}")
+                f"{n.get('rank') or '-'} of {(n.get('draws') or 0) + 1} (p = "
+                f"{f(n.get('rank_p'), '.3f')})")
     if claim == "same_functions" and n.get("checks"):
         return ("null: each selection counted only because it beat no patching and random "
                 "heads of its size on the base")
@@ -387,8 +419,9 @@ def calibration(results: dict, spec: str, rules: VerdictRules, circuit_name: str
     whole = None
     if res.get("directions"):
         whole = next((r for r in res["directions"][0]["rows"] if r["kind"] == "circuit"), None)
-    out["gain_carried"] = summary([gain_rule(c.get("share_ci"), c.get("excess_ci"), rules)
-                                   for c in (whole or {}).get("random_checks", [])])
+    checks = (whole or {}).get("random_checks", [])
+    out["gain_carried"] = summary([gain_rule(c.get("share_ci"), c.get("excess_ci"), c.get("rank"),
+                                             len(checks) - 1, rules) for c in checks])
     row = next((r for r in results.get("faithfulness", [])
                 if r["model"] == spec and r["circuit"] == circuit_name), None)
     own = (results.get("own_circuits") or {}).get(spec) or {}

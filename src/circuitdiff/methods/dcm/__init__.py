@@ -38,11 +38,11 @@ from .desiderata import (DESIDERATA, PAPER_DESIDERATA, ROBUSTNESS_DESIDERATA, De
 from .functional import (FunctionalConfig, FunctionalResult, FunctionalRow, check_tokenizers)
 from .masks import DCMError, patched_last_logits
 from .run import (NO_FUNCTION, DCMPlan, DCMResult, DesideratumResult, choose_lambda, dcm_view,
-                  found_gate, prepare, random_head_sets, run)
+                  found_gate, prepare, random_gate_calibration, random_head_sets, run)
 
 __all__ = ["DCMConfig", "DCMError", "DCMPlan", "DCMResult", "DEFAULT_LAMBDAS", "DESIDERATA",
            "DesideratumResult", "DesiderataError", "Example", "FunctionalConfig",
            "FunctionalResult", "FunctionalRow", "NO_FUNCTION", "PAPER_DESIDERATA", "PAPER_LAMBDA",
            "PAPER_SPLITS", "ROBUSTNESS_DESIDERATA", "TextPrompt", "check_tokenizers",
            "choose_lambda", "dcm_view", "desideratum", "found_gate", "functional",
-           "patched_last_logits", "prepare", "random_head_sets", "run"]
+           "patched_last_logits", "prepare", "random_gate_calibration", "random_head_sets", "run"]

@@ -57,6 +57,10 @@ class DesideratumResult(Result):
     reason: str = ""                 # why not found ("" when found)
     val_vs_no_patch: list[float] | None = None   # interval of val acc(selected) - acc(no patch)
     val_vs_random: list[float] | None = None     # interval of val acc(selected) - acc(random)
+    #: calibration of the found rule: how many of the ``random_draws`` random head sets of the
+    #: selection's size it would accept, each judged against the others (None: not measured)
+    random_found: int | None = None
+    random_draws: int = 0
 
     @property
     def fraction(self) -> float:
@@ -289,6 +293,22 @@ def found_gate(val_hits: torch.Tensor, config: DCMConfig, label: str
     return not fails, reason, vs_none, vs_rnd
 
 
+def random_gate_calibration(val_hits: torch.Tensor, config: DCMConfig, label: str
+                            ) -> tuple[int | None, int]:
+    """The found rule's false-positive count: each random head set of ``val_hits`` (rows
+    ``2 …``, as :func:`found_gate` takes them) plays the selection, the other random sets its
+    random null. Returns (how many would count as a function, how many were judged); (None, 0)
+    with fewer than two random sets (a lone set has no random null)."""
+    rows = val_hits.shape[0] - 2
+    if rows < 2:
+        return None, 0
+    found = 0
+    for j in range(rows):
+        others = [2 + i for i in range(rows) if i != j]
+        found += found_gate(val_hits[[0, 2 + j] + others], config, f"{label}/random{j}")[0]
+    return found, rows
+
+
 def _shared_reads(loaded: LoadedModel, counterfactuals: Sequence, position: str,
                   heads: Sequence[Head], batch_size: int) -> list[torch.Tensor]:
     """:func:`counterfactual_values` of each batch, read once per distinct batch (the paper's
@@ -346,17 +366,18 @@ def _dcm_group(loaded: LoadedModel, plan: DCMPlan, name: str, group: CircuitGrou
             test = eval_hits(loaded, plan, group, dname, [[], heads] + randoms,
                              "test").float().mean(1).tolist()
             rnd = test[2:]
+            val = eval_hits(loaded, plan, group, dname, [[], selected] + randoms, "val")
             if selected:
-                gate = found_gate(eval_hits(loaded, plan, group, dname,
-                                            [[], selected] + randoms, "val"), cfg,
-                                  f"{name}/{dname}")
+                gate = found_gate(val, cfg, f"{name}/{dname}")
             else:
                 gate = (False, f"{NO_FUNCTION}: no head selected", None, None)
             out.append(DesideratumResult(
                 name, dname, group.position, [format_head(h) for h in heads], curve,
                 cfg.lambdas[pick], [format_head(h) for h in selected],
                 curve[pick]["test_accuracy"], test[0], test[1], *random_summary(rnd), rnd,
-                cfg.n_train, cfg.n_val, cfg.n_test, *gate))
+                cfg.n_train, cfg.n_val, cfg.n_test, *gate,
+                *(random_gate_calibration(val, cfg, f"{name}/{dname}") if selected
+                  else (None, 0))))
             if progress:
                 r = out[-1]
                 print(f"  {name} / {dname}: λ={r.chosen_lambda:g} selects {len(r.selected)}/"
@@ -425,5 +446,6 @@ def run(loaded: LoadedModel, prompts: Sequence[Prompt] | None, config: DCMConfig
 
 
 __all__ = ["DCMPlan", "DCMResult", "DesideratumResult", "NO_FUNCTION", "choose_lambda",
-           "dcm_view", "eval_hits", "found_gate", "frozen_weights", "prepare", "random_head_sets",
+           "dcm_view", "eval_hits", "found_gate", "frozen_weights", "prepare",
+           "random_gate_calibration", "random_head_sets",
            "random_summary", "run"]
