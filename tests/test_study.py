@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -12,29 +16,48 @@ from circuitdiff.study import STEPS, parse_steps, with_dependencies
 from conftest import save_base_and_lora
 
 
-@pytest.fixture()
-def four_layer_models(tokenizer, tmp_path):
+@pytest.fixture(scope="module")
+def four_layer_models(tokenizer, tmp_path_factory):
     """The four-group chain needs >= 4 layers: each group sits below its receivers."""
-    return save_base_and_lora(tokenizer, tmp_path, layers=4, base_name="base4",
-                              lora_name="lora4")
+    return save_base_and_lora(tokenizer, tmp_path_factory.mktemp("models"), layers=4,
+                              base_name="base4", lora_name="lora4")
 
 
 def _study_args(base_dir, lora_dir, out, *extra):
+    # --no-screenshot: the headless Chromium load of the report is tested once, in the slow
+    # tier's organism study (tests/test_study_organisms.py) and tests/report/test_html.py
     return ["study", "--model", str(base_dir), "--model", str(lora_dir), "--out", str(out),
             "-n", "8", "--n-discovery", "6", "--n-mean", "8", "--random-draws", "2",
             "--sizes", "2,2,2,1", "--n-boxes", "3", "--batch-size", "8", "--chain", "paper",
-            "--dcm-train", "8", *extra]
+            "--dcm-train", "8", "--no-screenshot", *extra]
 
 
-def test_study_end_to_end_and_resume(four_layer_models, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def whole_study(four_layer_models, tmp_path_factory):
+    """One whole study (every step) on the tiny models, shared by the tests that rerun parts
+    of it from a copy of its folder: (folder, its arguments, what it printed)."""
+    base_dir, lora_dir = four_layer_models
+    out = tmp_path_factory.mktemp("whole") / "study"
+    args = _study_args(base_dir, lora_dir, out)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(args) == 0
+    return out, args, printed.getvalue()
+
+
+def _copy(study: Path, to: Path) -> Path:
+    """A copy of a study folder: a rerun there resumes from the copied results."""
+    shutil.copytree(study, to)
+    return to
+
+
+def test_study_end_to_end_and_resume(whole_study, four_layer_models, capsys):
     """The paper chain's study on random tiny models (the automatic chain would rightly find
     them at chance; see test_study_at_chance_says_no_circuit)."""
     base_dir, lora_dir = four_layer_models
-    out = tmp_path / "study"
-    args = _study_args(base_dir, lora_dir, out)
-    assert main(args) == 0
-    printed = capsys.readouterr().out
+    out, args, printed = whole_study
     assert "faithfulness" in printed.lower()
+    assert not (out / "report.png").exists()  # --no-screenshot
     for f in ("report.md", "report.html", "summary.json", "faithfulness.json", "faithfulness.csv",
               "faithfulness.png", "discover/circuit.json", "discover/circuit_flow.png"):
         assert (out / f).exists(), f
@@ -61,12 +84,10 @@ def test_study_end_to_end_and_resume(four_layer_models, tmp_path, capsys):
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")} == stamp
 
 
-def test_study_recomputes_only_what_changed(four_layer_models, tmp_path, capsys):
+def test_study_recomputes_only_what_changed(whole_study, four_layer_models, tmp_path, capsys):
     base_dir, lora_dir = four_layer_models
-    out = tmp_path / "study"
+    out = _copy(whole_study[0], tmp_path / "study")
     steps = ["--steps", "accuracy,faithfulness"]
-    assert main(_study_args(base_dir, lora_dir, out, *steps)) == 0
-    capsys.readouterr()
     changed = _study_args(base_dir, lora_dir, out, *steps)
     changed[changed.index("--random-draws") + 1] = "3"
     assert main(changed) == 0
@@ -80,14 +101,16 @@ def test_study_recomputes_only_what_changed(four_layer_models, tmp_path, capsys)
                if r["random_mean"] is not None)
 
 
-def test_study_steps_choose_and_pull_dependencies(four_layer_models, tmp_path, capsys):
+def test_study_steps_choose_and_pull_dependencies(whole_study, four_layer_models, tmp_path,
+                                                  capsys):
     base_dir, lora_dir = four_layer_models
     out = tmp_path / "ko"
     assert main(_study_args(base_dir, lora_dir, out, "--steps", "knockout")) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == ["knockout"] and "faithfulness" not in summary
     assert not (out / "discover").exists()
-    out2 = tmp_path / "dcm"
+    # the steps a step needs are named and run (here from the whole study's saved results)
+    out2 = _copy(whole_study[0], tmp_path / "dcm")
     assert main(_study_args(base_dir, lora_dir, out2, "--steps", "functional")) == 0
     assert "(and discover, dcm, which they need)" in capsys.readouterr().out
     assert json.loads((out2 / "summary.json").read_text())["steps"] == [
@@ -107,7 +130,7 @@ def test_study_at_chance_says_no_circuit(four_layer_models, tmp_path, capsys):
     out = tmp_path / "chance"
     assert main(["study", "--model", str(base_dir), "--out", str(out), "-n", "8",
                  "--n-discovery", "6", "--n-mean", "8", "--n-boxes", "3", "--batch-size",
-                 "8"]) == 0
+                 "8", "--no-screenshot"]) == 0
     assert "no circuit to find" in capsys.readouterr().out
     assert "no circuit to find" in (out / "report.md").read_text()
 
@@ -116,7 +139,7 @@ def test_study_accuracy_only(saved_models, tmp_path, capsys):
     base_dir, _ = saved_models
     out = tmp_path / "acc"
     assert main(["study", "--model", str(base_dir), "--accuracy-only", "--out", str(out),
-                 "-n", "6"]) == 0
+                 "-n", "6", "--no-screenshot"]) == 0
     assert "7-box accuracy" in capsys.readouterr().out
     assert (out / "report.md").exists()
 
@@ -129,7 +152,7 @@ def test_python_api_runs_the_study_with_default_loading(tmp_path):
     lines = []
     s = run_study(["organism:base", "organism:full"], out=tmp_path / "api",
                   cfg=StudyConfig(evaluation=EvalConfig(n_prompts=20, n_mean=20),
-                                  steps=("accuracy",)),
+                                  steps=("accuracy",), screenshot=False),
                   progress=False, log=lines.append)
     assert s["steps"] == ["accuracy"] and set(s["accuracy"]) == {"organism:base", "organism:full"}
     assert s["accuracy"]["organism:full"]["n"] == 20

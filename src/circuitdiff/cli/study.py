@@ -56,6 +56,9 @@ def register(sub) -> None:
     p.add_argument("--dcm-train", type=prompt_count, default=200,
                    help="DCM training prompts (validation and test are half of it each)")
     p.add_argument("--no-knockout", action="store_true", help="skip attention knockout")
+    p.add_argument("--no-screenshot", action="store_true",
+                   help="do not load the report in a headless Chromium to check it and save "
+                        "report.png (done by default where Chromium is installed)")
     p.add_argument("--accuracy-only", action="store_true",
                    help="only measure accuracy of the first model")
     p.set_defaults(func=run)
@@ -108,6 +111,6 @@ def run(args) -> dict:
                     n_test=half, seed=args.seed + 200, batch_size=args.batch_size),
         cmap=replace(default_cmap(), n_boxes=args.n_boxes, n_prompts=args.n_prompts,
                      seed=args.seed, batch_size=args.batch_size),
-        steps=steps)
+        steps=steps, screenshot=not args.no_screenshot)
     return run_study(models, lambda spec: load_from_args(args, spec=spec), args.out, cfg,
                      circuit=args.circuit)

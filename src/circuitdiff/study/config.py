@@ -67,7 +67,9 @@ class StudyConfig:
     every other method uses the same ``n_boxes``. ``own_discovery`` finds each fine-tune's own
     circuit (None: the base's discovery config). ``knockout_prompts``: prompts per knockout
     curve (at most the evaluation's). ``stability``: rediscover the base circuit on a disjoint
-    prompt set (the ceiling of the "uses the base circuit" overlap).
+    prompt set (the ceiling of the "uses the base circuit" overlap). ``screenshot``: where a
+    Chromium is installed, load the finished report headless, check it and save its first screen
+    as ``report.png`` (a few seconds per run; False skips it, e.g. in quick tests).
     """
 
     discovery: DiscoveryConfig = field(default_factory=default_discovery)
@@ -79,6 +81,7 @@ class StudyConfig:
     knockout_prompts: int = 100
     rules: VerdictRules = field(default_factory=VerdictRules)
     steps: tuple[str, ...] | None = None
+    screenshot: bool = True
 
     def __post_init__(self) -> None:
         self.steps = parse_steps(self.steps)

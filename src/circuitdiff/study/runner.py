@@ -188,7 +188,8 @@ def _finish(st: StudyRun, summary: dict) -> dict:
     md_path = atomic_write_text(folder.file("report.md"), study_report(summary))
     html_path = write_study_html(summary, folder.path, folder.file("report.html"))
     st.log(f"report: {html_path} (plain text: {md_path})")
-    _screenshot(st, html_path)
+    if st.cfg.screenshot:
+        _screenshot(st, html_path)
     return summary
 
 
