@@ -61,4 +61,5 @@ def test_dcm_and_functional_cache_names_settings_and_numbers_unchanged(tiny, tin
         assert len(new["result"]) == len(old["result"])
         for n, o in zip(new["result"], old["result"]):
             assert {k: n[k] for k in o} == o, name
-            assert set(n) - set(o) == {"found", "reason", "val_vs_no_patch", "val_vs_random"}
+            assert set(n) - set(o) == {"found", "reason", "val_vs_no_patch", "val_vs_random",
+                                        "random_found", "random_draws"}
