@@ -13,12 +13,12 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from circuitdiff.core.circuit import Circuit, CircuitGroup
 from circuitdiff.core.runs import RunFolder
 
 from conftest import save_base_and_lora, tiny_llama
+from snapshots import saved_settings
 
 torch.set_num_threads(1)
 
@@ -70,17 +70,6 @@ def run_cmap(base: str, finetuned: str, out) -> None:
                      max_rows=16, input=True, reverse=True, circuit=circuit())
     run([base, finetuned], None, cfg, store=RunFolder(out))
 
-
-def saved_settings(run) -> dict:
-    out = {}
-    for f in sorted(p for p in run.rglob("*") if p.is_file()):
-        rel = f.relative_to(run).as_posix()
-        if rel.endswith(".json"):
-            out[rel] = json.loads(f.read_text())["settings"]
-        else:
-            with safe_open(str(f), "pt") as g:
-                out[rel] = json.loads(g.metadata()["settings"])
-    return out
 
 
 @pytest.mark.parametrize("kind", ["lora", "full"])

@@ -20,9 +20,10 @@ from circuitdiff.core.circuit import Circuit, CircuitGroup
 from circuitdiff.core.pool import ModelPool
 from circuitdiff.core.runs import RunFolder
 from circuitdiff.methods import dcm
+from snapshots import load_snapshot
 
 torch.set_num_threads(1)
-SNAPSHOT = json.loads((Path(__file__).parent / "cache_dcm_snapshot.json").read_text())
+SNAPSHOT = load_snapshot("cache_dcm_snapshot.json")
 #: the settings the gate added to the DCM key (defaults), the one change of the saved settings
 GATE = {"bootstrap": 1000, "confidence": 0.95}
 

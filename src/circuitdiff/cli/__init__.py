@@ -129,10 +129,54 @@ def add_model_options(p: argparse.ArgumentParser, multiple: bool = False) -> Non
                        help="organism:NAME, HF folder or hub id, a .gguf file, or an adapter folder "
                             "(default: the embedded default model)")
         p.add_argument("--adapter", default=None, help="peft LoRA adapter folder to attach")
+    add_device_options(p)
+
+
+def add_device_options(p: argparse.ArgumentParser, computes: str = "the model computes") -> None:
+    """--device/--dtype/--device-map: where and in which dtype the loaded model(s) run
+    (``computes``: the subject of the --dtype help, e.g. "the models compute")."""
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="dtype the model computes in (default float32)")
+                   help=f"dtype {computes} in (default float32)")
     p.add_argument("--device-map", default=None, help="accelerate device_map, e.g. auto")
+
+
+def add_circuit_option(p: argparse.ArgumentParser, multiple: bool = False) -> None:
+    """--circuit: the circuit file(s) a command works on (required; repeatable with
+    ``multiple``, where every circuit is evaluated on every model)."""
+    if multiple:
+        p.add_argument("--circuit", action="append", required=True, metavar="JSON",
+                       help="circuit file (repeatable: every circuit is evaluated on every model)")
+    else:
+        p.add_argument("--circuit", required=True, metavar="JSON", help="circuit file")
+
+
+def add_random_draw_options(p: argparse.ArgumentParser, draws: str, seed: str | None = None,
+                            default: int = 10) -> None:
+    """--random-draws (and --random-seed when ``seed`` is given): the random head sets a
+    circuit's result is compared with. ``draws``/``seed`` say what they are for the command; the
+    defaults are appended."""
+    p.add_argument("--random-draws", type=nonnegative_int, default=default,
+                   help=f"{draws} (default {default})")
+    if seed is not None:
+        p.add_argument("--random-seed", type=int, default=0, help=f"{seed} (default 0)")
+
+
+def add_max_rows_option(p: argparse.ArgumentParser, variants: str = "variants",
+                        default: int = 256) -> None:
+    """--max-rows: rows per forward when a method stacks its intervention ``variants``."""
+    p.add_argument("--max-rows", type=positive_int, default=default,
+                   help=f"rows per forward when {variants} are stacked (default {default})")
+
+
+def add_discovery_options(p: argparse.ArgumentParser, chain: str, sizes: str,
+                          sizes_default: str | None = None) -> None:
+    """--chain/--target/--sizes: which discovery chain finds the circuit and how it is sized
+    (``chain``/``sizes``: the command's help for them; ``sizes_default``: --sizes' default)."""
+    p.add_argument("--chain", default="auto", choices=["auto", "paper"], help=chain)
+    p.add_argument("--target", type=float_in(), default=0.9,
+                   help="auto chain: faithfulness to reach on held-out prompts (default 0.9)")
+    p.add_argument("--sizes", default=sizes_default, help=sizes)
 
 
 def add_task_options(p: argparse.ArgumentParser, n: int = 500, boxes=None) -> None:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from . import (LazyHelp, add_model_options, add_out_option, box_count, float_in, load_from_args,
-               nonnegative_int, positive_int, prompt_count)
+from . import LazyHelp, add_circuit_option, add_model_options, add_out_option
+from . import add_random_draw_options, box_count, float_in, load_from_args, positive_int
+from . import prompt_count
 
 
 def _floats(spec: str) -> tuple[float, ...]:
@@ -40,7 +41,7 @@ def register(sub) -> None:
                     "one DCM trains on; the found selections are then patched in every --model "
                     "(functional patching) with random head sets of equal size as a baseline. "
                     "Results are saved in --out as they are made; a rerun resumes.")
-    p.add_argument("--circuit", required=True, metavar="JSON", help="circuit file")
+    add_circuit_option(p)
     add_model_options(p, multiple=True)
     p.add_argument("--desiderata", default="paper",
                    help="comma-separated names, or paper (object_value,position,box_label), "
@@ -58,10 +59,8 @@ def register(sub) -> None:
     p.add_argument("--lr", type=float_in(above=0), default=0.1, help="Adam learning rate (paper 0.1)")
     p.add_argument("--epochs", type=positive_int, default=2, help="epochs (paper 2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompts (default 0)")
-    p.add_argument("--random-draws", type=nonnegative_int, default=10,
-                   help="random head sets of the selected size (default 10)")
-    p.add_argument("--random-seed", type=int, default=0,
-                   help="seed of the random head sets (default 0)")
+    add_random_draw_options(p, "random head sets of the selected size",
+                            "seed of the random head sets")
     p.add_argument("--batch-size", type=positive_int, default=32,
                    help="prompts per forward (default 32)")
     add_out_option(p, "dcm")

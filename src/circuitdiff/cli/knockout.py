@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from . import add_model_options, add_out_option, add_task_options, load_from_args, positive_int
+from . import add_max_rows_option, add_model_options, add_out_option, add_task_options
+from . import load_from_args
 
 
 def register(sub) -> None:
@@ -20,8 +21,7 @@ def register(sub) -> None:
                         "query_label:prev_query_label random")
     p.add_argument("--layers", default=None,
                    help="first blocked layers to try, e.g. 0-15 or 0,4,8 (default: all)")
-    p.add_argument("--max-rows", type=positive_int, default=256,
-                   help="rows per forward when the L variants are stacked (default 256)")
+    add_max_rows_option(p, "the L variants")
     add_out_option(p, "knockout")
     p.set_defaults(func=run)
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from . import add_model_options, add_task_options, load_from_args, positive_int, prompt_count
+from . import add_max_rows_option, add_model_options, add_task_options, load_from_args
+from . import prompt_count
 
 
 def register(sub) -> None:
@@ -19,8 +20,7 @@ def register(sub) -> None:
                    help="role to scan (repeatable; default: every token-covering role plus "
                         "prev_query_label and correct_object); offsets allowed, e.g. "
                         "prev_query_label+1")
-    p.add_argument("--max-rows", type=positive_int, default=512,
-                   help="rows per forward when variants are stacked (default 512)")
+    add_max_rows_option(p, default=512)
     p.set_defaults(func=run)
 
 
