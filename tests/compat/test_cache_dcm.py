@@ -4,8 +4,11 @@ these tiny models into ``cache_dcm_snapshot.json``).
 
 One documented change: the found-a-function gate (issue 31) added two settings to the DCM key,
 ``bootstrap`` and ``confidence`` (a group's rows now carry ``found``/``reason``, so a group file
-saved before it recomputes once). Every other setting, every name and every number is as
-before; the test holds exactly that.
+saved before it recomputes once). The rows also record the gate's calibration
+(``random_found``/``random_draws``: how many random head sets the gate would accept); the key
+is unchanged by it (the numbers it is made of are the same), and a file saved without them
+reads back with the calibration "not measured". Every other setting, every name and every
+number is as before; the test holds exactly that.
 """
 
 from __future__ import annotations
@@ -62,4 +65,5 @@ def test_dcm_and_functional_cache_names_settings_and_numbers_unchanged(tiny, tin
         assert len(new["result"]) == len(old["result"])
         for n, o in zip(new["result"], old["result"]):
             assert {k: n[k] for k in o} == o, name
-            assert set(n) - set(o) == {"found", "reason", "val_vs_no_patch", "val_vs_random"}
+            assert set(n) - set(o) == {"found", "reason", "val_vs_no_patch", "val_vs_random",
+                                       "random_found", "random_draws"}

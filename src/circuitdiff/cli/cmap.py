@@ -40,8 +40,9 @@ def register(sub) -> None:
                    help="also patch the base's activations into the fine-tune (base -> fine-tune)")
     p.add_argument("--input", action="store_true",
                    help="also input CMAP: the q, k, v, qk, qkv of each group's heads")
-    add_random_draw_options(p, "random circuits of the same group sizes as the control",
-                            "seed of the random head sets")
+    add_random_draw_options(p, "random circuits of the same group sizes as the control (the "
+                               "gain-carried rank test needs at least 19)",
+                            "seed of the random head sets", default=20)
     p.add_argument("--bootstrap", type=nonnegative_int, default=1000,
                    help="bootstrap resamples of the prompts for the intervals (default 1000; 0 "
                         "= none)")

@@ -460,6 +460,7 @@ class TaskSample(Config):
         """The config's own prompts for a model with ``tokenizer``."""
         return sample_prompts(tokenizer, self.n_prompts, self.n_boxes, self.seed)
 
+
 @dataclass
 class DesiderataSet:
     """Base prompts, their counterfactuals and, per desideratum, the target object word."""

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...core.circuit import Circuit
-from ...core.config import Config, check_finite, execution
-from ...core.task import EntityTrackingTask, Prompt, TaskConfig
+from ...core.config import check_finite, execution
+from ...core.task import Prompt, TaskSample
 
 #: input-CMAP component sets, in the paper's order
 COMPONENTS: tuple[str, ...] = ("q", "k", "v", "qk", "qkv")
@@ -21,7 +21,7 @@ class CMAPError(ValueError):
 
 
 @dataclass
-class CMAPConfig(Config):
+class CMAPConfig(TaskSample):
     """Everything that decides CMAP's numbers (``cache_key()``, derived) and how it runs.
 
     ``n_prompts``/``seed``/``n_boxes`` make the prompts (:func:`cmap_prompts`); ``random_draws``
@@ -35,12 +35,6 @@ class CMAPConfig(Config):
     fills it per run). ``batch_size`` and ``max_rows`` only decide how the forwards are cut.
     """
 
-    #: prompts to patch (when the run is given none)
-    n_prompts: int = 500
-    #: seed of the prompts
-    seed: int = 0
-    #: boxes per prompt
-    n_boxes: int = 7
     #: random circuits of the circuit's group sizes (the control; the "gain carried" rank test
     #: needs at least 19 to reach p = 0.05)
     random_draws: int = 20
@@ -93,5 +87,4 @@ class CMAPConfig(Config):
 
 def cmap_prompts(tokenizer, cfg: CMAPConfig) -> list[Prompt]:
     """The evaluation prompts of ``cfg`` (``n_prompts`` from ``seed``, ``n_boxes`` boxes)."""
-    return EntityTrackingTask(tokenizer, TaskConfig(n_boxes=cfg.n_boxes), seed=cfg.seed).sample(
-        cfg.n_prompts)
+    return cfg.prompts(tokenizer)
