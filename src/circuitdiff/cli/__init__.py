@@ -117,6 +117,16 @@ class LazyHelp(str):
         return self._make() % params
 
 
+def add_command(sub, name: str, doc: str) -> argparse.ArgumentParser:
+    """The subcommand ``name`` with its texts from its module's docstring (one source): the
+    first paragraph, after ``"``circuitdiff NAME``: "``, is the one-line help of the command
+    list; the paragraphs after it are the description of ``circuitdiff NAME --help``."""
+    first, _, rest = doc.strip().partition("\n\n")
+    summary = " ".join(first.split()).split(": ", 1)[-1].rstrip(".")
+    description = "\n\n".join(" ".join(par.split()) for par in rest.split("\n\n") if par.strip())
+    return sub.add_parser(name, help=summary, description=description or None)
+
+
 def add_model_options(p: argparse.ArgumentParser, multiple: bool = False) -> None:
     """--model/--adapter/--device/--dtype/--device-map, shared by every command that loads one."""
     if multiple:

@@ -1,26 +1,26 @@
-"""``circuitdiff cmap``: cross-model activation patching of a circuit, fine-tune -> base."""
+"""``circuitdiff cmap``: cross-model activation patching: which circuit groups carry a fine-tune's
+gain.
+
+Patch the fine-tune's head outputs of each circuit group (at the group's position) into the base
+model and measure accuracy and the share of the accuracy gap recovered, (patched - base) /
+(fine-tune - base), with a bootstrap interval. Per group, cumulative in chain order, whole
+circuit, random heads of equal size; optionally input CMAP (q/k/v), a per-head map and the
+reverse direction. A LoRA fine-tune is one set of weights (adapter toggled); a full fine-tune is
+recorded, freed, then the base is loaded. Results are cached in --out; a rerun resumes.
+"""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
+from . import add_command
 from . import add_circuit_option, add_device_options, add_max_rows_option, add_random_draw_options
 from . import box_count, load_from_args, nonnegative_int, positive_int, prompt_count
 
 
 def register(sub) -> None:
-    p = sub.add_parser(
-        "cmap", help="cross-model activation patching: which circuit groups carry a fine-tune's "
-                     "gain",
-        description="Patch the fine-tune's head outputs of each circuit group (at the group's "
-                    "position) into the base model and measure accuracy and the share of the "
-                    "accuracy gap recovered, (patched - base) / (fine-tune - base), with a "
-                    "bootstrap interval. Per group, cumulative in chain order, whole circuit, "
-                    "random heads of equal size; optionally input CMAP (q/k/v), a per-head map "
-                    "and the reverse direction. A LoRA fine-tune is one set of weights (adapter "
-                    "toggled); a full fine-tune is recorded, freed, then the base is loaded. "
-                    "Results are cached in --out; a rerun resumes.")
+    p = add_command(sub, "cmap", __doc__)
     add_circuit_option(p)
     p.add_argument("--base", required=True, metavar="SPEC",
                    help="base model: organism:NAME, HF folder or hub id, or a .gguf file")

@@ -1,7 +1,18 @@
-"""``circuitdiff dcm``: what each circuit group encodes (DCM), and the same heads in every model."""
+"""``circuitdiff dcm``: DCM: learn which heads of each circuit group carry the object value, the
+position or the box label; patch them in every --model.
+
+Per group and desideratum, learn one mask per head (patched = m*base + (1-m)*counterfactual at
+the group's position); heads with m < 0.5 are selected. One-head groups are merged into another
+group at their position, as the study does. A selection counts only if its validation accuracy
+beats no patching and random heads of its size (bootstrap interval); else its row says 'no
+function found'. The first --model is the one DCM trains on; the found selections are then
+patched in every --model (functional patching) with random head sets of equal size as a
+baseline. Results are saved in --out as they are made; a rerun resumes.
+"""
 
 from __future__ import annotations
 
+from . import add_command
 from . import LazyHelp, add_circuit_option, add_model_options, add_out_option
 from . import add_random_draw_options, box_count, float_in, load_from_args, positive_int
 from . import prompt_count
@@ -29,18 +40,7 @@ def _default_lambdas() -> str:
 
 
 def register(sub) -> None:
-    p = sub.add_parser(
-        "dcm", help="DCM: learn which heads of each circuit group carry the object value, the "
-                    "position or the box label; patch them in every --model",
-        description="Per group and desideratum, learn one mask per head (patched = "
-                    "m*base + (1-m)*counterfactual at the group's position); heads with m < 0.5 "
-                    "are selected. One-head groups are merged into another group at their "
-                    "position, as the study does. A selection counts only if its validation "
-                    "accuracy beats no patching and random heads of its size (bootstrap "
-                    "interval); else its row says 'no function found'. The first --model is the "
-                    "one DCM trains on; the found selections are then patched in every --model "
-                    "(functional patching) with random head sets of equal size as a baseline. "
-                    "Results are saved in --out as they are made; a rerun resumes.")
+    p = add_command(sub, "dcm", __doc__)
     add_circuit_option(p)
     add_model_options(p, multiple=True)
     p.add_argument("--desiderata", default="paper",

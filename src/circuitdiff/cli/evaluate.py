@@ -1,19 +1,21 @@
-"""``circuitdiff evaluate``: faithfulness table, circuit x model matrix, completeness, minimality."""
+"""``circuitdiff evaluate``: evaluate circuits on models: faithfulness (mean ablation), random
+baseline, cross-model matrix, completeness, minimality.
+
+Mean-ablate every head outside the circuit and compare with the full model. Every result is
+saved in --out as it is made; a rerun resumes.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from . import add_command
 from . import add_circuit_option, add_max_rows_option, add_model_options, add_random_draw_options
 from . import add_task_options, float_in, load_from_args, positive_int, prompt_count
 
 
 def register(sub) -> None:
-    p = sub.add_parser(
-        "evaluate", help="evaluate circuits on models: faithfulness (mean ablation), random "
-                         "baseline, cross-model matrix, completeness, minimality",
-        description="Mean-ablate every head outside the circuit and compare with the full model. "
-                    "Every result is saved in --out as it is made; a rerun resumes.")
+    p = add_command(sub, "evaluate", __doc__)
     add_circuit_option(p, multiple=True)
     add_model_options(p, multiple=True)
     add_task_options(p, n=500)

@@ -1,7 +1,14 @@
-"""``circuitdiff study``: the main job — the paper's pipeline on the embedded default models."""
+"""``circuitdiff study``: run the whole study (accuracy, discovery, faithfulness, own circuits,
+knockout, DCM, CMAP, verdicts, report.html) on the embedded model organisms or on the given
+models.
+
+With no --model: the shipped organisms base, chat, lora, full (the first is the base whose
+circuit is found). Results are cached in --out; a rerun resumes.
+"""
 
 from __future__ import annotations
 
+from . import add_command
 from . import LazyHelp, add_discovery_options, add_model_options, add_random_draw_options
 from . import add_task_options, load_from_args, prompt_count
 
@@ -25,13 +32,7 @@ def _steps_help() -> str:
 
 
 def register(sub) -> None:
-    p = sub.add_parser(
-        "study", help="run the whole study (accuracy, discovery, faithfulness, own circuits, "
-                      "knockout, DCM, CMAP, verdicts, report.html) on the embedded model "
-                      "organisms or on the given models",
-        description="With no --model: the shipped organisms base, chat, lora, full (the first is "
-                    "the base whose circuit is found). Results are cached in --out; a rerun "
-                    "resumes.")
+    p = add_command(sub, "study", __doc__)
     add_model_options(p, multiple=True)
     add_task_options(p, n=200)
     p.add_argument("--out", default="runs/study", help="run folder (default runs/study)")
