@@ -23,7 +23,6 @@ COMMANDS = ("study", "data", "accuracy", "discover", "scan", "evaluate", "knocko
             "organisms", "dcm", "cmap", "models")
 #: models below this many parameters run faster on one thread on a shared 2-core CPU (their
 #: ops are too small to split; measured, see bench/threads.py and the README "Threads")
-SMALL_MODEL_PARAMS = 20_000_000
 
 
 class Parser(argparse.ArgumentParser):
@@ -232,9 +231,9 @@ def set_threads(args, loaded=None) -> None:
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     elif loaded is not None:
-        n_params = sum(p.numel() for p in loaded.model.parameters())
-        cores = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-        torch.set_num_threads(1 if n_params < SMALL_MODEL_PARAMS else cores)
+        from ..core.model import default_threads
+
+        torch.set_num_threads(default_threads(loaded.model))
 
 
 def load_from_args(args, spec: str | None = None, adapter: str | None = None):
@@ -266,26 +265,6 @@ def build_parser() -> argparse.ArgumentParser:
             for q in action.choices.values():  # nested commands (organisms list|train)
                 _add_common_options(q)
     return parser
-
-
-@contextlib.contextmanager
-def _no_progress_bars():
-    """Silence tqdm bars (ours and transformers') for the block, then restore the setting."""
-    from transformers.utils import logging as hf_logging
-
-    old = os.environ.get("TQDM_DISABLE")
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    os.environ["TQDM_DISABLE"] = "1"
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = old
-        if was_enabled:
-            hf_logging.enable_progress_bar()
 
 
 def _launch_workers(args, argv: list[str]) -> int:
@@ -342,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..core.arch import ArchitectureError
     from ..core.interventions import InterventionError
     from ..core.model import ModelSpecError
-    from ..core.runs import open_run_folder
+    from ..core.runs import no_progress_bars, open_run_folder
     from ..core.task import TaskError
 
     if getattr(args, "workers", None) and args.workers > 1 and not distributed.launched():
@@ -355,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with contextlib.ExitStack() as stack:
             if quiet:
-                stack.enter_context(_no_progress_bars())
+                stack.enter_context(no_progress_bars())
             out = getattr(args, "out", None)
             if out is not None and getattr(args, "writes_out", True):
                 stack.enter_context(open_run_folder(out))
