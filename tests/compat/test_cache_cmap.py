@@ -5,7 +5,9 @@ The file names end in ``settings_digest(settings, 10)``, so equal names mean equ
 the literal dicts below make a difference readable when it fails. Changed on purpose since: a
 direction's result is keyed with ``row_version`` 2 (the rows gained the null of "gain carried":
 excess interval, random shares, rank, leave-one-out checks), so the two direction files have
-new names and old ones recompute; the recordings keep theirs."""
+new names and old ones recompute; and (issue 31's rank test) the key gained
+``group_random_draws`` — the group rows may take fewer random draws than the whole circuit —
+so every CMAP file has a new name and an old CMAP folder recomputes."""
 
 from __future__ import annotations
 
@@ -13,28 +15,28 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from circuitdiff.core.circuit import Circuit, CircuitGroup
 from circuitdiff.core.runs import RunFolder
 
 from conftest import save_base_and_lora, tiny_llama
+from snapshots import saved_settings
 
 torch.set_num_threads(1)
 
 #: relative names of every file a run wrote, per fine-tune kind (recorded from the old code)
 NAMES = {
     "full": [
-        "cmap/base-1405df__full-52e6d8-29ce56d1f7.json",
-        "cmap/full-52e6d8__base-1405df-47b1a9b91b.json",
-        "cmap/record/base-1405df-c11aa322cb.safetensors",
-        "cmap/record/full-52e6d8-59ed7aadc8.safetensors",
+        "cmap/base-1405df__full-52e6d8-138f39131d.json",
+        "cmap/full-52e6d8__base-1405df-35d883b2c4.json",
+        "cmap/record/base-1405df-c2e8db6bf6.safetensors",
+        "cmap/record/full-52e6d8-3e49da3ba1.safetensors",
     ],
     "lora": [
-        "cmap/lora_adapter_off-16a870__lora_adapter_on-7f031d-f7638bd72b.json",
-        "cmap/lora_adapter_on-7f031d__lora_adapter_off-16a870-4fad0611de.json",
-        "cmap/record/lora_adapter_off-16a870-ee5bd14d80.safetensors",
-        "cmap/record/lora_adapter_on-7f031d-4a306c9dbd.safetensors",
+        "cmap/lora_adapter_off-16a870__lora_adapter_on-7f031d-a01bbb8d8e.json",
+        "cmap/lora_adapter_on-7f031d__lora_adapter_off-16a870-eff72944f9.json",
+        "cmap/record/lora_adapter_off-16a870-e59a5f3943.safetensors",
+        "cmap/record/lora_adapter_on-7f031d-76e037cfbf.safetensors",
     ],
 }
 #: the settings of the forward direction's result on the LoRA pair (recorded from the old code)
@@ -46,7 +48,8 @@ LORA_FORWARD = {
         "model": "tiny", "n_heads": 4, "n_layers": 3, "settings": {}},
     "cmap": {"bootstrap": 10, "bootstrap_seed": 0, "confidence": 0.95, "input": True,
              "n_boxes": 4, "n_prompts": 6, "per_head": False, "per_head_positions": None,
-             "random_draws": 1, "random_seed": 0, "reverse": True, "seed": 0},
+             "random_draws": 1, "group_random_draws": None, "random_seed": 0, "reverse": True,
+             "seed": 0},
     "dtype": "torch.float32", "prompts": "217f6b7743cf479d",
     "source": "lora[adapter on]", "target": "lora[adapter off]"}
 #: the plan a recording of that pair adds to the settings (with ``model``)
@@ -70,17 +73,6 @@ def run_cmap(base: str, finetuned: str, out) -> None:
                      max_rows=16, input=True, reverse=True, circuit=circuit())
     run([base, finetuned], None, cfg, store=RunFolder(out))
 
-
-def saved_settings(run) -> dict:
-    out = {}
-    for f in sorted(p for p in run.rglob("*") if p.is_file()):
-        rel = f.relative_to(run).as_posix()
-        if rel.endswith(".json"):
-            out[rel] = json.loads(f.read_text())["settings"]
-        else:
-            with safe_open(str(f), "pt") as g:
-                out[rel] = json.loads(g.metadata()["settings"])
-    return out
 
 
 @pytest.mark.parametrize("kind", ["lora", "full"])

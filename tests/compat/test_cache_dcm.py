@@ -4,8 +4,11 @@ these tiny models into ``cache_dcm_snapshot.json``).
 
 One documented change: the found-a-function gate (issue 31) added two settings to the DCM key,
 ``bootstrap`` and ``confidence`` (a group's rows now carry ``found``/``reason``, so a group file
-saved before it recomputes once). Every other setting, every name and every number is as
-before; the test holds exactly that.
+saved before it recomputes once). The rows also record the gate's calibration
+(``random_found``/``random_draws``: how many random head sets the gate would accept); the key
+is unchanged by it (the numbers it is made of are the same), and a file saved without them
+reads back with the calibration "not measured". Every other setting, every name and every
+number is as before; the test holds exactly that.
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ from circuitdiff.core.circuit import Circuit, CircuitGroup
 from circuitdiff.core.pool import ModelPool
 from circuitdiff.core.runs import RunFolder
 from circuitdiff.methods import dcm
+from snapshots import load_snapshot
 
 torch.set_num_threads(1)
-SNAPSHOT = json.loads((Path(__file__).parent / "cache_dcm_snapshot.json").read_text())
+SNAPSHOT = load_snapshot("cache_dcm_snapshot.json")
 #: the settings the gate added to the DCM key (defaults), the one change of the saved settings
 GATE = {"bootstrap": 1000, "confidence": 0.95}
 
@@ -62,4 +66,4 @@ def test_dcm_and_functional_cache_names_settings_and_numbers_unchanged(tiny, tin
         for n, o in zip(new["result"], old["result"]):
             assert {k: n[k] for k in o} == o, name
             assert set(n) - set(o) == {"found", "reason", "val_vs_no_patch", "val_vs_random",
-                                        "random_found", "random_draws"}
+                                       "random_found", "random_draws"}

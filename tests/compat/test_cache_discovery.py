@@ -4,18 +4,17 @@ change wrote (recorded into ``cache_discovery_snapshot.json``), so an old run fo
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from conftest import tiny_llama
+from snapshots import load_snapshot, saved_settings
 from circuitdiff.core.arch import resolve
 from circuitdiff.core.model import LoadedModel
 from circuitdiff.core.task import EntityTrackingTask, TaskConfig
 
 torch.set_num_threads(1)
-SNAPSHOT_FILE = Path(__file__).parent / "cache_discovery_snapshot.json"
 #: paper chain on the sharpened 6-layer tiny model
 PAPER = dict(sizes=(3, 2, 2, 1), chain="paper", compare_exact=True)
 #: automatic chain on the shipped organism, as small as it runs
@@ -25,29 +24,8 @@ AUTO = dict(n_prompts=8, n_validate=24, n_mean=12, n_scan=12, seed=5, on_unreach
 def snap(folder: Path) -> dict:
     """Every file of ``folder`` (figures aside): its saved settings (cached results), the content
     of ``prompts.json``, the circuit's setting names, or None for a plain file."""
-    from safetensors import safe_open
-
-    out = {}
-    for p in sorted(folder.rglob("*")):
-        if p.is_dir() or p.suffix == ".png":
-            continue
-        rel = str(p.relative_to(folder))
-        if p.suffix == ".safetensors":
-            with safe_open(str(p), "pt") as f:
-                out[rel] = json.loads((f.metadata() or {}).get("settings", "null"))
-        elif p.suffix != ".json":
-            out[rel] = None
-        else:
-            d = json.loads(p.read_text())
-            if isinstance(d, dict) and "_settings_digest" in d:
-                out[rel] = d["settings"]
-            elif rel == "prompts.json":
-                out[rel] = d
-            elif rel == "circuit.json":
-                out[rel] = sorted(d["settings"])
-            else:
-                out[rel] = None
-    return out
+    return saved_settings(folder, lambda rel, d: d if rel == "prompts.json" else
+                          sorted(d["settings"]) if rel == "circuit.json" else None)
 
 
 def deep_tiny(tokenizer) -> LoadedModel:
@@ -66,7 +44,7 @@ def prompts(tokenizer, n: int = 4, boxes: int = 3):
     return clean, task.corrupt(clean)
 
 
-SNAPSHOT = json.loads(SNAPSHOT_FILE.read_text())
+SNAPSHOT = load_snapshot("cache_discovery_snapshot.json")
 
 
 def test_paper_chain_cache_names_and_settings(tokenizer, tmp_path):

@@ -5,42 +5,25 @@ row_version 3, with an interval per random draw; old rows recompute.)"""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import tiny_llama
+from snapshots import load_snapshot, saved_settings
 from circuitdiff.core.arch import resolve
 from circuitdiff.core.circuit import Circuit, CircuitGroup
 from circuitdiff.core.model import LoadedModel
 
 torch.set_num_threads(1)
-SNAPSHOT = json.loads((Path(__file__).parent / "cache_eval_snapshot.json").read_text())
+SNAPSHOT = load_snapshot("cache_eval_snapshot.json")
 
 
-def _snap(folder: Path) -> dict:
-    """Every file of ``folder`` (figures aside): its saved settings, or None for a plain file."""
-    from safetensors import safe_open
+def _config_json(rel: str, d):
+    """The content of a run's ``config.json`` (recorded whole), None for another plain JSON."""
+    return d if rel.endswith("config.json") else None
 
-    out = {}
-    for p in sorted(folder.rglob("*")):
-        if p.is_dir() or p.suffix == ".png":
-            continue
-        rel = str(p.relative_to(folder))
-        if p.suffix == ".safetensors":
-            with safe_open(str(p), "pt") as f:
-                out[rel] = json.loads(f.metadata()["settings"])
-        elif p.suffix != ".json":
-            out[rel] = None
-        else:
-            d = json.loads(p.read_text())
-            if isinstance(d, dict) and "_settings_digest" in d:
-                out[rel] = d["settings"]
-            else:
-                out[rel] = d if rel.endswith("config.json") else None
-    return out
 
 
 @pytest.fixture()
@@ -76,7 +59,7 @@ def test_evaluate_cache_names_and_settings_unchanged(patched_cli, tmp_path):
                  str(tmp_path / "c 2.json"), "--model", "a", "--model", "b", "--n-boxes", "4",
                  "-n", "6", "--n-mean", "6", "--random-draws", "2", "--out", str(ev),
                  "--completeness", "--n-halves", "1", "--minimality", "--threshold", "0.02"]) == 0
-    got = _snap(ev)
+    got = saved_settings(ev, _config_json)
     got["evaluate/config.json"]["circuits"] = [Path(c).name
                                                for c in got["evaluate/config.json"]["circuits"]]
     assert sorted(got) == sorted(SNAPSHOT["evaluate"])
@@ -90,8 +73,8 @@ def test_knockout_cache_names_and_settings_unchanged(patched_cli, tmp_path):
     ko = tmp_path / "ko"
     assert main(["knockout", "--n-boxes", "4", "-n", "4", "--edge", "last:correct_object",
                  "--edge", "random", "--layers", "0,2", "--out", str(ko), "--seed", "3"]) == 0
-    assert _snap(ko) == SNAPSHOT["knockout"]
+    assert saved_settings(ko) == SNAPSHOT["knockout"]
     ko2 = tmp_path / "ko2"
     assert main(["knockout", "--n-boxes", "4", "-n", "4", "--edge", "labels:objects",
                  "--out", str(ko2)]) == 0
-    assert _snap(ko2) == SNAPSHOT["knockout_all_layers"]
+    assert saved_settings(ko2) == SNAPSHOT["knockout_all_layers"]

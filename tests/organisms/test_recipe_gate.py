@@ -4,11 +4,12 @@ binding never forms stops with a failure that names the stage and the measured v
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 
-from circuitdiff.organisms.config import Gate, ModelSpec, Phase, Recipe, Targets
+from circuitdiff.organisms.config import Gate, ModelSpec, Phase, Recipe, StageSpec, Targets
 from circuitdiff.organisms.phases import GateTracker, train_phases
 from circuitdiff.organisms.race import race_winner
 from circuitdiff.organisms.recipe import RecipeFailed, train_all
@@ -284,4 +285,20 @@ def test_recipe_settings_reject_impossible_values(make, field):
     """A NaN threshold compares false with everything and would silently never pass a gate; the
     settings refuse it (and zero steps or probes) with the field's name."""
     with pytest.raises(ValueError, match=field):
+        make()
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: StageSpec(steps=0, lr=1e-3), "StageSpec: steps must be >= 1, got 0"),
+    (lambda: StageSpec(steps=10, lr=float("nan")), "StageSpec: lr must be a finite number"),
+    (lambda: Phase("bind", (0, 1), 0.0, steps=10, lr=1e-3, batch_size=0),
+     "Phase 'bind': batch_size must be >= 1, got 0"),
+    (lambda: Phase("grow", (0, 1), float("inf"), steps=10, lr=1e-3),
+     "Phase 'grow': other_weight must be a finite number"),
+    (lambda: Gate(boxes=2, threshold=0.9, consecutive=0), "Gate: consecutive must be >= 1, got 0"),
+])
+def test_schedule_and_gate_settings_are_checked(make, message):
+    """A stage's or a phase's schedule (one shared check) and a gate refuse counts below 1 and
+    non-finite rates and weights, naming the owner and the field."""
+    with pytest.raises(ValueError, match=re.escape(message)):
         make()

@@ -23,7 +23,6 @@ COMMANDS = ("study", "data", "accuracy", "discover", "scan", "evaluate", "knocko
             "organisms", "dcm", "cmap", "models")
 #: models below this many parameters run faster on one thread on a shared 2-core CPU (their
 #: ops are too small to split; measured, see bench/threads.py and the README "Threads")
-SMALL_MODEL_PARAMS = 20_000_000
 
 
 class Parser(argparse.ArgumentParser):
@@ -117,6 +116,16 @@ class LazyHelp(str):
         return self._make() % params
 
 
+def add_command(sub, name: str, doc: str) -> argparse.ArgumentParser:
+    """The subcommand ``name`` with its texts from its module's docstring (one source): the
+    first paragraph, after ``"``circuitdiff NAME``: "``, is the one-line help of the command
+    list; the paragraphs after it are the description of ``circuitdiff NAME --help``."""
+    first, _, rest = doc.strip().partition("\n\n")
+    summary = " ".join(first.split()).split(": ", 1)[-1].rstrip(".")
+    description = "\n\n".join(" ".join(par.split()) for par in rest.split("\n\n") if par.strip())
+    return sub.add_parser(name, help=summary, description=description or None)
+
+
 def add_model_options(p: argparse.ArgumentParser, multiple: bool = False) -> None:
     """--model/--adapter/--device/--dtype/--device-map, shared by every command that loads one."""
     if multiple:
@@ -129,10 +138,54 @@ def add_model_options(p: argparse.ArgumentParser, multiple: bool = False) -> Non
                        help="organism:NAME, HF folder or hub id, a .gguf file, or an adapter folder "
                             "(default: the embedded default model)")
         p.add_argument("--adapter", default=None, help="peft LoRA adapter folder to attach")
+    add_device_options(p)
+
+
+def add_device_options(p: argparse.ArgumentParser, computes: str = "the model computes") -> None:
+    """--device/--dtype/--device-map: where and in which dtype the loaded model(s) run
+    (``computes``: the subject of the --dtype help, e.g. "the models compute")."""
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="dtype the model computes in (default float32)")
+                   help=f"dtype {computes} in (default float32)")
     p.add_argument("--device-map", default=None, help="accelerate device_map, e.g. auto")
+
+
+def add_circuit_option(p: argparse.ArgumentParser, multiple: bool = False) -> None:
+    """--circuit: the circuit file(s) a command works on (required; repeatable with
+    ``multiple``, where every circuit is evaluated on every model)."""
+    if multiple:
+        p.add_argument("--circuit", action="append", required=True, metavar="JSON",
+                       help="circuit file (repeatable: every circuit is evaluated on every model)")
+    else:
+        p.add_argument("--circuit", required=True, metavar="JSON", help="circuit file")
+
+
+def add_random_draw_options(p: argparse.ArgumentParser, draws: str, seed: str | None = None,
+                            default: int = 10) -> None:
+    """--random-draws (and --random-seed when ``seed`` is given): the random head sets a
+    circuit's result is compared with. ``draws``/``seed`` say what they are for the command; the
+    defaults are appended."""
+    p.add_argument("--random-draws", type=nonnegative_int, default=default,
+                   help=f"{draws} (default {default})")
+    if seed is not None:
+        p.add_argument("--random-seed", type=int, default=0, help=f"{seed} (default 0)")
+
+
+def add_max_rows_option(p: argparse.ArgumentParser, variants: str = "variants",
+                        default: int = 256) -> None:
+    """--max-rows: rows per forward when a method stacks its intervention ``variants``."""
+    p.add_argument("--max-rows", type=positive_int, default=default,
+                   help=f"rows per forward when {variants} are stacked (default {default})")
+
+
+def add_discovery_options(p: argparse.ArgumentParser, chain: str, sizes: str,
+                          sizes_default: str | None = None) -> None:
+    """--chain/--target/--sizes: which discovery chain finds the circuit and how it is sized
+    (``chain``/``sizes``: the command's help for them; ``sizes_default``: --sizes' default)."""
+    p.add_argument("--chain", default="auto", choices=["auto", "paper"], help=chain)
+    p.add_argument("--target", type=float_in(), default=0.9,
+                   help="auto chain: faithfulness to reach on held-out prompts (default 0.9)")
+    p.add_argument("--sizes", default=sizes_default, help=sizes)
 
 
 def add_task_options(p: argparse.ArgumentParser, n: int = 500, boxes=None) -> None:
@@ -178,9 +231,9 @@ def set_threads(args, loaded=None) -> None:
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     elif loaded is not None:
-        n_params = sum(p.numel() for p in loaded.model.parameters())
-        cores = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-        torch.set_num_threads(1 if n_params < SMALL_MODEL_PARAMS else cores)
+        from ..core.model import default_threads
+
+        torch.set_num_threads(default_threads(loaded.model))
 
 
 def load_from_args(args, spec: str | None = None, adapter: str | None = None):
@@ -212,26 +265,6 @@ def build_parser() -> argparse.ArgumentParser:
             for q in action.choices.values():  # nested commands (organisms list|train)
                 _add_common_options(q)
     return parser
-
-
-@contextlib.contextmanager
-def _no_progress_bars():
-    """Silence tqdm bars (ours and transformers') for the block, then restore the setting."""
-    from transformers.utils import logging as hf_logging
-
-    old = os.environ.get("TQDM_DISABLE")
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    os.environ["TQDM_DISABLE"] = "1"
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = old
-        if was_enabled:
-            hf_logging.enable_progress_bar()
 
 
 def _launch_workers(args, argv: list[str]) -> int:
@@ -288,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..core.arch import ArchitectureError
     from ..core.interventions import InterventionError
     from ..core.model import ModelSpecError
-    from ..core.runs import open_run_folder
+    from ..core.runs import no_progress_bars, open_run_folder
     from ..core.task import TaskError
 
     if getattr(args, "workers", None) and args.workers > 1 and not distributed.launched():
@@ -301,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with contextlib.ExitStack() as stack:
             if quiet:
-                stack.enter_context(_no_progress_bars())
+                stack.enter_context(no_progress_bars())
             out = getattr(args, "out", None)
             if out is not None and getattr(args, "writes_out", True):
                 stack.enter_context(open_run_folder(out))

@@ -1,26 +1,27 @@
-"""``circuitdiff cmap``: cross-model activation patching of a circuit, fine-tune -> base."""
+"""``circuitdiff cmap``: cross-model activation patching: which circuit groups carry a fine-tune's
+gain.
+
+Patch the fine-tune's head outputs of each circuit group (at the group's position) into the base
+model and measure accuracy and the share of the accuracy gap recovered, (patched - base) /
+(fine-tune - base), with a bootstrap interval. Per group, cumulative in chain order, whole
+circuit, random heads of equal size; optionally input CMAP (q/k/v), a per-head map and the
+reverse direction. A LoRA fine-tune is one set of weights (adapter toggled); a full fine-tune is
+recorded, freed, then the base is loaded. Results are cached in --out; a rerun resumes.
+"""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
+from . import add_command
+from . import add_circuit_option, add_device_options, add_max_rows_option, add_random_draw_options
 from . import box_count, load_from_args, nonnegative_int, positive_int, prompt_count
 
 
 def register(sub) -> None:
-    p = sub.add_parser(
-        "cmap", help="cross-model activation patching: which circuit groups carry a fine-tune's "
-                     "gain",
-        description="Patch the fine-tune's head outputs of each circuit group (at the group's "
-                    "position) into the base model and measure accuracy and the share of the "
-                    "accuracy gap recovered, (patched - base) / (fine-tune - base), with a "
-                    "bootstrap interval. Per group, cumulative in chain order, whole circuit, "
-                    "random heads of equal size; optionally input CMAP (q/k/v), a per-head map "
-                    "and the reverse direction. A LoRA fine-tune is one set of weights (adapter "
-                    "toggled); a full fine-tune is recorded, freed, then the base is loaded. "
-                    "Results are cached in --out; a rerun resumes.")
-    p.add_argument("--circuit", required=True, metavar="JSON", help="circuit file")
+    p = add_command(sub, "cmap", __doc__)
+    add_circuit_option(p)
     p.add_argument("--base", required=True, metavar="SPEC",
                    help="base model: organism:NAME, HF folder or hub id, or a .gguf file")
     p.add_argument("--finetuned", required=True, metavar="SPEC",
@@ -39,20 +40,15 @@ def register(sub) -> None:
                    help="also patch the base's activations into the fine-tune (base -> fine-tune)")
     p.add_argument("--input", action="store_true",
                    help="also input CMAP: the q, k, v, qk, qkv of each group's heads")
-    p.add_argument("--random-draws", type=nonnegative_int, default=10,
-                   help="random circuits of the same group sizes as the control (default 10)")
-    p.add_argument("--random-seed", type=int, default=0,
-                   help="seed of the random head sets (default 0)")
+    add_random_draw_options(p, "random circuits of the same group sizes as the control (the "
+                               "gain-carried rank test needs at least 19)",
+                            "seed of the random head sets", default=20)
     p.add_argument("--bootstrap", type=nonnegative_int, default=1000,
                    help="bootstrap resamples of the prompts for the intervals (default 1000; 0 "
                         "= none)")
     p.add_argument("--batch-size", type=positive_int, default=32, help="prompts per forward (default 32)")
-    p.add_argument("--max-rows", type=positive_int, default=256,
-                   help="rows per forward when patch variants are stacked (default 256)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cpu)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="dtype the models compute in (default float32)")
-    p.add_argument("--device-map", default=None, help="accelerate device_map, e.g. auto")
+    add_max_rows_option(p, "patch variants")
+    add_device_options(p, "the models compute")
     p.set_defaults(func=run)
 
 

@@ -1,9 +1,21 @@
-"""``circuitdiff dcm``: what each circuit group encodes (DCM), and the same heads in every model."""
+"""``circuitdiff dcm``: DCM: learn which heads of each circuit group carry the object value, the
+position or the box label; patch them in every --model.
+
+Per group and desideratum, learn one mask per head (patched = m*base + (1-m)*counterfactual at
+the group's position); heads with m < 0.5 are selected. One-head groups are merged into another
+group at their position, as the study does. A selection counts only if its validation accuracy
+beats no patching and random heads of its size (bootstrap interval); else its row says 'no
+function found'. The first --model is the one DCM trains on; the found selections are then
+patched in every --model (functional patching) with random head sets of equal size as a
+baseline. Results are saved in --out as they are made; a rerun resumes.
+"""
 
 from __future__ import annotations
 
-from . import (LazyHelp, add_model_options, add_out_option, box_count, float_in, load_from_args,
-               nonnegative_int, positive_int, prompt_count)
+from . import add_command
+from . import LazyHelp, add_circuit_option, add_model_options, add_out_option
+from . import add_random_draw_options, box_count, float_in, load_from_args, positive_int
+from . import prompt_count
 
 
 def _floats(spec: str) -> tuple[float, ...]:
@@ -28,19 +40,8 @@ def _default_lambdas() -> str:
 
 
 def register(sub) -> None:
-    p = sub.add_parser(
-        "dcm", help="DCM: learn which heads of each circuit group carry the object value, the "
-                    "position or the box label; patch them in every --model",
-        description="Per group and desideratum, learn one mask per head (patched = "
-                    "m*base + (1-m)*counterfactual at the group's position); heads with m < 0.5 "
-                    "are selected. One-head groups are merged into another group at their "
-                    "position, as the study does. A selection counts only if its validation "
-                    "accuracy beats no patching and random heads of its size (bootstrap "
-                    "interval); else its row says 'no function found'. The first --model is the "
-                    "one DCM trains on; the found selections are then patched in every --model "
-                    "(functional patching) with random head sets of equal size as a baseline. "
-                    "Results are saved in --out as they are made; a rerun resumes.")
-    p.add_argument("--circuit", required=True, metavar="JSON", help="circuit file")
+    p = add_command(sub, "dcm", __doc__)
+    add_circuit_option(p)
     add_model_options(p, multiple=True)
     p.add_argument("--desiderata", default="paper",
                    help="comma-separated names, or paper (object_value,position,box_label), "
@@ -58,10 +59,8 @@ def register(sub) -> None:
     p.add_argument("--lr", type=float_in(above=0), default=0.1, help="Adam learning rate (paper 0.1)")
     p.add_argument("--epochs", type=positive_int, default=2, help="epochs (paper 2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompts (default 0)")
-    p.add_argument("--random-draws", type=nonnegative_int, default=10,
-                   help="random head sets of the selected size (default 10)")
-    p.add_argument("--random-seed", type=int, default=0,
-                   help="seed of the random head sets (default 0)")
+    add_random_draw_options(p, "random head sets of the selected size",
+                            "seed of the random head sets")
     p.add_argument("--batch-size", type=positive_int, default=32,
                    help="prompts per forward (default 32)")
     add_out_option(p, "dcm")

@@ -7,8 +7,8 @@ paper's fixed four-group chain (VF → PT → PD → SR) with fixed ``--sizes``.
 
 from __future__ import annotations
 
-from . import (add_model_options, add_task_options, float_in, load_from_args, positive_int,
-               prompt_count)
+from . import add_discovery_options, add_model_options, add_task_options, float_in, load_from_args
+from . import positive_int, prompt_count
 
 
 def register(sub) -> None:
@@ -17,16 +17,13 @@ def register(sub) -> None:
     add_model_options(p)
     add_task_options(p, n=100)
     p.add_argument("--out", required=True, help="run folder (resumes from saved steps)")
-    p.add_argument("--chain", default="auto", choices=["auto", "paper"],
-                   help="auto (default): trace q/k/v back from the logits at every role the "
-                        "position scan marks, size to --target; paper: VF → PT → PD → SR at the "
-                        "paper's positions with fixed --sizes")
-    p.add_argument("--target", type=float_in(), default=0.9,
-                   help="auto chain: faithfulness to reach on held-out prompts (default 0.9)")
-    p.add_argument("--sizes", default=None,
-                   help="heads kept per group: paper chain VF,PT,PD,SR (default 20,5,10,5 as in "
-                        "the paper); auto chain: fixed sizes per group in discovery order "
-                        "instead of --target (the last one repeats)")
+    add_discovery_options(
+        p, chain="auto (default): trace q/k/v back from the logits at every role the position "
+                 "scan marks, size to --target; paper: VF → PT → PD → SR at the paper's "
+                 "positions with fixed --sizes",
+        sizes="heads kept per group: paper chain VF,PT,PD,SR (default 20,5,10,5 as in the "
+              "paper); auto chain: fixed sizes per group in discovery order instead of --target "
+              "(the last one repeats)")
     p.add_argument("--n-validate", type=prompt_count, default=200,
                    help="auto chain: held-out prompts (seed --seed + 1) for the scan and sizing")
     p.add_argument("--n-mean", type=prompt_count, default=100,

@@ -1,21 +1,22 @@
-"""``circuitdiff evaluate``: faithfulness table, circuit x model matrix, completeness, minimality."""
+"""``circuitdiff evaluate``: evaluate circuits on models: faithfulness (mean ablation), random
+baseline, cross-model matrix, completeness, minimality.
+
+Mean-ablate every head outside the circuit and compare with the full model. Every result is
+saved in --out as it is made; a rerun resumes.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from . import (add_model_options, add_task_options, float_in, load_from_args, nonnegative_int,
-               positive_int, prompt_count)
+from . import add_command
+from . import add_circuit_option, add_max_rows_option, add_model_options, add_random_draw_options
+from . import add_task_options, float_in, load_from_args, positive_int, prompt_count
 
 
 def register(sub) -> None:
-    p = sub.add_parser(
-        "evaluate", help="evaluate circuits on models: faithfulness (mean ablation), random "
-                         "baseline, cross-model matrix, completeness, minimality",
-        description="Mean-ablate every head outside the circuit and compare with the full model. "
-                    "Every result is saved in --out as it is made; a rerun resumes.")
-    p.add_argument("--circuit", action="append", required=True, metavar="JSON",
-                   help="circuit file (repeatable: every circuit is evaluated on every model)")
+    p = add_command(sub, "evaluate", __doc__)
+    add_circuit_option(p, multiple=True)
     add_model_options(p, multiple=True)
     add_task_options(p, n=500)
     p.add_argument("--out", default="runs/evaluate", help="run folder (default runs/evaluate)")
@@ -23,9 +24,8 @@ def register(sub) -> None:
                    help="size of the mean-ablation set (default 500, as the paper)")
     p.add_argument("--mean-seed", type=int, default=None,
                    help="seed of the mean-ablation set (default: --seed + 1)")
-    p.add_argument("--random-draws", type=nonnegative_int, default=10,
-                   help="random circuits of the same group sizes (default 10)")
-    p.add_argument("--random-seed", type=int, default=0, help="seed of the random circuits (default 0)")
+    add_random_draw_options(p, "random circuits of the same group sizes",
+                            "seed of the random circuits")
     p.add_argument("--keep-other-positions", action="store_true",
                    help="make keep-other-positions (positions outside the circuit's roles left "
                         "intact) the main protocol of the table and random baseline; both "
@@ -33,8 +33,7 @@ def register(sub) -> None:
     p.add_argument("--per-model-tokenization", action="store_true",
                    help="allow models with different tokenizers: each gets its own prompts "
                         "from the same seed")
-    p.add_argument("--max-rows", type=positive_int, default=256,
-                   help="rows per forward when ablation variants are stacked (default 256)")
+    add_max_rows_option(p, "ablation variants")
     p.add_argument("--matrix", action="store_true",
                    help="also print the circuit x model matrix and head overlaps (implied by "
                         "several --circuit)")

@@ -1,17 +1,20 @@
-"""``circuitdiff knockout``: accuracy curves with attention edges blocked in layers ≥ L."""
+"""``circuitdiff knockout``: attention knockout: block QUERY->KEY attention in layers >= L.
+
+For each edge and each L, block attention from one named position to another in every head of
+layers >= L and measure accuracy. Positions: last, query_label, prev_query_label,
+correct_object; keys may also be box_label, box_object, all, random. Results are saved in --out
+as they are made.
+"""
 
 from __future__ import annotations
 
-from . import add_model_options, add_out_option, add_task_options, load_from_args, positive_int
+from . import add_command
+from . import add_max_rows_option, add_model_options, add_out_option, add_task_options
+from . import load_from_args
 
 
 def register(sub) -> None:
-    p = sub.add_parser(
-        "knockout", help="attention knockout: block QUERY->KEY attention in layers >= L",
-        description="For each edge and each L, block attention from one named position to "
-                    "another in every head of layers >= L and measure accuracy. Positions: last, "
-                    "query_label, prev_query_label, correct_object; keys may also be box_label, "
-                    "box_object, all, random. Results are saved in --out as they are made.")
+    p = add_command(sub, "knockout", __doc__)
     add_model_options(p)
     add_task_options(p, n=500)
     p.add_argument("--edge", action="append", metavar="QUERY:KEY",
@@ -20,8 +23,7 @@ def register(sub) -> None:
                         "query_label:prev_query_label random")
     p.add_argument("--layers", default=None,
                    help="first blocked layers to try, e.g. 0-15 or 0,4,8 (default: all)")
-    p.add_argument("--max-rows", type=positive_int, default=256,
-                   help="rows per forward when the L variants are stacked (default 256)")
+    add_max_rows_option(p, "the L variants")
     add_out_option(p, "knockout")
     p.set_defaults(func=run)
 

@@ -1,16 +1,19 @@
-"""``circuitdiff scan``: accuracy with all heads of layer L mean-ablated at role R, every (L, R)."""
+"""``circuitdiff scan``: position scan: where the computation happens, before any head is named.
+
+For every layer L and role R (last, query_label, labels, objects, separators, ...), the accuracy
+with every head of layer L mean-ablated at the tokens of R. Saves scan.json and scan.png in
+--out.
+"""
 
 from __future__ import annotations
 
-from . import add_model_options, add_task_options, load_from_args, positive_int, prompt_count
+from . import add_command
+from . import add_max_rows_option, add_model_options, add_task_options, load_from_args
+from . import prompt_count
 
 
 def register(sub) -> None:
-    p = sub.add_parser(
-        "scan", help="position scan: where the computation happens, before any head is named",
-        description="For every layer L and role R (last, query_label, labels, objects, "
-                    "separators, ...), the accuracy with every head of layer L mean-ablated at "
-                    "the tokens of R. Saves scan.json and scan.png in --out.")
+    p = add_command(sub, "scan", __doc__)
     add_model_options(p)
     add_task_options(p, n=200)
     p.add_argument("--out", required=True, help="run folder (resumes from saved results)")
@@ -19,8 +22,7 @@ def register(sub) -> None:
                    help="role to scan (repeatable; default: every token-covering role plus "
                         "prev_query_label and correct_object); offsets allowed, e.g. "
                         "prev_query_label+1")
-    p.add_argument("--max-rows", type=positive_int, default=512,
-                   help="rows per forward when variants are stacked (default 512)")
+    add_max_rows_option(p, default=512)
     p.set_defaults(func=run)
 
 

@@ -1,9 +1,16 @@
-"""``circuitdiff study``: the main job — the paper's pipeline on the embedded default models."""
+"""``circuitdiff study``: run the whole study (accuracy, discovery, faithfulness, own circuits,
+knockout, DCM, CMAP, verdicts, report.html) on the embedded model organisms or on the given
+models.
+
+With no --model: the shipped organisms base, chat, lora, full (the first is the base whose
+circuit is found). Results are cached in --out; a rerun resumes.
+"""
 
 from __future__ import annotations
 
-from . import (LazyHelp, add_model_options, add_task_options, float_in, load_from_args,
-               nonnegative_int, prompt_count)
+from . import add_command
+from . import LazyHelp, add_discovery_options, add_model_options, add_random_draw_options
+from . import add_task_options, load_from_args, prompt_count
 
 
 def _steps(text: str) -> tuple[str, ...]:
@@ -25,29 +32,19 @@ def _steps_help() -> str:
 
 
 def register(sub) -> None:
-    p = sub.add_parser(
-        "study", help="run the whole study (accuracy, discovery, faithfulness, own circuits, "
-                      "knockout, DCM, CMAP, verdicts, report.html) on the embedded model "
-                      "organisms or on the given models",
-        description="With no --model: the shipped organisms base, chat, lora, full (the first is "
-                    "the base whose circuit is found). Results are cached in --out; a rerun "
-                    "resumes.")
+    p = add_command(sub, "study", __doc__)
     add_model_options(p, multiple=True)
     add_task_options(p, n=200)
     p.add_argument("--out", default="runs/study", help="run folder (default runs/study)")
-    p.add_argument("--chain", default="auto", choices=["auto", "paper"],
-                   help="auto (default): the model's own circuit (positions and heads, sized to "
-                        "--target), with the paper chain's circuit evaluated beside it; paper: "
-                        "only the paper's four-group chain")
-    p.add_argument("--target", type=float_in(), default=0.9,
-                   help="auto chain: faithfulness to reach on held-out prompts (default 0.9)")
-    p.add_argument("--sizes", default="6,3,4,2",
-                   help="paper chain: heads kept per group VF,PT,PD,SR (default 6,3,4,2 for the "
-                        "organisms; the paper used 20,5,10,5 on Llama-7B)")
+    add_discovery_options(
+        p, chain="auto (default): the model's own circuit (positions and heads, sized to "
+                 "--target), with the paper chain's circuit evaluated beside it; paper: only the "
+                 "paper's four-group chain",
+        sizes="paper chain: heads kept per group VF,PT,PD,SR (default 6,3,4,2 for the "
+              "organisms; the paper used 20,5,10,5 on Llama-7B)", sizes_default="6,3,4,2")
     p.add_argument("--n-discovery", type=prompt_count, default=100, help="prompts for path patching")
     p.add_argument("--n-mean", type=prompt_count, default=200, help="mean-ablation prompts")
-    p.add_argument("--random-draws", type=nonnegative_int, default=5,
-                   help="random circuits of the same group sizes (default 5)")
+    add_random_draw_options(p, "random circuits of the same group sizes", default=5)
     p.add_argument("--steps", type=_steps, default=None, help=LazyHelp(_steps_help))
     p.add_argument("--circuit", default=None, metavar="FILE",
                    help="study this circuit (a circuit.json as `circuitdiff discover` writes) "

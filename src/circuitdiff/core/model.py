@@ -168,6 +168,19 @@ def _check_adapter_matches(adapter_dir: Path, model: nn.Module) -> None:
                     f"{tuple(shape)} but {mod_name} is {inn}->{out}. Load the base it was trained on.")
 
 
+#: below this many parameters a model runs on one CPU thread (more threads only add overhead)
+SMALL_MODEL_PARAMS = 20_000_000
+
+
+def default_threads(model: nn.Module) -> int:
+    """The CPU thread rule of the CLI and the study: 1 for a model under
+    :data:`SMALL_MODEL_PARAMS` parameters, else every core (shared among the ranks that
+    ``torchrun`` started on this machine)."""
+    n_params = sum(p.numel() for p in model.parameters())
+    cores = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    return 1 if n_params < SMALL_MODEL_PARAMS else cores
+
+
 def load_model(spec: str, adapter: str | None = None, *, device: str | None = None,
                dtype: str | torch.dtype | None = "float32", device_map: str | dict | None = None,
                trust_remote_code: bool = False) -> LoadedModel:

@@ -235,3 +235,24 @@ class RunFolder:
         out = compute()
         self.save_tensors(name, out, settings)
         return out
+
+
+@contextlib.contextmanager
+def no_progress_bars() -> Iterator[None]:
+    """Silence tqdm bars (ours and transformers' weight-loading bars) for the block, then
+    restore the setting: what ``--quiet``/``--json`` and ``progress=False`` promise."""
+    from transformers.utils import logging as hf_logging
+
+    old = os.environ.get("TQDM_DISABLE")
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    os.environ["TQDM_DISABLE"] = "1"
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = old
+        if was_enabled:
+            hf_logging.enable_progress_bar()

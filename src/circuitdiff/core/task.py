@@ -36,6 +36,7 @@ from typing import Iterable, Sequence
 
 import torch
 
+from .config import Config
 from .runs import atomic_write_text
 
 DEFAULT_OBJECTS: tuple[str, ...] = (
@@ -434,6 +435,30 @@ class EntityTrackingTask:
             box_label.append(p.objects[k])
         return DesiderataSet(list(prompts), cfs,
                              {"object_value": value, "position": position, "box_label": box_label})
+
+
+def sample_prompts(tokenizer, n: int, n_boxes: int, seed: int) -> list[Prompt]:
+    """``n`` task prompts of ``n_boxes`` boxes drawn with ``seed`` for a model with ``tokenizer``:
+    the prompts a method measures on when the caller gives none."""
+    return EntityTrackingTask(tokenizer, TaskConfig(n_boxes=n_boxes), seed=seed).sample(n)
+
+
+@dataclass
+class TaskSample(Config):
+    """The leading settings of a method's config that draws its own prompts when given none:
+    ``n_prompts`` prompts of ``n_boxes`` boxes drawn with ``seed`` (:meth:`prompts`). A config
+    that subclasses it keeps these three fields first, in this order, as its cache key did."""
+
+    #: prompts drawn
+    n_prompts: int = 500
+    #: seed of the draw
+    seed: int = 0
+    #: boxes per prompt
+    n_boxes: int = 7
+
+    def prompts(self, tokenizer) -> list[Prompt]:
+        """The config's own prompts for a model with ``tokenizer``."""
+        return sample_prompts(tokenizer, self.n_prompts, self.n_boxes, self.seed)
 
 
 @dataclass

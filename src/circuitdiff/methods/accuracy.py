@@ -15,34 +15,26 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..core.config import Config, execution
+from ..core.config import execution
 from ..core.metrics import correct, last_logits
 from ..core.model import LoadedModel
 from ..core.runs import RunFolder, model_tag, settings_digest
-from ..core.task import Batch, EntityTrackingTask, Prompt, TaskConfig, batches
+from ..core.task import Batch, Prompt, TaskSample, batches
 from .base import Result, as_store, cached_result
 
 
 @dataclass
-class AccuracyConfig(Config):
+class AccuracyConfig(TaskSample):
     """The prompts accuracy is measured on (when none are given) and how they are batched.
 
-    ``n_prompts`` prompts of ``n_boxes`` boxes drawn with ``seed``; ``batch_size`` prompts per
-    forward (execution only).
+    ``n_prompts`` prompts of ``n_boxes`` boxes drawn with ``seed`` (:class:`TaskSample`);
+    ``batch_size`` prompts per forward (execution only).
     """
 
-    n_prompts: int = 500
-    seed: int = 0
-    n_boxes: int = 7
     batch_size: int = execution(32)
 
     def __post_init__(self) -> None:
         self.check_at_least(("n_prompts", "n_boxes", "batch_size"), prefix="AccuracyConfig: ")
-
-    def prompts(self, tokenizer) -> list[Prompt]:
-        """The config's own prompts for a model with ``tokenizer``."""
-        return EntityTrackingTask(tokenizer, TaskConfig(n_boxes=self.n_boxes),
-                                  seed=self.seed).sample(self.n_prompts)
 
 
 @dataclass

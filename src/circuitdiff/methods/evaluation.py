@@ -25,7 +25,7 @@ from ..core.config import Config, check_finite, execution
 from ..core.model import LoadedModel
 from ..core.pool import ModelPool, as_pool, same_tokenizer
 from ..core.runs import RunFolder, model_tag, safe_name
-from ..core.task import EntityTrackingTask, Prompt, TaskConfig
+from ..core.task import EntityTrackingTask, Prompt, TaskConfig, TaskSample
 from .ablation import HeadMeans, cached_means
 from .accuracy import evaluate_accuracy, prompts_key
 from .base import Result, as_store
@@ -81,10 +81,11 @@ class AnalysisConfig(Config):
 
 
 @dataclass
-class EvalConfig(Config):
+class EvalConfig(TaskSample):
     """Everything that decides the numbers of an evaluation.
 
-    ``n_prompts`` evaluation prompts of ``n_boxes`` boxes drawn with ``seed``; means over
+    ``n_prompts`` evaluation prompts of ``n_boxes`` boxes drawn with ``seed`` (:class:`TaskSample`,
+    the first three fields); means over
     ``n_mean`` prompts drawn with ``mean_seed`` (default ``seed + 1``: a set disjoint in draws);
     ``n_random`` random circuits of each circuit's group sizes, drawn with ``random_seed``;
     ``keep_other_positions`` makes that protocol the table's main one (both are reported);
@@ -94,9 +95,6 @@ class EvalConfig(Config):
     per stacked forward (execution only).
     """
 
-    n_prompts: int = 500
-    seed: int = 0
-    n_boxes: int = 7
     n_mean: int = 500
     mean_seed: int | None = None
     n_random: int = 10

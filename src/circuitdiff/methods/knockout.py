@@ -36,8 +36,8 @@ from ..core.config import Config, execution
 from ..core.metrics import correct, last_logits
 from ..core.model import LoadedModel
 from ..core.runs import RunFolder, model_tag, safe_name
-from ..core.task import (POSITION_NAMES, Batch, EntityTrackingTask, Prompt, TaskConfig, TaskError,
-                         batches, check_role, encode)
+from ..core.task import (POSITION_NAMES, Batch, Prompt, TaskError, batches, check_role, encode,
+                         sample_prompts)
 from .ablation import role_mask, variant_chunks
 from .accuracy import prompts_key
 from .base import Result, as_store, cached_result
@@ -279,8 +279,7 @@ class KnockoutConfig(Config):
 
     def prompts(self, tokenizer) -> list[Prompt]:
         """The config's own prompts for a model with ``tokenizer``."""
-        return EntityTrackingTask(tokenizer, TaskConfig(n_boxes=self.n_boxes),
-                                  seed=self.seed).sample(self.n)
+        return sample_prompts(tokenizer, self.n, self.n_boxes, self.seed)
 
 
 @dataclass

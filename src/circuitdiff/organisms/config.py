@@ -33,8 +33,22 @@ class ModelSpec(Config):
     max_position_embeddings: int = 256
 
 
+class Schedule:
+    """Mix-in of :class:`StageSpec` and :class:`Phase`, a training schedule: ``steps`` optimizer
+    steps of ``batch_size`` documents at peak learning rate ``lr``, tokens other than the query
+    answers weighted ``other_weight``. Its ``__post_init__`` is the one check of those fields."""
+
+    def owner(self) -> str:
+        """What an error names: the class (a phase adds its name)."""
+        return type(self).__name__
+
+    def __post_init__(self) -> None:
+        check_finite(self.owner(), lr=self.lr, other_weight=self.other_weight)
+        self.check_at_least(("steps", "batch_size"), prefix=f"{self.owner()}: ")
+
+
 @dataclass
-class StageSpec(Config):
+class StageSpec(Schedule, Config):
     """One fine-tune stage (full, lora, chat): a warm-up then a cosine learning rate."""
 
     #: length of the schedule in optimizer steps
@@ -55,12 +69,6 @@ class StageSpec(Config):
     #: small weight keeps the unpredictable context words (random objects and labels) from
     #: drowning the binding signal.
     other_weight: float = 1.0
-
-    def __post_init__(self) -> None:
-        check_finite("StageSpec", lr=self.lr, other_weight=self.other_weight)
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError(f"StageSpec: steps and batch_size must be >= 1, got {self.steps} "
-                             f"and {self.batch_size}")
 
 
 @dataclass
@@ -95,13 +103,11 @@ class Gate(Config):
 
     def __post_init__(self) -> None:
         check_finite("Gate", threshold=self.threshold, floor=self.floor)
-        if self.every < 1 or self.consecutive < 1:
-            raise ValueError(f"Gate: every and consecutive must be >= 1, got {self.every} and "
-                             f"{self.consecutive}")
+        self.check_at_least(("every", "consecutive"), prefix="Gate: ")
 
 
 @dataclass
-class Phase(Config):
+class Phase(Schedule, Config):
     """One phase of base pre-training: which contexts, which loss, how long, and its gate.
 
     ``steps`` is the exact length of an ungated phase and the cap of a gated one. The learning
@@ -138,11 +144,9 @@ class Phase(Config):
     #: inform the user
     show_every: int = 0
 
-    def __post_init__(self) -> None:
-        check_finite("Phase", lr=self.lr, other_weight=self.other_weight)
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError(f"Phase {self.name!r}: steps and batch_size must be >= 1, got "
-                             f"{self.steps} and {self.batch_size}")
+    def owner(self) -> str:
+        """The phase by name, as its errors name it."""
+        return f"Phase {self.name!r}"
 
 
 def default_base_phases() -> tuple[Phase, ...]:
@@ -297,5 +301,5 @@ def scaled(recipe: Recipe, scale: float) -> Recipe:
                    chat=s(recipe.chat))
 
 
-__all__ = ["EVAL_BOXES", "Gate", "ModelSpec", "Phase", "Recipe", "StageSpec", "Targets",
-           "default_base_phases", "scaled"]
+__all__ = ["EVAL_BOXES", "Gate", "ModelSpec", "Phase", "Recipe", "Schedule", "StageSpec",
+           "Targets", "default_base_phases", "scaled"]

@@ -54,9 +54,11 @@ def default_dcm() -> DCMConfig:
 
 def default_cmap() -> CMAPConfig:
     """CMAP per fine-tune: output patching per group, its cumulative prefixes and the whole
-    circuit, on the evaluation prompts, 5 random circuits (the null of "gain carried" and its
-    leave-one-out calibration need several), 1000 bootstrap resamples."""
-    return CMAPConfig(n_prompts=200, random_draws=5)
+    circuit, on the evaluation prompts, 20 random circuits for the whole circuit (5 of them for
+    the group and cumulative rows, which no verdict reads), 1000 bootstrap resamples. Twenty,
+    because "gain carried" ranks the circuit among them (p = rank / 21 can reach 0.05) and its
+    leave-one-out calibration ranks each draw among the other 19 (p = 1 / 20)."""
+    return CMAPConfig(n_prompts=200, random_draws=20, group_random_draws=5)
 
 
 @dataclass

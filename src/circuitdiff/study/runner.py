@@ -3,6 +3,7 @@ and the report."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any, Callable, Sequence
 from ..core.circuit import Circuit
 from ..core.model import LoadedModel
 from ..core.pool import ModelPool
-from ..core.runs import RunFolder, atomic_write_text, environment
+from ..core.runs import RunFolder, atomic_write_text, environment, no_progress_bars
 from ..methods.discovery import NoCircuitError
 from ..methods.verdicts import verdicts
 from .config import ORGANISM_STUDY, StudyConfig
@@ -99,6 +100,17 @@ def _given_circuit(circuit: "Circuit | str | Path | None") -> tuple[Circuit, str
     return Circuit.load(path), f"loaded from {path}"
 
 
+def _load_with_thread_rule(spec: str) -> LoadedModel:
+    """:func:`~circuitdiff.core.model.load_model` on CPU, then the CLI's thread rule for it."""
+    import torch
+
+    from ..core.model import default_threads, load_model
+
+    loaded = load_model(spec)
+    torch.set_num_threads(default_threads(loaded.model))
+    return loaded
+
+
 def run_study(models: Sequence[str] = ORGANISM_STUDY,
               load: Callable[[str], LoadedModel] | None = None,
               out: str | Path = "runs/study", cfg: StudyConfig | None = None,
@@ -108,7 +120,9 @@ def run_study(models: Sequence[str] = ORGANISM_STUDY,
     summary (also ``summary.json``), with ``report.md`` and ``report.html`` written beside it.
 
     ``load(spec)`` loads a model (default :func:`circuitdiff.core.model.load_model` on CPU,
-    float32). ``circuit`` (a :class:`Circuit` or a circuit.json path) is studied instead of
+    float32, with the CLI's thread rule :func:`~circuitdiff.core.model.default_threads`).
+    ``progress=False`` silences every progress bar (transformers' loading bars included);
+    ``log`` receives the step lines (``print`` by default). ``circuit`` (a :class:`Circuit` or a circuit.json path) is studied instead of
     discovering one; every other step and verdict runs as usual::
 
         from circuitdiff import StudyConfig, run_study
@@ -117,9 +131,17 @@ def run_study(models: Sequence[str] = ORGANISM_STUDY,
         run_study(["my/base", "my/lora-adapter"], out="runs/mine",
                   cfg=StudyConfig(steps=("discover", "faithfulness")))
     """
+    quiet = contextlib.nullcontext() if progress else no_progress_bars()
+    with quiet:
+        return _run_study(models, load, out, cfg, progress, log, circuit)
+
+
+def _run_study(models: Sequence[str], load: Callable[[str], LoadedModel] | None,
+               out: str | Path, cfg: StudyConfig | None, progress: bool,
+               log: Callable[[str], None], circuit: "Circuit | str | Path | None") -> dict:
     cfg = cfg or StudyConfig()
     if load is None:
-        from ..core.model import load_model as load
+        load = _load_with_thread_rule
     if not models:
         raise ValueError("the study needs at least one model")
     if len(set(models)) != len(models):

@@ -71,12 +71,14 @@ class _RowSpec:
 
 def _row_specs(circuit: Circuit, cfg: CMAPConfig) -> list[_RowSpec]:
     draws = random_circuits(circuit, cfg.random_draws, cfg.random_seed)
+    n_part = len(draws) if cfg.group_random_draws is None else cfg.group_random_draws
     nonempty = [n for n, g in circuit.groups.items() if g.heads]
     specs = []
 
     def output_row(kind: str, name: str, groups: list[str]) -> _RowSpec:
+        use = draws if kind == "circuit" else draws[:n_part]
         return _RowSpec(kind, name, groups, _union(circuit, groups),
-                        [_union(d, groups) for d in draws])
+                        [_union(d, groups) for d in use])
 
     for name, g in circuit.groups.items():
         specs.append(output_row("group", name, [name]) if g.heads
