@@ -1,0 +1,172 @@
+"""The outer splits under torchrun (gloo, 2 CPU ranks): the evaluation's (model, circuit) pairs,
+DCM's groups and CMAP's directions — each rank computes its share alone, the pieces are gathered
+in a fixed order, and the result and the run folder equal one process's. A piece cached by an
+earlier run is reused whichever rank it falls to (rank 0 hands its saved files out first)."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import add_lora, tiny_llama
+from test_distributed_methods import _torchrun
+
+#: the per-piece wall times and the other volatile fields, left out of the comparison
+VOLATILE = {"seconds", "run"}
+
+SPLIT = textwrap.dedent('''
+    import json, sys, torch
+    from pathlib import Path
+    torch.set_num_threads(1)
+    from circuitdiff.core import distributed as d
+    r = d.init()
+    from test_distributed_split import compute_split, tamper
+    out = Path(sys.argv[1])
+    first = compute_split(out)
+    d.barrier()
+    if r.main:
+        tamper(out)  # marks pieces that fall to rank 1 in the saved folder
+    d.barrier()
+    again = compute_split(out)
+    if r.main:
+        torch.save({"first": first, "again": again}, out / "results.pt")
+''')
+
+
+def _models():
+    from circuitdiff.core.arch import resolve
+    from circuitdiff.core.model import LoadedModel
+    from circuitdiff.core.toy import word_level_tokenizer
+
+    tok = word_level_tokenizer()
+    base = tiny_llama(len(tok), layers=3)
+    lora = add_lora(tiny_llama(len(tok), layers=3))
+    return {"base": LoadedModel(base, tok, resolve(base), "tiny-base"),
+            "lora": LoadedModel(lora, tok, resolve(lora), "tiny-lora", adapter="random-lora")}
+
+
+def _circuits():
+    from circuitdiff.core.circuit import Circuit, CircuitGroup
+
+    return {"c1": Circuit({"movers": CircuitGroup([(1, 0), (1, 3), (2, 2)], "last"),
+                           "detectors": CircuitGroup([(0, 1), (0, 2)], "query_label")}, 3, 4),
+            "c2": Circuit({"vf": CircuitGroup([(2, 1), (1, 2), (2, 3)], "last"),
+                           "pd": CircuitGroup([(0, 0), (1, 1)], "query_label")}, 3, 4)}
+
+
+def _plain(d):
+    """``d`` without its volatile fields (wall times), recursively."""
+    if isinstance(d, dict):
+        return {k: _plain(v) for k, v in d.items() if k not in VOLATILE}
+    if isinstance(d, list):
+        return [_plain(v) for v in d]
+    return d
+
+
+def compute_split(out: Path) -> dict:
+    """Evaluation (2 models x 2 circuits, completeness, minimality), DCM (2 groups) and CMAP
+    (both directions) on tiny GQA (+ LoRA) models, each cached in its own run folder under
+    ``out``: run on every rank, or in one process."""
+    from circuitdiff.core.pool import ModelPool
+    from circuitdiff.core.runs import RunFolder
+    from circuitdiff.methods import cmap, dcm, evaluation
+    from circuitdiff.methods.cmap import CMAPConfig
+    from circuitdiff.methods.dcm import DCMConfig
+    from circuitdiff.methods.evaluation import AnalysisConfig, EvalConfig
+
+    models, circuits = _models(), _circuits()
+    res = {}
+    ecfg = EvalConfig(n_prompts=8, n_mean=8, n_boxes=4, n_random=2, batch_size=8, max_rows=16,
+                      keep_other_positions=True, circuits=circuits,
+                      analyses=AnalysisConfig(completeness=True, n_halves=1, minimality=True))
+    ev = evaluation.run(ModelPool(["base", "lora"], models.__getitem__), None, ecfg,
+                        store=RunFolder(out / "evaluate"))
+    res["evaluate"] = ev.to_dict()
+    dcfg = DCMConfig(circuit=circuits["c1"], n_train=8, n_val=4, n_test=4, lambdas=(0.01, 0.1),
+                     n_boxes=4, n_random=2, batch_size=4)
+    res["dcm"] = dcm.run(models["lora"], None, dcfg, store=RunFolder(out / "dcm")).to_dict()
+    ccfg = CMAPConfig(n_prompts=12, n_boxes=4, random_draws=2, bootstrap=50, batch_size=6,
+                      max_rows=40, circuit=circuits["c2"], reverse=True)
+    res["cmap"] = cmap.run(models["lora"], None, ccfg, store=RunFolder(out / "cmap")).to_dict()
+    return _plain(res)
+
+
+#: the pieces rank 1 computes with 2 ranks (the second half of each contiguous split): the run
+#: folder, its files, and the field ``tamper`` marks in their saved result
+TAMPERED = [("evaluate", "evaluate/tiny-lora*/c2.json", "full"),
+            ("dcm", "dcm/tiny-lora*/detectors.json", "no_patch"),
+            ("cmap", "cmap/tiny-lora*__tiny-lora*.json", "source_accuracy")]
+MARK = 123.0
+
+
+def tamper(out: Path) -> None:
+    """Write ``MARK`` into the saved pieces of ``TAMPERED`` (DCM: its first row; CMAP: the
+    base -> fine-tune direction), settings left alone, so a rerun reads them back as marked."""
+    from circuitdiff.methods.cmap import REVERSE
+
+    for folder, pattern, field in TAMPERED:
+        for p in (out / folder).glob(pattern):
+            saved = json.loads(p.read_text())
+            result = saved["result"]
+            assert saved["_settings_digest"]  # a cached piece, read back by its settings
+            if isinstance(result, list):
+                result = result[0]
+            elif result.get("direction", REVERSE) != REVERSE:
+                continue
+            result[field] = MARK
+            p.write_text(json.dumps(saved))
+
+
+def _saved(folder: Path) -> dict:
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        rel = str(p.relative_to(folder))
+        if p.suffix == ".json":
+            out[rel] = _plain(json.loads(p.read_text()))
+        elif p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            out[rel] = load_file(p)
+        elif p.is_file():
+            out[rel] = p.read_bytes()
+    return out
+
+
+def _equal(a, b, path=""):
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), (path, set(a) ^ set(b))
+        for k in a:
+            _equal(a[k], b[k], f"{path}/{k}")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), path
+    else:
+        assert a == b, (path, a, b)  # bit-identical: each piece's math is one process's
+
+
+@pytest.mark.slow  # two torchrun ranks computing everything twice, then one process (~70 s)
+def test_evaluation_dcm_cmap_split_over_two_ranks_equal_one_process(tmp_path):
+    script = tmp_path / "split.py"
+    script.write_text(SPLIT)
+    two_dir, one_dir = tmp_path / "two", tmp_path / "one"
+    proc = _torchrun(script, two_dir, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = torch.load(two_dir / "results.pt")
+    saved_two = _saved(two_dir)  # after the tampering
+    torch.set_num_threads(1)
+    one = compute_split(one_dir)
+    # every piece computed, gathered in order: the results and the saved folders are identical
+    assert len(one["evaluate"]["rows"]) == 4 and len(one["cmap"]["directions"]) == 2
+    assert {r["group"] for r in one["dcm"]["rows"]} == {"movers", "detectors"}
+    _equal(one, two["first"])
+    tamper(one_dir)
+    _equal(_saved(one_dir), {k: v for k, v in saved_two.items() if k != "results.pt"})
+    # the rerun reads every piece from the folder, rank 1's share from rank 0's snapshot
+    again = two["again"]
+    assert [r["full"] == MARK for r in again["evaluate"]["rows"]] == [False] * 3 + [True]
+    assert next(r for r in again["dcm"]["rows"] if r["group"] == "detectors")["no_patch"] == MARK
+    assert [d["source_accuracy"] for d in again["cmap"]["directions"]][1] == MARK
+    assert again["dcm"]["rows"][0] == one["dcm"]["rows"][0]
