@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import add_lora, tiny_llama
 from test_distributed_methods import _torchrun
 
 #: the per-piece wall times and the other volatile fields, left out of the comparison
@@ -37,25 +36,15 @@ SPLIT = textwrap.dedent('''
 ''')
 
 
-def _models():
-    from circuitdiff.core.arch import resolve
-    from circuitdiff.core.model import LoadedModel
-    from circuitdiff.core.toy import word_level_tokenizer
-
-    tok = word_level_tokenizer()
-    base = tiny_llama(len(tok), layers=3)
-    lora = add_lora(tiny_llama(len(tok), layers=3))
-    return {"base": LoadedModel(base, tok, resolve(base), "tiny-base"),
-            "lora": LoadedModel(lora, tok, resolve(lora), "tiny-lora", adapter="random-lora")}
-
-
-def _circuits():
+def _organism_circuits():
     from circuitdiff.core.circuit import Circuit, CircuitGroup
 
-    return {"c1": Circuit({"movers": CircuitGroup([(1, 0), (1, 3), (2, 2)], "last"),
-                           "detectors": CircuitGroup([(0, 1), (0, 2)], "query_label")}, 3, 4),
-            "c2": Circuit({"vf": CircuitGroup([(2, 1), (1, 2), (2, 3)], "last"),
-                           "pd": CircuitGroup([(0, 0), (1, 1)], "query_label")}, 3, 4)}
+    return {"c1": Circuit({"vf": CircuitGroup([(l, h) for l in (1, 2, 3) for h in range(8)],
+                                              "last"),
+                           "pd": CircuitGroup([(l, h) for l in (0, 1) for h in range(0, 8, 2)],
+                                              "query_label")}, 4, 8),
+            "c2": Circuit({"vf": CircuitGroup([(l, h) for l in (2, 3) for h in range(6)],
+                                              "last")}, 4, 8)}
 
 
 def _plain(d):
@@ -69,7 +58,7 @@ def _plain(d):
 
 def compute_split(out: Path) -> dict:
     """Evaluation (2 models x 2 circuits, completeness, minimality), DCM (2 groups) and CMAP
-    (both directions) on tiny GQA (+ LoRA) models, each cached in its own run folder under
+    (both directions) on the organisms (tiny GQA models, a LoRA fine-tune), each cached in its own run folder under
     ``out``: run on every rank, or in one process."""
     from circuitdiff.core.pool import ModelPool
     from circuitdiff.core.runs import RunFolder
@@ -78,28 +67,31 @@ def compute_split(out: Path) -> dict:
     from circuitdiff.methods.dcm import DCMConfig
     from circuitdiff.methods.evaluation import AnalysisConfig, EvalConfig
 
-    models, circuits = _models(), _circuits()
+    from circuitdiff.core.model import load_model
+
     res = {}
-    ecfg = EvalConfig(n_prompts=8, n_mean=8, n_boxes=4, n_random=2, batch_size=8, max_rows=16,
-                      keep_other_positions=True, circuits=circuits,
+    # the organisms (tiny trained GQA models, a LoRA fine-tune): a random model is at chance
+    ecfg = EvalConfig(n_prompts=12, n_mean=12, n_random=2, batch_size=8, max_rows=16,
+                      keep_other_positions=True, circuits=_organism_circuits(),
                       analyses=AnalysisConfig(completeness=True, n_halves=1, minimality=True))
-    ev = evaluation.run(ModelPool(["base", "lora"], models.__getitem__), None, ecfg,
+    ev = evaluation.run(ModelPool(["organism:base", "organism:lora"]), None, ecfg,
                         store=RunFolder(out / "evaluate"))
     res["evaluate"] = ev.to_dict()
-    dcfg = DCMConfig(circuit=circuits["c1"], n_train=8, n_val=4, n_test=4, lambdas=(0.01, 0.1),
-                     n_boxes=4, n_random=2, batch_size=4)
-    res["dcm"] = dcm.run(models["lora"], None, dcfg, store=RunFolder(out / "dcm")).to_dict()
-    ccfg = CMAPConfig(n_prompts=12, n_boxes=4, random_draws=2, bootstrap=50, batch_size=6,
-                      max_rows=40, circuit=circuits["c2"], reverse=True)
-    res["cmap"] = cmap.run(models["lora"], None, ccfg, store=RunFolder(out / "cmap")).to_dict()
+    lora = load_model("organism:lora")
+    dcfg = DCMConfig(circuit=ecfg.circuits["c1"], n_train=8, n_val=4, n_test=4,
+                     lambdas=(0.01, 0.1), n_random=2, batch_size=4, epochs=1)
+    res["dcm"] = dcm.run(lora, None, dcfg, store=RunFolder(out / "dcm")).to_dict()
+    ccfg = CMAPConfig(n_prompts=12, random_draws=2, bootstrap=50, batch_size=6, max_rows=40,
+                      circuit=ecfg.circuits["c1"], reverse=True)
+    res["cmap"] = cmap.run(lora, None, ccfg, store=RunFolder(out / "cmap")).to_dict()
     return _plain(res)
 
 
 #: the pieces rank 1 computes with 2 ranks (the second half of each contiguous split): the run
 #: folder, its files, and the field ``tamper`` marks in their saved result
-TAMPERED = [("evaluate", "evaluate/tiny-lora*/c2.json", "full"),
-            ("dcm", "dcm/tiny-lora*/detectors.json", "no_patch"),
-            ("cmap", "cmap/tiny-lora*__tiny-lora*.json", "source_accuracy")]
+TAMPERED = [("evaluate", "evaluate/*lora*/c2.json", "full"),
+            ("dcm", "dcm/*/pd.json", "no_patch"),
+            ("cmap", "cmap/*__*.json", "source_accuracy")]
 MARK = 123.0
 
 
@@ -160,13 +152,15 @@ def test_evaluation_dcm_cmap_split_over_two_ranks_equal_one_process(tmp_path):
     one = compute_split(one_dir)
     # every piece computed, gathered in order: the results and the saved folders are identical
     assert len(one["evaluate"]["rows"]) == 4 and len(one["cmap"]["directions"]) == 2
-    assert {r["group"] for r in one["dcm"]["rows"]} == {"movers", "detectors"}
+    assert len({r["circuit_accuracy"] for r in one["evaluate"]["rows"]}) > 1  # not all at chance
+    assert {r["group"] for r in one["dcm"]["rows"]} == {"vf", "pd"}
+    assert one["cmap"]["directions"][0]["source_accuracy"] > 0
     _equal(one, two["first"])
     tamper(one_dir)
     _equal(_saved(one_dir), {k: v for k, v in saved_two.items() if k != "results.pt"})
     # the rerun reads every piece from the folder, rank 1's share from rank 0's snapshot
     again = two["again"]
     assert [r["full"] == MARK for r in again["evaluate"]["rows"]] == [False] * 3 + [True]
-    assert next(r for r in again["dcm"]["rows"] if r["group"] == "detectors")["no_patch"] == MARK
+    assert next(r for r in again["dcm"]["rows"] if r["group"] == "pd")["no_patch"] == MARK
     assert [d["source_accuracy"] for d in again["cmap"]["directions"]][1] == MARK
     assert again["dcm"]["rows"][0] == one["dcm"]["rows"][0]
