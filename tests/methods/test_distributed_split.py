@@ -84,7 +84,28 @@ def compute_split(out: Path) -> dict:
     ccfg = CMAPConfig(n_prompts=12, random_draws=2, bootstrap=50, batch_size=6, max_rows=40,
                       circuit=ecfg.circuits["c1"], reverse=True)
     res["cmap"] = cmap.run(lora, None, ccfg, store=RunFolder(out / "cmap")).to_dict()
+    res["study"] = study_steps(out / "study", ecfg.circuits["c1"])
     return _plain(res)
+
+
+def study_steps(out: Path, circuit) -> dict:
+    """The study's per-model steps (accuracy, knockout; CMAP per fine-tune) on the base and two
+    fine-tunes, on a given circuit (nothing discovered)."""
+    from circuitdiff.core.model import load_model
+    from circuitdiff.core.runs import RunFolder
+    from circuitdiff.methods.cmap import CMAPConfig
+    from circuitdiff.methods.evaluation import EvalConfig
+    from circuitdiff.study.config import StudyConfig
+    from circuitdiff.study.runner import StudyRun
+    from circuitdiff.study.steps import STEP_BY_NAME
+
+    cfg = StudyConfig(evaluation=EvalConfig(n_prompts=40, n_mean=8), knockout_prompts=6,
+                      cmap=CMAPConfig(n_prompts=12, random_draws=2, bootstrap=50))
+    st = StudyRun(["organism:base", "organism:lora", "organism:full"], load_model,
+                  RunFolder(out), cfg, False, lambda line: None, (circuit, "given"))
+    for name in ("accuracy", "discover", "knockout", "cmap"):
+        STEP_BY_NAME[name].run(st)
+    return st.results
 
 
 #: the pieces rank 1 computes with 2 ranks (the second half of each contiguous split): the run
@@ -155,6 +176,9 @@ def test_evaluation_dcm_cmap_split_over_two_ranks_equal_one_process(tmp_path):
     assert len({r["circuit_accuracy"] for r in one["evaluate"]["rows"]}) > 1  # not all at chance
     assert {r["group"] for r in one["dcm"]["rows"]} == {"vf", "pd"}
     assert one["cmap"]["directions"][0]["source_accuracy"] > 0
+    assert set(one["study"]["knockout"]) == {"organism:base", "organism:lora", "organism:full"}
+    assert [("skipped" in one["study"]["cmap"][s]) for s in ("organism:lora", "organism:full")
+            ] == [False, False]  # both fine-tunes patched: one on each rank
     _equal(one, two["first"])
     tamper(one_dir)
     _equal(_saved(one_dir), {k: v for k, v in saved_two.items() if k != "results.pt"})

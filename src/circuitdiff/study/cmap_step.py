@@ -7,11 +7,11 @@ from dataclasses import asdict, replace
 from typing import TYPE_CHECKING, Any
 
 from ..core.circuit import Circuit
-from ..core.runs import model_tag, settings_digest
+from ..core.runs import RunFolder, model_tag, settings_digest, split_pieces
 from ..core.stats import difference_interval
 from ..core.pool import ModelPool
 from ..methods import cmap
-from ..methods.cmap import CMAPConfig, CMAPRow
+from ..methods.cmap import CMAPConfig, CMAPResult, CMAPRow
 
 if TYPE_CHECKING:  # the runner's context; not imported (the runner imports this module)
     StudyRun = Any
@@ -30,11 +30,15 @@ def cmap_settings(st: "StudyRun", circuit: Circuit) -> dict:
 
 
 def run_cmap(st: "StudyRun", circuit: Circuit) -> dict:
+    """CMAP of ``circuit`` per fine-tune with a significant gain over the base; under
+    ``torchrun`` each rank runs its share of those fine-tunes
+    (:func:`~circuitdiff.core.runs.split_pieces`), gathered in the study's model order."""
     from ..report.cmap import plot_cmap_bars
 
-    out = {}
+    out: dict = {}
     acc = st.results["accuracy"]
     rules = st.cfg.rules
+    todo = []
     for spec in st.fine_tunes:
         gap = acc[spec]["accuracy"] - acc[st.base_spec]["accuracy"]
         ci = difference_interval(acc[spec]["hits"], acc[st.base_spec]["hits"],
@@ -44,14 +48,22 @@ def run_cmap(st: "StudyRun", circuit: Circuit) -> dict:
                    f"[{ci[0]:.2f}, {ci[1]:.2f}], n={acc[spec]['n']}); CMAP skipped")
             st.log(f"  {spec}: {why}")
             out[spec] = {"skipped": why, "gap": gap, "gap_ci": ci}
-            continue
-        st.pool.free()
-        res = cmap.run(ModelPool([st.base_spec, spec], st.load), None,
-                       replace(st.cfg.cmap, circuit=circuit), store=st.folder,
-                       progress=st.progress)
-        d = res.directions[0]  # fine-tune -> base
+        else:
+            todo.append(spec)
+    st.pool.free()
+
+    def one(i: int, store: RunFolder | None) -> dict:
+        return cmap.run(ModelPool([st.base_spec, todo[i]], st.load), None,
+                        replace(st.cfg.cmap, circuit=circuit), store=store,
+                        progress=st.progress).to_dict()
+
+    # the direction results of either order (fine-tune -> base, base -> fine-tune), not the
+    # recordings (large, and only ever read by the rank that made them)
+    cached = [f"cmap/{model_tag(s)}__" for s in [st.base_spec, *todo]]
+    for spec, res in zip(todo, split_pieces(st.folder, len(todo), one, cached_under=cached)):
+        out[spec] = res
+        d = CMAPResult.from_dict(res).directions[0]  # fine-tune -> base
         plot_cmap_bars(d, st.folder.file(f"cmap/{model_tag(spec)}.png"))
-        out[spec] = res.to_dict()
         whole = next((r for r in d.rows if r.kind == "circuit"), None)
         if d.gap_ci is not None and d.gap_ci[0] <= 0:
             st.log(f"  {spec}: gap {d.gap:+.2f} [{d.gap_ci[0]:.2f}, {d.gap_ci[1]:.2f}]: "
@@ -62,4 +74,4 @@ def run_cmap(st: "StudyRun", circuit: Circuit) -> dict:
             null = (f"; random circuits of its shape {sum(rnd) / len(rnd):.2f} on average, "
                     f"rank {whole.rank} of {len(rnd) + 1}" if rnd else "")
             st.log(f"  {spec}: gap {d.gap:+.2f}; the circuit carries {share} of it{null}")
-    return out
+    return {spec: out[spec] for spec in st.fine_tunes}
