@@ -58,8 +58,9 @@ def _plain(d):
 
 def compute_split(out: Path) -> dict:
     """Evaluation (2 models x 2 circuits, completeness, minimality), DCM (2 groups) and CMAP
-    (both directions) on the organisms (tiny GQA models, a LoRA fine-tune), each cached in its own run folder under
-    ``out``: run on every rank, or in one process."""
+    (both directions) on the organisms (tiny GQA models, a LoRA fine-tune), and the study's
+    per-model steps, each cached in its own run folder under ``out``: run on every rank, or in
+    one process."""
     from circuitdiff.core.pool import ModelPool
     from circuitdiff.core.runs import RunFolder
     from circuitdiff.methods import cmap, dcm, evaluation

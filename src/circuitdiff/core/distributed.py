@@ -206,5 +206,6 @@ def split_map(n: int, compute: Callable[[int], T]) -> list[T]:
     return concat_shares(local)
 
 
-__all__ = ["Ranks", "alone", "barrier", "concat_shares", "dealt", "decide", "gather_cat", "gather_dealt",
-           "gather_shares", "init", "is_main", "launched", "rank_device", "ranks", "share", "split_map"]
+__all__ = ["Ranks", "alone", "barrier", "concat_shares", "dealt", "decide", "gather_cat",
+           "gather_dealt", "gather_shares", "init", "is_main", "launched", "rank_device", "ranks",
+           "share", "split_map"]

@@ -319,18 +319,25 @@ def _snapshot(folder: RunFolder, prefixes: Sequence[str]) -> dict[str, Any]:
 
 def split_pieces(folder: RunFolder | None, n: int,
                  compute: Callable[[int, "RunFolder | None"], T],
-                 cached_under: Sequence[str] = ()) -> list[T]:
-    """``[compute(i, folder) for i in range(n)]``, the pieces split over the ranks.
+                 cached_under: Sequence[str] = (),
+                 then: Callable[[int, T], None] | None = None) -> list[T]:
+    """``[compute(i, folder) for i in range(n)]``, the pieces split over the ranks; ``then(i,
+    piece)`` (a log line, a figure) follows each piece in index order.
 
-    One process: exactly that. Under ``torchrun`` each rank computes its contiguous share
-    :func:`~circuitdiff.core.distributed.alone` (see
+    One process: exactly that, ``then`` right after each piece. Under ``torchrun`` each rank
+    computes its contiguous share :func:`~circuitdiff.core.distributed.alone` (see
     :func:`~circuitdiff.core.distributed.split_map`) with a :class:`RankView` of ``folder`` in
     its place: the cached results under the prefixes ``cached_under`` (where ``compute`` caches)
     are reused on any rank, and rank 0 saves the other ranks' new results after the gather. The
-    values come back in index order on every rank.
+    values come back in index order on every rank, and ``then`` runs on them after the gather.
     """
+    then = then or (lambda i, piece: None)
     if ranks().world == 1:
-        return [compute(i, folder) for i in range(n)]
+        out = []
+        for i in range(n):
+            out.append(compute(i, folder))
+            then(i, out[-1])
+        return out
     view = None
     if folder is not None:
         view = RankView(folder, decide(_snapshot(folder, cached_under) if is_main() else None))
@@ -341,4 +348,6 @@ def split_pieces(folder: RunFolder | None, n: int,
                 folder.save_json(name, obj)
             else:
                 folder.save_tensors(name, obj, settings)
+    for i, piece in enumerate(results):
+        then(i, piece)
     return results

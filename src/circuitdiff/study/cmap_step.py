@@ -30,38 +30,34 @@ def cmap_settings(st: "StudyRun", circuit: Circuit) -> dict:
 
 
 def run_cmap(st: "StudyRun", circuit: Circuit) -> dict:
-    """CMAP of ``circuit`` per fine-tune with a significant gain over the base; under
-    ``torchrun`` each rank runs its share of those fine-tunes
+    """CMAP of ``circuit`` per fine-tune with a significant gain over the base (the others are
+    skipped, with the reason); under ``torchrun`` each rank runs its share of the fine-tunes
     (:func:`~circuitdiff.core.runs.split_pieces`), gathered in the study's model order."""
     from ..report.cmap import plot_cmap_bars
 
-    out: dict = {}
     acc = st.results["accuracy"]
     rules = st.cfg.rules
-    todo = []
-    for spec in st.fine_tunes:
+    fine_tunes = st.fine_tunes
+
+    def one(i: int, store: RunFolder | None) -> dict:
+        spec = fine_tunes[i]
         gap = acc[spec]["accuracy"] - acc[st.base_spec]["accuracy"]
         ci = difference_interval(acc[spec]["hits"], acc[st.base_spec]["hits"],
                                  rules.bootstrap, rules.seed, rules.confidence)
         if ci is not None and ci[0] <= 0:  # nothing for a circuit to carry
             why = (f"no significant gain over the base to explain (accuracy gap {gap:+.2f} "
                    f"[{ci[0]:.2f}, {ci[1]:.2f}], n={acc[spec]['n']}); CMAP skipped")
-            st.log(f"  {spec}: {why}")
-            out[spec] = {"skipped": why, "gap": gap, "gap_ci": ci}
-        else:
-            todo.append(spec)
-    st.pool.free()
-
-    def one(i: int, store: RunFolder | None) -> dict:
-        return cmap.run(ModelPool([st.base_spec, todo[i]], st.load), None,
+            return {"skipped": why, "gap": gap, "gap_ci": ci}
+        st.pool.free()
+        return cmap.run(ModelPool([st.base_spec, spec], st.load), None,
                         replace(st.cfg.cmap, circuit=circuit), store=store,
                         progress=st.progress).to_dict()
 
-    # the direction results of either order (fine-tune -> base, base -> fine-tune), not the
-    # recordings (large, and only ever read by the rank that made them)
-    cached = [f"cmap/{model_tag(s)}__" for s in [st.base_spec, *todo]]
-    for spec, res in zip(todo, split_pieces(st.folder, len(todo), one, cached_under=cached)):
-        out[spec] = res
+    def report(i: int, res: dict) -> None:
+        spec = fine_tunes[i]
+        if "skipped" in res:
+            st.log(f"  {spec}: {res['skipped']}")
+            return
         d = CMAPResult.from_dict(res).directions[0]  # fine-tune -> base
         plot_cmap_bars(d, st.folder.file(f"cmap/{model_tag(spec)}.png"))
         whole = next((r for r in d.rows if r.kind == "circuit"), None)
@@ -74,4 +70,9 @@ def run_cmap(st: "StudyRun", circuit: Circuit) -> dict:
             null = (f"; random circuits of its shape {sum(rnd) / len(rnd):.2f} on average, "
                     f"rank {whole.rank} of {len(rnd) + 1}" if rnd else "")
             st.log(f"  {spec}: gap {d.gap:+.2f}; the circuit carries {share} of it{null}")
-    return {spec: out[spec] for spec in st.fine_tunes}
+
+    # the cached direction results of either order (fine-tune -> base, base -> fine-tune), not
+    # the recordings (large, and only ever read by the rank that made them)
+    cached = [f"cmap/{model_tag(s)}__" for s in st.models]
+    pieces = split_pieces(st.folder, len(fine_tunes), one, cached_under=cached, then=report)
+    return dict(zip(fine_tunes, pieces))

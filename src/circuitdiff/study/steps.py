@@ -101,12 +101,14 @@ def base_circuit(st: "StudyRun") -> Circuit:
 
 
 def per_model(st: "StudyRun", one: Callable[[int, "RunFolder | None"], Any],
-              cached_under: str) -> list:
-    """``one(i, store)`` for every model of the study, in model order: under ``torchrun`` each
-    rank runs its share of the models (:func:`~circuitdiff.core.runs.split_pieces`, the pieces
-    cached under ``cached_under``), then the pool is freed."""
+              cached_under: str, then: Callable[[int, Any], None]) -> list:
+    """``one(i, store)`` for every model of the study, in model order, each followed by
+    ``then(i, piece)``: under ``torchrun`` each rank runs its share of the models
+    (:func:`~circuitdiff.core.runs.split_pieces`, the pieces cached under ``cached_under``);
+    then the pool is freed."""
     try:
-        return split_pieces(st.folder, len(st.models), one, cached_under=[cached_under])
+        return split_pieces(st.folder, len(st.models), one, cached_under=[cached_under],
+                            then=then)
     finally:
         st.pool.free()
 
@@ -125,12 +127,11 @@ def _step_accuracy(st: "StudyRun") -> None:
         r = accuracy.run(st.model(st.models[i]), None, cfg, store=store, progress=st.progress)
         return {**r.summary(), "hits": [int(x) for x in r.correct], "chance": 1 / ev.n_boxes}
 
+    def log(i: int, r: dict) -> None:
+        st.log(f"  {st.models[i]}: {ev.n_boxes}-box accuracy {r['accuracy']:.3f} (n={r['n']})")
+
     def compute() -> dict:
-        out = {}
-        for spec, r in zip(st.models, per_model(st, one, "accuracy/")):
-            out[spec] = r
-            st.log(f"  {spec}: {ev.n_boxes}-box accuracy {r['accuracy']:.3f} (n={r['n']})")
-        return out
+        return dict(zip(st.models, per_model(st, one, "accuracy/", log)))
 
     st.step("accuracy", {"models": st.models, "accuracy": cfg.cache_key()}, compute)
 
@@ -293,16 +294,17 @@ def _step_knockout(st: "StudyRun") -> None:
         res = knockout.run(loaded, None, cfg, store=store, progress=st.progress)
         return loaded.name, [c.to_dict() for c in res.curves]
 
-    def compute() -> dict:
+    def plot(i: int, piece: tuple[str, list[dict]]) -> None:
         from ..report.figures import plot_knockout_curves
 
-        out = {}
-        for spec, (name, curves) in zip(st.models, per_model(st, one, "knockout/")):
-            plot_knockout_curves([knockout.KnockoutCurve.from_dict(c) for c in curves],
-                                 st.folder.file(f"knockout/{model_tag(spec)}.png"),
-                                 f"{name}, n={n}")
-            out[spec] = {c["edge"]: c for c in curves}
-        return out
+        name, curves = piece
+        plot_knockout_curves([knockout.KnockoutCurve.from_dict(c) for c in curves],
+                             st.folder.file(f"knockout/{model_tag(st.models[i])}.png"),
+                             f"{name}, n={n}")
+
+    def compute() -> dict:
+        return {spec: {c["edge"]: c for c in curves}
+                for spec, (_, curves) in zip(st.models, per_model(st, one, "knockout/", plot))}
 
     st.step("knockout", {"models": st.models, **cfg.cache_key()}, compute)
 

@@ -733,11 +733,11 @@ def path_patching_scores(loaded: LoadedModel, clean: Sequence[Prompt],
     are gathered in a fixed order, so every rank returns the whole :class:`Scores`. The clean and
     counterfactual captures are computed on rank 0 and handed to the others (role tokens only:
     small next to the forwards; on 2 ranks sharing 2 loaded cores, bench/workers.py's Qwen
-    shape with 2 prompts, two A/B pairs took the call from 11.9 and 12.7 s to 10.1 and 9.7 s); pass 2's clean prefix states (whole
-    prompts' caches) are computed on every rank, not shipped. Per-sender math is unchanged; only which
-    senders share a stacked forward differs, so the scores equal one process's up to float
-    rounding of the stacked matmuls (measured 0 on CPU float32, see
-    ``tests/methods/test_distributed_methods.py``).
+    shape with 2 prompts, two A/B pairs took the call from 11.9 and 12.7 s to 10.1 and 9.7 s);
+    pass 2's clean prefix states (whole prompts' caches) are computed on every rank, not
+    shipped. Per-sender math is unchanged; only which senders share a stacked forward differs,
+    so the scores equal one process's up to float rounding of the stacked matmuls (measured 0
+    on CPU float32, see ``tests/methods/test_distributed_methods.py``).
 
     A big model dispatched by accelerate (``device_map`` with layers offloaded to CPU or disk)
     runs the fast path through accelerate's own hooks (each replayed module fetches its weights
