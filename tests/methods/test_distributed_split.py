@@ -36,6 +36,50 @@ SPLIT = textwrap.dedent('''
 ''')
 
 
+PIECES = textwrap.dedent('''
+    import json, os, sys
+    from pathlib import Path
+    from circuitdiff.core import distributed as d
+    from circuitdiff.core.runs import RunFolder, split_pieces
+    r = d.init()
+    out = Path(sys.argv[1])
+    folder = RunFolder(out / "run")
+    # a piece an earlier run saved (every rank calls: rank 0 decides): it falls to rank 1
+    folder.cached("p/4.json", {"i": 4}, lambda: {"i": 4, "by": "earlier run"})
+    calls, seen = [], []
+
+    def piece(i, store):
+        inner = d.share(10)  # alone: the whole range, no collective
+        return store.cached(f"p/{i}.json", {"i": i}, lambda: calls.append(i) or {
+            "i": i, "by": os.environ["RANK"], "inner": [inner.start, inner.stop]})
+
+    got = split_pieces(folder, 5, piece, cached_under=["p/"],
+                       then=lambda i, v: seen.append(i))
+    d.barrier()
+    with open(out / f"rank{r.rank}.json", "w") as f:
+        json.dump({"got": got, "calls": calls, "seen": seen}, f)
+''')
+
+
+def test_pieces_split_in_order_rank0_writes_and_cached_pieces_reach_any_rank(tmp_path):
+    """split_pieces on 2 gloo ranks, no model: contiguous shares computed alone, gathered in
+    order on both ranks, ``then`` in order after the gather, rank 1's new piece saved by rank
+    0, and a piece saved earlier read by rank 1 from rank 0's snapshot (not recomputed)."""
+    script = tmp_path / "pieces.py"
+    script.write_text(PIECES)
+    proc = _torchrun(script, tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1))
+    want = [{"i": i, "by": "0" if i < 3 else "1", "inner": [0, 10]} for i in range(4)]
+    want.append({"i": 4, "by": "earlier run"})
+    assert r0["got"] == r1["got"] == want
+    assert r0["calls"] == [0, 1, 2] and r1["calls"] == [3]
+    assert r0["seen"] == r1["seen"] == list(range(5))
+    for i in range(5):
+        saved = json.loads((tmp_path / "run" / "p" / f"{i}.json").read_text())
+        assert saved["result"] == want[i]
+
+
 def _organism_circuits():
     from circuitdiff.core.circuit import Circuit, CircuitGroup
 
