@@ -7,7 +7,11 @@ rank a share and gather the pieces back in a fixed order, so every rank ends up 
 one process would have computed: the cells of a scan and ablation variants in contiguous shares
 (:func:`share`, :func:`gather_shares`), the senders of a path-patching step and attribution's
 prompt batches dealt round-robin (:func:`dealt`, :func:`gather_dealt`: senders sorted by layer
-cost unequally, dealing evens the ranks out). Rank 0 alone writes the run folder
+cost unequally, dealing evens the ranks out). Coarser loops — the evaluation's (model,
+circuit) pairs, DCM's groups, CMAP's directions and fine-tunes, the study's per-model steps —
+give each rank a contiguous share that it computes :func:`alone` (:func:`split_map`; with a run
+folder, :func:`~circuitdiff.core.runs.split_pieces`): the inner splits of what it calls then
+stay on that rank. Rank 0 alone writes the run folder
 (:class:`~circuitdiff.core.runs.RunFolder` asks :func:`is_main`); a cache hit is decided on
 rank 0 and broadcast (:func:`decide`), so all ranks take the same branch and never wait on
 each other in a collective that one of them skipped.

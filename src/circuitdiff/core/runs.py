@@ -254,7 +254,9 @@ class RankView(RunFolder):
     saved files under the split's prefixes, handed out before the split) and keeps what it
     would save in ``writes``, which rank 0 saves once the pieces are gathered — so a piece
     cached by a killed run is reused whichever rank it falls to, and the folder ends up as one
-    process leaves it.
+    process leaves it. What another rank saves travels to rank 0 through the gather (for CMAP
+    that includes its recorded activations); a rank killed mid-split loses its unsaved share,
+    rank 0's pieces are saved as they are made.
     """
 
     def __init__(self, folder: RunFolder, snapshot: dict[str, Any]):

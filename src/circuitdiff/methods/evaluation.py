@@ -196,8 +196,9 @@ def run(model_or_pool: "LoadedModel | ModelPool", prompts: Sequence[Prompt] | No
     ``minimality/<circuit>.json``, with ``pruned/<circuit>.json`` and ``overlap.json``
     beside them), so a rerun resumes. Under ``torchrun`` each rank evaluates its contiguous
     share of the (model, circuit) pairs, model-major
-    (:func:`~circuitdiff.core.runs.split_pieces`); the pieces are gathered in pair order and
-    rank 0 alone writes them.
+    (:func:`~circuitdiff.core.runs.split_pieces`; a model whose pairs straddle two shares is
+    loaded, and its means computed, on both); the pieces are gathered in pair order and rank 0
+    alone writes them.
     """
     cfg, an, circuits = config, config.analyses, config.circuits
     progress = bool(progress)
