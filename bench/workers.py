@@ -5,8 +5,9 @@ One path-patching step per case, run back to back in one invocation: for each ca
 worker count the script re-launches itself under torch's elastic launcher (what ``torchrun
 --standalone --nproc-per-node W`` does). Every rank measures, and rank 0 prints:
 
-* ``capture`` — the clean and counterfactual captures and pass 2's clean prefix states, which
-  every rank computes for itself (a call scoring one sender, on a fresh capture cache);
+* ``capture`` — the clean and counterfactual captures (rank 0 computes them and hands them to
+  the others) and pass 2's clean prefix states, which every rank computes for itself (a call
+  scoring one sender, on a fresh capture cache);
 * ``scoring`` — this rank's share of the senders (the same call on the warm cache, minus the
   gather), per rank, wall and (in brackets) the rank's CPU seconds: the slowest rank sets the
   pace, and CPU seconds show the split even where other load leaves the ranks short of cores;

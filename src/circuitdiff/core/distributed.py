@@ -7,7 +7,11 @@ rank a share and gather the pieces back in a fixed order, so every rank ends up 
 one process would have computed: the cells of a scan and ablation variants in contiguous shares
 (:func:`share`, :func:`gather_shares`), the senders of a path-patching step and attribution's
 prompt batches dealt round-robin (:func:`dealt`, :func:`gather_dealt`: senders sorted by layer
-cost unequally, dealing evens the ranks out). Rank 0 alone writes the run folder
+cost unequally, dealing evens the ranks out). Coarser loops — the evaluation's (model,
+circuit) pairs, DCM's groups, CMAP's directions and fine-tunes, the study's per-model steps —
+give each rank a contiguous share that it computes :func:`alone` (:func:`split_map`; with a run
+folder, :func:`~circuitdiff.core.runs.split_pieces`): the inner splits of what it calls then
+stay on that rank. Rank 0 alone writes the run folder
 (:class:`~circuitdiff.core.runs.RunFolder` asks :func:`is_main`); a cache hit is decided on
 rank 0 and broadcast (:func:`decide`), so all ranks take the same branch and never wait on
 each other in a collective that one of them skipped.
@@ -18,10 +22,12 @@ Backend: NCCL when the ranks run on CUDA devices, gloo on CPU. Outside ``torchru
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+import threading
 from dataclasses import dataclass
-from typing import Any, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import torch
 
@@ -41,10 +47,34 @@ class Ranks:
         return self.rank == 0
 
 
-def _dist():
+_local = threading.local()
+
+
+def _group():
+    """``torch.distributed`` when a process group is initialised, else None."""
     import torch.distributed as dist
 
     return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def _dist():
+    """The process group the helpers use: none inside :func:`alone` (one process's view)."""
+    return None if getattr(_local, "alone", False) else _group()
+
+
+@contextlib.contextmanager
+def alone() -> Iterator[None]:
+    """The block runs as one process on this rank: :func:`share` and :func:`dealt` give the
+    whole range, gathers and :func:`decide` are no-ops. For a rank working on its own share of
+    an outer split (:func:`split_map`): the inner splits of what it calls (path-patching
+    senders, ablation variants) must not wait on ranks busy with other items.
+    :func:`is_main` still names rank 0 alone (only it writes)."""
+    before = getattr(_local, "alone", False)
+    _local.alone = True
+    try:
+        yield
+    finally:
+        _local.alone = before
 
 
 def ranks() -> Ranks:
@@ -63,7 +93,7 @@ def launched() -> bool:
 def init(device: str | None = None, timeout_s: float = 1800) -> Ranks:
     """Join the process group ``torchrun`` set up (no-op for one process): NCCL with each rank on
     ``cuda:LOCAL_RANK`` when ``device`` is CUDA, else gloo. Returns the ranks."""
-    if not launched() or _dist() is not None:
+    if not launched() or _group() is not None:
         return ranks()
     import torch.distributed as dist
 
@@ -83,8 +113,10 @@ def rank_device(device: str | None) -> str | None:
 
 
 def is_main() -> bool:
-    """True on rank 0 (and for one process): the only rank that writes files."""
-    return ranks().main
+    """True on rank 0 (and for one process), also inside :func:`alone`: the only rank that
+    writes files."""
+    dist = _group()
+    return dist is None or dist.get_rank() == 0
 
 
 def share(n: int, r: Ranks | None = None) -> range:
@@ -165,5 +197,19 @@ def concat_shares(values: Sequence[T]) -> list[T]:
     return [v for p in parts for v in p]
 
 
-__all__ = ["Ranks", "barrier", "concat_shares", "dealt", "decide", "gather_cat", "gather_dealt",
-           "gather_shares", "init", "is_main", "launched", "rank_device", "ranks", "share"]
+def split_map(n: int, compute: Callable[[int], T]) -> list[T]:
+    """``[compute(i) for i in range(n)]`` on every rank: each rank computes its contiguous
+    :func:`share` :func:`alone` and the values are gathered in index order (the same list one
+    process makes, whatever the number of ranks). ``compute`` must not depend on what another
+    index's call did on the same rank beyond caching (a rank sees only its share)."""
+    if ranks().world == 1:
+        return [compute(i) for i in range(n)]
+    mine = share(n)  # taken before going alone, where every rank is rank 0 of 1
+    with alone():
+        local = [compute(i) for i in mine]
+    return concat_shares(local)
+
+
+__all__ = ["Ranks", "alone", "barrier", "concat_shares", "dealt", "decide", "gather_cat",
+           "gather_dealt", "gather_shares", "init", "is_main", "launched", "rank_device", "ranks",
+           "share", "split_map"]

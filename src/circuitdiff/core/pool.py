@@ -23,12 +23,23 @@ from .specs import ModelSpecError, adapter_base_of, as_spec, config_grid, identi
 Loader = Callable[[str], LoadedModel]
 
 
+_PROBE = "The apple is in Box A, the book is in Box B. Box A contains the"
+
+
 def same_tokenizer(a, b) -> bool:
     """Same vocabulary and same ids for a probe text (catches differing BOS handling)."""
     if a is b:
         return True
-    probe = "The apple is in Box A, the book is in Box B. Box A contains the"
-    return a.get_vocab() == b.get_vocab() and a(probe)["input_ids"] == b(probe)["input_ids"]
+    return a.get_vocab() == b.get_vocab() and a(_PROBE)["input_ids"] == b(_PROBE)["input_ids"]
+
+
+def tokenizer_digest(tokenizer) -> str:
+    """A digest of what :func:`same_tokenizer` compares (the vocabulary, the probe text's ids):
+    how ranks holding different models compare their tokenizers."""
+    from .runs import settings_digest
+
+    return settings_digest([sorted(tokenizer.get_vocab().items()),
+                            tokenizer(_PROBE)["input_ids"]], 32)
 
 
 def head_grid(loaded: LoadedModel) -> tuple[int, int, int, int]:
@@ -193,4 +204,5 @@ def as_pool(model_or_pool: "LoadedModel | ModelPool | Sequence[str]", load: Load
     return ModelPool(list(model_or_pool), load)
 
 
-__all__ = ["ModelPool", "PairCheck", "as_pool", "check_pair", "head_grid", "same_tokenizer"]
+__all__ = ["ModelPool", "PairCheck", "as_pool", "check_pair", "head_grid", "same_tokenizer",
+           "tokenizer_digest"]

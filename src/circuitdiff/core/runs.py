@@ -18,11 +18,13 @@ import re
 import sys
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import torch
 
-from .distributed import decide, is_main
+from .distributed import concat_shares, decide, is_main, ranks, split_map
+
+T = TypeVar("T")
 
 
 def environment() -> dict[str, Any]:
@@ -181,7 +183,7 @@ class RunFolder:
             return p
         p.parent.mkdir(parents=True, exist_ok=True)
         tmp = temp_path(p)
-        meta = {"settings": json.dumps(settings or {}, sort_keys=True, default=str)}
+        meta = {"settings": _tensor_settings(settings)}
         try:
             save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
                       metadata=meta)
@@ -196,40 +198,43 @@ class RunFolder:
         return load_file(str(self.file(name)))
 
     # -- resumable steps ---------------------------------------------------------------------
+    def saved_result(self, name: str, settings: dict) -> tuple[bool, Any]:
+        """``(True, result)`` when ``name`` holds a result saved with equal ``settings`` (read on
+        rank 0 only: the other ranks never touch the folder), else ``(False, None)``."""
+        p = self.file(name)
+        if is_main() and p.exists():
+            saved = self.load_json(name)
+            if isinstance(saved, dict) and saved.get("_settings_digest") == settings_digest(
+                    settings):
+                return True, saved["result"]
+        return False, None
+
+    def saved_tensors(self, name: str, settings: dict) -> dict[str, torch.Tensor] | None:
+        """The tensors of ``name`` when saved with equal ``settings`` (rank 0 only), else None."""
+        from safetensors import safe_open
+
+        p = self.file(name)
+        if is_main() and p.exists():
+            with safe_open(str(p), "pt") as f:
+                if (f.metadata() or {}).get("settings") == _tensor_settings(settings):
+                    return {k: f.get_tensor(k) for k in f.keys()}
+        return None
+
     def cached(self, name: str, settings: dict, compute: Callable[[], Any]) -> Any:
         """JSON result of ``compute()``, loaded from ``name`` if saved with equal ``settings``
         (under ``torchrun``: rank 0 decides and hands the saved result to every rank)."""
-        p = self.file(name)
-        digest = settings_digest(settings)
-
-        def saved_result() -> tuple[bool, Any]:
-            if is_main() and p.exists():
-                saved = self.load_json(name)
-                if isinstance(saved, dict) and saved.get("_settings_digest") == digest:
-                    return True, saved["result"]
-            return False, None
-        hit, result = decide(saved_result())
+        hit, result = decide(self.saved_result(name, settings))
         if hit:
             return result
         result = compute()
-        self.save_json(name, {"_settings_digest": digest, "settings": settings, "result": result})
+        self.save_json(name, {"_settings_digest": settings_digest(settings), "settings": settings,
+                              "result": result})
         return result
 
     def cached_tensors(self, name: str, settings: dict,
                        compute: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Tensors from ``compute()``, loaded from ``name`` if saved with equal ``settings``."""
-        from safetensors import safe_open
-
-        p = self.file(name)
-        want = json.dumps(settings, sort_keys=True, default=str)
-
-        def saved_tensors() -> dict[str, torch.Tensor] | None:
-            if is_main() and p.exists():
-                with safe_open(str(p), "pt") as f:
-                    if (f.metadata() or {}).get("settings") == want:
-                        return {k: f.get_tensor(k) for k in f.keys()}
-            return None
-        saved = decide(saved_tensors())
+        saved = decide(self.saved_tensors(name, settings))
         if saved is not None:
             return saved
         out = compute()
@@ -256,3 +261,116 @@ def no_progress_bars() -> Iterator[None]:
             os.environ["TQDM_DISABLE"] = old
         if was_enabled:
             hf_logging.enable_progress_bar()
+
+
+def _tensor_settings(settings: dict | None) -> str:
+    """How a safetensors file's metadata holds the settings it was saved with."""
+    return json.dumps(settings or {}, sort_keys=True, default=str)
+
+
+class RankView(RunFolder):
+    """A rank's run folder while it computes its share of a :func:`split_pieces` alone.
+
+    Rank 0 reads and writes the folder itself. Another rank reads from ``snapshot`` (rank 0's
+    saved files under the split's prefixes, handed out before the split) and keeps what it
+    would save in ``writes``, which rank 0 saves once the pieces are gathered — so a piece
+    cached by a killed run is reused whichever rank it falls to, and the folder ends up as one
+    process leaves it. What another rank saves travels to rank 0 through the gather (for CMAP
+    that includes its recorded activations); a rank killed mid-split loses its unsaved share,
+    rank 0's pieces are saved as they are made.
+    """
+
+    def __init__(self, folder: RunFolder, snapshot: dict[str, Any]):
+        self.path = folder.path
+        self.snapshot = snapshot
+        self.writes: list[tuple[str, Any, dict | None]] = []
+
+    def saved_result(self, name: str, settings: dict) -> tuple[bool, Any]:
+        if is_main():
+            return super().saved_result(name, settings)
+        saved = self.snapshot.get(name)
+        if isinstance(saved, dict) and saved.get("_settings_digest") == settings_digest(settings):
+            return True, saved["result"]
+        return False, None
+
+    def saved_tensors(self, name: str, settings: dict) -> dict[str, torch.Tensor] | None:
+        if is_main():
+            return super().saved_tensors(name, settings)
+        saved = self.snapshot.get(name)
+        if isinstance(saved, tuple) and saved[0] == _tensor_settings(settings):
+            return saved[1]
+        return None
+
+    def save_json(self, name: str, obj: Any) -> Path:
+        if is_main():
+            return super().save_json(name, obj)
+        self.writes.append((name, obj, None))
+        return self.file(name)
+
+    def save_tensors(self, name: str, tensors: dict[str, torch.Tensor],
+                     settings: dict | None = None) -> Path:
+        if is_main():
+            return super().save_tensors(name, tensors, settings)
+        self.writes.append((name, {k: v.detach().cpu() for k, v in tensors.items()},
+                            settings or {}))
+        return self.file(name)
+
+
+def _snapshot(folder: RunFolder, prefixes: Sequence[str]) -> dict[str, Any]:
+    """Rank 0's saved JSON (as saved) and safetensors ((settings, tensors)) files whose path
+    in ``folder`` starts with one of ``prefixes``."""
+    from safetensors import safe_open
+
+    out: dict[str, Any] = {}
+    if not is_main() or not folder.path.exists():
+        return out
+    for p in sorted(folder.path.rglob("*")):
+        rel = p.relative_to(folder.path).as_posix()
+        if not p.is_file() or not any(rel.startswith(x) for x in prefixes):
+            continue
+        if p.suffix == ".json":
+            try:
+                out[rel] = json.loads(p.read_text())
+            except ValueError:
+                continue
+        elif p.suffix == ".safetensors":
+            with safe_open(str(p), "pt") as f:
+                out[rel] = ((f.metadata() or {}).get("settings"),
+                            {k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
+def split_pieces(folder: RunFolder | None, n: int,
+                 compute: Callable[[int, "RunFolder | None"], T],
+                 cached_under: Sequence[str] = (),
+                 then: Callable[[int, T], None] | None = None) -> list[T]:
+    """``[compute(i, folder) for i in range(n)]``, the pieces split over the ranks; ``then(i,
+    piece)`` (a log line, a figure) follows each piece in index order.
+
+    One process: exactly that, ``then`` right after each piece. Under ``torchrun`` each rank
+    computes its contiguous share :func:`~circuitdiff.core.distributed.alone` (see
+    :func:`~circuitdiff.core.distributed.split_map`) with a :class:`RankView` of ``folder`` in
+    its place: the cached results under the prefixes ``cached_under`` (where ``compute`` caches)
+    are reused on any rank, and rank 0 saves the other ranks' new results after the gather. The
+    values come back in index order on every rank, and ``then`` runs on them after the gather.
+    """
+    then = then or (lambda i, piece: None)
+    if ranks().world == 1:
+        out = []
+        for i in range(n):
+            out.append(compute(i, folder))
+            then(i, out[-1])
+        return out
+    view = None
+    if folder is not None:
+        view = RankView(folder, decide(_snapshot(folder, cached_under) if is_main() else None))
+    results = split_map(n, lambda i: compute(i, view))
+    if view is not None:
+        for name, obj, settings in concat_shares(view.writes):
+            if settings is None:
+                folder.save_json(name, obj)
+            else:
+                folder.save_tensors(name, obj, settings)
+    for i, piece in enumerate(results):
+        then(i, piece)
+    return results

@@ -23,8 +23,8 @@ from typing import Sequence
 from ..core.circuit import Circuit
 from ..core.config import Config, check_finite, execution
 from ..core.model import LoadedModel
-from ..core.pool import ModelPool, as_pool, same_tokenizer
-from ..core.runs import RunFolder, model_tag, safe_name
+from ..core.pool import ModelPool, as_pool, same_tokenizer, tokenizer_digest
+from ..core.runs import RunFolder, model_tag, safe_name, split_pieces
 from ..core.task import EntityTrackingTask, Prompt, TaskConfig, TaskSample
 from .ablation import HeadMeans, cached_means
 from .accuracy import evaluate_accuracy, prompts_key
@@ -164,14 +164,17 @@ class EvaluationResult(Result):
                    d.get("minimality", {}), d.get("overlaps", {}))
 
 
+TOKENIZER_FIX = ("the same prompts would be different token ids. Compare models with one "
+                 "tokenizer, or pass --per-model-tokenization to give each model its own prompts "
+                 "from the same seed")
+
+
 def check_same_tokenizer(first_spec: str, first_tokenizer, spec: str, tokenizer) -> None:
     """Error unless ``spec``'s tokenizer is the first model's: shared prompts would otherwise be
     different token ids (the fix: one tokenizer, or ``per_model_tokenization``)."""
     if not same_tokenizer(first_tokenizer, tokenizer):
-        raise ValueError(
-            f"model {spec} has a different tokenizer from {first_spec}: the same prompts would "
-            f"be different token ids. Compare models with one tokenizer, or pass "
-            f"--per-model-tokenization to give each model its own prompts from the same seed")
+        raise ValueError(f"model {spec} has a different tokenizer from {first_spec}: "
+                         f"{TOKENIZER_FIX}")
 
 
 def _cached(folder: RunFolder | None, name: str, settings: dict, compute):
@@ -189,7 +192,11 @@ def run(model_or_pool: "LoadedModel | ModelPool", prompts: Sequence[Prompt] | No
     prompts. Each piece is cached in ``store`` (``evaluate/<model>/full_hits.json``,
     ``evaluate/<model>/<circuit>.json``, ``means/…``, ``completeness/<model>/<circuit>.json``,
     ``minimality/<circuit>.json``, with ``pruned/<circuit>.json`` and ``overlap.json``
-    beside them), so a rerun resumes.
+    beside them), so a rerun resumes. Under ``torchrun`` each rank evaluates its contiguous
+    share of the (model, circuit) pairs, model-major
+    (:func:`~circuitdiff.core.runs.split_pieces`; a model whose pairs straddle two shares is
+    loaded, and its means computed, on both); the pieces are gathered in pair order and rank 0
+    alone writes them.
     """
     cfg, an, circuits = config, config.analyses, config.circuits
     progress = bool(progress)
@@ -202,63 +209,96 @@ def run(model_or_pool: "LoadedModel | ModelPool", prompts: Sequence[Prompt] | No
     if len(set(models)) != len(models):
         raise ValueError(f"a model is listed twice: {list(models)}")
     folder = as_store(store)
-    result = EvaluationResult([])
-    shared = None  # (tokenizer, prompts, mean prompts) of the first model
-    for spec, loaded in pool.each():
+    names = list(circuits)
+    units = [(spec, name) for spec in models for name in names]  # model-major: one load each
+    state: dict = {}  # this rank's loaded model and what its pieces share
+    first: list = []  # (spec, tokenizer, prompts, mean prompts) of this rank's first model
+
+    def model_state(spec: str, store: RunFolder | None) -> dict:
+        if state.get("spec") == spec:
+            return state
+        state.clear()
+        loaded = pool.get(spec)
         for c in circuits.values():
             c.validate(loaded.arch)
         tok = loaded.tokenizer
-        if shared is None or cfg.per_model_tokenization:
+        if not first or cfg.per_model_tokenization:
             task = EntityTrackingTask(tok, TaskConfig(n_boxes=cfg.n_boxes), seed=cfg.seed)
             ps = task.sample(cfg.n_prompts) if prompts is None else list(prompts)
             mean_ps = task.sample(cfg.n_mean, seed=cfg.mean_seed)
-            if shared is None:
-                shared = (tok, ps, mean_ps)
+            if not first:
+                first.append((spec, tok, ps, mean_ps))
         else:
-            check_same_tokenizer(models[0], shared[0], spec, tok)
-            ps, mean_ps = shared[1:]
+            check_same_tokenizer(first[0][0], first[0][1], spec, tok)
+            ps, mean_ps = first[0][2:]
         means: list[HeadMeans] = []
 
         def get_means() -> HeadMeans:  # computed only when a piece is not cached
             if not means:
-                means.append(cached_means(folder, loaded, mean_ps, cfg.means_key(),
+                means.append(cached_means(store, loaded, mean_ps, cfg.means_key(),
                                           cfg.batch_size, progress))
             return means[0]
 
         slug = model_tag(loaded.name)
         base = {"model": loaded.name, **cfg.shared_key(), **prompts_key(prompts)}
-        full_hits = _cached(folder, f"evaluate/{slug}/full_hits.json", base, lambda: [
+        full_hits = _cached(store, f"evaluate/{slug}/full_hits.json", base, lambda: [
             int(x) for x in evaluate_accuracy(loaded, ps, cfg.batch_size, progress).correct])
-        for name, circuit in circuits.items():
-            per_circuit = {**base, "circuit": circuit.to_dict()}
-            d = _cached(folder, f"evaluate/{slug}/{safe_name(name)}.json",
-                        {**per_circuit, "row_version": FaithfulnessRow.VERSION},
-                        lambda: evaluate_faithfulness(
-                            loaded, ps, get_means(), circuit, name, cfg.n_random, cfg.random_seed,
-                            cfg.keep_other_positions, cfg.batch_size, cfg.max_rows, full_hits,
-                            progress).to_dict())
-            result.rows.append(FaithfulnessRow.from_dict(d))
-            if an.completeness:
-                pts = _cached(folder, f"completeness/{slug}/{safe_name(name)}.json",
-                              {**per_circuit, "n_halves": an.n_halves}, lambda: [
-                                  p.to_dict() for p in completeness(
-                                      loaded, ps, get_means(), circuit, an.n_halves,
-                                      cfg.random_seed, cfg.keep_other_positions, cfg.batch_size,
-                                      cfg.max_rows, progress)])
-                result.completeness[(loaded.name, name)] = [CompletenessPoint.from_dict(p)
-                                                            for p in pts]
-            if an.minimality and spec == models[0]:
-                res = _cached(folder, f"minimality/{safe_name(name)}.json",
-                              {**per_circuit, "threshold": an.threshold,
-                               "max_partner_frac": an.max_partner_frac},
-                              lambda: minimality(circuit, batched_evaluator(
-                                  loaded, ps, get_means(), cfg.keep_other_positions,
-                                  cfg.batch_size, cfg.max_rows, progress=progress),
-                                  an.threshold, an.max_partner_frac).to_dict())
-                if folder is not None:
-                    Circuit.from_dict(res["pruned"]).save(
-                        folder.file(f"pruned/{safe_name(name)}.json"))
-                result.minimality[name] = res
+        state.update(spec=spec, loaded=loaded, ps=ps, get_means=get_means, slug=slug, base=base,
+                     full_hits=full_hits, tokenizer=tokenizer_digest(tok))
+        return state
+
+    def one_pair(i: int, store: RunFolder | None) -> dict:
+        spec, name = units[i]
+        m = model_state(spec, store)
+        loaded, ps, get_means, slug = m["loaded"], m["ps"], m["get_means"], m["slug"]
+        circuit = circuits[name]
+        per_circuit = {**m["base"], "circuit": circuit.to_dict()}
+        out = {"model": loaded.name, "tokenizer": m["tokenizer"]}
+        out["row"] = _cached(store, f"evaluate/{slug}/{safe_name(name)}.json",
+                             {**per_circuit, "row_version": FaithfulnessRow.VERSION},
+                             lambda: evaluate_faithfulness(
+                                 loaded, ps, get_means(), circuit, name, cfg.n_random,
+                                 cfg.random_seed, cfg.keep_other_positions, cfg.batch_size,
+                                 cfg.max_rows, m["full_hits"], progress).to_dict())
+        if an.completeness:
+            out["completeness"] = _cached(
+                store, f"completeness/{slug}/{safe_name(name)}.json",
+                {**per_circuit, "n_halves": an.n_halves}, lambda: [
+                    p.to_dict() for p in completeness(
+                        loaded, ps, get_means(), circuit, an.n_halves, cfg.random_seed,
+                        cfg.keep_other_positions, cfg.batch_size, cfg.max_rows, progress)])
+        if an.minimality and spec == models[0]:
+            out["minimality"] = _cached(
+                store, f"minimality/{safe_name(name)}.json",
+                {**per_circuit, "threshold": an.threshold, "max_partner_frac": an.max_partner_frac},
+                lambda: minimality(circuit, batched_evaluator(
+                    loaded, ps, get_means(), cfg.keep_other_positions, cfg.batch_size,
+                    cfg.max_rows, progress=progress), an.threshold, an.max_partner_frac).to_dict())
+        return out
+
+    # under torchrun each rank evaluates its share of the (model, circuit) pairs alone; the
+    # pieces come back in pair order, rank 0 writes them
+    try:
+        pieces = split_pieces(folder, len(units), one_pair,
+                              cached_under=["evaluate/", "completeness/", "minimality/", "means/"])
+    finally:
+        state.clear()
+        pool.free()
+    if not cfg.per_model_tokenization:  # ranks saw different models: compare their tokenizers
+        for (spec, _), piece in zip(units, pieces):
+            if piece["tokenizer"] != pieces[0]["tokenizer"]:
+                raise ValueError(f"model {spec} has a different tokenizer from {models[0]}: "
+                                 f"{TOKENIZER_FIX}")
+    result = EvaluationResult([])
+    for (spec, name), piece in zip(units, pieces):
+        result.rows.append(FaithfulnessRow.from_dict(piece["row"]))
+        if "completeness" in piece:
+            result.completeness[(piece["model"], name)] = [CompletenessPoint.from_dict(p)
+                                                           for p in piece["completeness"]]
+        if "minimality" in piece:
+            res = result.minimality[name] = piece["minimality"]
+            if folder is not None:
+                Circuit.from_dict(res["pruned"]).save(folder.file(f"pruned/{safe_name(name)}.json"))
     if len(circuits) > 1:
         names = list(circuits)
         result.overlaps = {f"{a}|{b}": head_overlap(circuits[a], circuits[b])

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from ..core.circuit import Circuit
 from ..core.model import LoadedModel
-from ..core.runs import model_tag
+from ..core.runs import RunFolder, model_tag, split_pieces
 from ..core.stats import sub_seed
 from ..core.task import EntityTrackingTask, TaskConfig
 from ..methods import accuracy, dcm, discovery, evaluation, knockout
@@ -100,6 +100,19 @@ def base_circuit(st: "StudyRun") -> Circuit:
     return Circuit.from_dict(st.results["discover"]["circuit"])
 
 
+def per_model(st: "StudyRun", one: Callable[[int, "RunFolder | None"], Any],
+              cached_under: str, then: Callable[[int, Any], None]) -> list:
+    """``one(i, store)`` for every model of the study, in model order, each followed by
+    ``then(i, piece)``: under ``torchrun`` each rank runs its share of the models
+    (:func:`~circuitdiff.core.runs.split_pieces`, the pieces cached under ``cached_under``);
+    then the pool is freed."""
+    try:
+        return split_pieces(st.folder, len(st.models), one, cached_under=[cached_under],
+                            then=then)
+    finally:
+        st.pool.free()
+
+
 def _grid(c: Circuit) -> tuple[int, int]:
     return (c.n_layers, c.n_heads)
 
@@ -110,14 +123,15 @@ def _step_accuracy(st: "StudyRun") -> None:
     cfg = accuracy.AccuracyConfig(n_prompts=ev.n_prompts, seed=ev.seed, n_boxes=ev.n_boxes,
                                   batch_size=ev.batch_size)
 
+    def one(i: int, store: RunFolder | None) -> dict:
+        r = accuracy.run(st.model(st.models[i]), None, cfg, store=store, progress=st.progress)
+        return {**r.summary(), "hits": [int(x) for x in r.correct], "chance": 1 / ev.n_boxes}
+
+    def log(i: int, r: dict) -> None:
+        st.log(f"  {st.models[i]}: {ev.n_boxes}-box accuracy {r['accuracy']:.3f} (n={r['n']})")
+
     def compute() -> dict:
-        out = {}
-        for spec, loaded in st.pool.each(st.models):
-            r = accuracy.run(loaded, None, cfg, store=st.folder, progress=st.progress)
-            out[spec] = {**r.summary(), "hits": [int(x) for x in r.correct],
-                         "chance": 1 / ev.n_boxes}
-            st.log(f"  {spec}: {ev.n_boxes}-box accuracy {r.accuracy:.3f} (n={r.n})")
-        return out
+        return dict(zip(st.models, per_model(st, one, "accuracy/", log)))
 
     st.step("accuracy", {"models": st.models, "accuracy": cfg.cache_key()}, compute)
 
@@ -275,16 +289,22 @@ def _step_knockout(st: "StudyRun") -> None:
     cfg = knockout.KnockoutConfig(edges=KNOCKOUT_EDGES, n=n, seed=ev.seed, n_boxes=ev.n_boxes,
                                   batch_size=ev.batch_size)
 
-    def compute() -> dict:
+    def one(i: int, store: RunFolder | None) -> tuple[str, list[dict]]:
+        loaded = st.model(st.models[i])
+        res = knockout.run(loaded, None, cfg, store=store, progress=st.progress)
+        return loaded.name, [c.to_dict() for c in res.curves]
+
+    def plot(i: int, piece: tuple[str, list[dict]]) -> None:
         from ..report.figures import plot_knockout_curves
 
-        out = {}
-        for spec, loaded in st.pool.each(st.models):
-            res = knockout.run(loaded, None, cfg, store=st.folder, progress=st.progress)
-            plot_knockout_curves(res.curves, st.folder.file(f"knockout/{model_tag(spec)}.png"),
-                                 f"{loaded.name}, n={n}")
-            out[spec] = {c.edge: c.to_dict() for c in res.curves}
-        return out
+        name, curves = piece
+        plot_knockout_curves([knockout.KnockoutCurve.from_dict(c) for c in curves],
+                             st.folder.file(f"knockout/{model_tag(st.models[i])}.png"),
+                             f"{name}, n={n}")
+
+    def compute() -> dict:
+        return {spec: {c["edge"]: c for c in curves}
+                for spec, (_, curves) in zip(st.models, per_model(st, one, "knockout/", plot))}
 
     st.step("knockout", {"models": st.models, **cfg.cache_key()}, compute)
 

@@ -44,7 +44,7 @@ import torch
 from ...core.circuit import Circuit, Head
 from ...core.model import LoadedModel
 from ...core.pool import ModelPool
-from ...core.runs import RunFolder, model_tag, settings_digest
+from ...core.runs import RunFolder, model_tag, settings_digest, split_pieces
 from ...core.pool import check_pair
 from ...core.stats import excess_interval
 from ...core.task import Batch, Prompt, batches
@@ -226,7 +226,9 @@ def run(model_or_pool: "ModelPool | LoadedModel | Sequence[ModelRef]",
     an adapter folder on the base (:func:`~circuitdiff.core.pool.check_pair`), as does the same
     adapter-carrying loaded model given twice. ``prompts`` default to :func:`cmap_prompts`.
     With ``store`` every recording and direction is cached there, keyed by the config's settings,
-    the circuit, the prompts and the endpoints, so a rerun resumes.
+    the circuit, the prompts and the endpoints, so a rerun resumes. Under ``torchrun`` each rank
+    patches its share of the directions (:func:`~circuitdiff.core.runs.split_pieces`; rank 0
+    alone writes), gathered in direction order.
     """
     cfg = config
     if cfg.circuit is None:
@@ -276,23 +278,25 @@ def run(model_or_pool: "ModelPool | LoadedModel | Sequence[ModelRef]",
     del ft_loaded
 
     pairs = [(ft_ep, base_ep, FORWARD)] + ([(base_ep, ft_ep, REVERSE)] if cfg.reverse else [])
-    results = []
-    for src, tgt, name in pairs:
-        dsettings = {**settings, "source": src.name, "target": tgt.name}
+    # the rows' format is in the result's key (not the recordings': they did not change)
+    rsettings = [{**settings, "source": src.name, "target": tgt.name,
+                  "row_version": CMAPRow.VERSION} for src, tgt, _ in pairs]
+    cache_names = [f"cmap/{model_tag(src.name)}__{model_tag(tgt.name)}-"
+                   f"{settings_digest(rs, 10)}.json" for (src, tgt, _), rs in zip(pairs, rsettings)]
 
-        def compute(src=src, tgt=tgt, name=name, dsettings=dsettings) -> dict:
-            return _direction(pool, src, tgt, name, batch_list, circuit, cfg, grid(arch), folder,
+    def one_direction(i: int, store: RunFolder | None) -> dict:
+        src, tgt, name = pairs[i]
+        dsettings = {k: v for k, v in rsettings[i].items() if k != "row_version"}
+
+        def compute() -> dict:
+            return _direction(pool, src, tgt, name, batch_list, circuit, cfg, grid(arch), store,
                               dsettings, progress).to_dict()
 
-        if folder is None:
-            d = compute()
-        else:
-            # the rows' format is in the result's key (not the recordings': they did not change)
-            rsettings = {**dsettings, "row_version": CMAPRow.VERSION}
-            cache_name = (f"cmap/{model_tag(src.name)}__{model_tag(tgt.name)}-"
-                          f"{settings_digest(rsettings, 10)}.json")
-            d = folder.cached(cache_name, rsettings, compute)
-        results.append(_fill_units(DirectionResult.from_dict(d), circuit))
+        return compute() if store is None else store.cached(cache_names[i], rsettings[i], compute)
+
+    # under torchrun each rank patches its share of the directions, gathered in direction order
+    results = [_fill_units(DirectionResult.from_dict(d), circuit)
+               for d in split_pieces(folder, len(pairs), one_direction, cached_under=cache_names)]
     pool.free()
     warn = []
     if any(d.identical for d in results):

@@ -20,7 +20,7 @@ import torch
 
 from ...core.circuit import Circuit, CircuitGroup, Head, format_head, parse_head
 from ...core.model import LoadedModel
-from ...core.runs import RunFolder, model_tag, safe_name, settings_digest
+from ...core.runs import RunFolder, model_tag, safe_name, settings_digest, split_pieces
 from ...core.stats import difference_interval, format_interval, sub_seed
 from ...core.task import POSITION_NAMES, EntityTrackingTask, Prompt, TaskConfig
 from ..base import Result, as_store
@@ -421,26 +421,31 @@ def run(loaded: LoadedModel, prompts: Sequence[Prompt] | None, config: DCMConfig
     if not view.groups:
         return DCMResult(loaded.name, circuit.to_dict(), config.cache_key(), [], empty, {}, notes)
     plan = prepare(loaded.tokenizer, config, prompts)
-    rows: list[DesideratumResult] = []
-    seconds: dict[str, float] = {}
     dtype = str(next(loaded.model.parameters()).dtype)
+    groups = list(plan.groups.items())
+    folder = f"dcm/{model_tag(loaded.name)}/"
+
+    def one_group(i: int, store: RunFolder | None) -> tuple[list[dict], float]:
+        name, group = groups[i]
+        t0 = time.perf_counter()
+        compute = lambda: [r.to_dict() for r in _dcm_group(  # noqa: E731
+            loaded, plan, name, group, bool(progress))]
+        if store is None:
+            got = compute()
+        else:
+            settings = {"model": loaded.name, "dtype": dtype, "group": name,
+                        "position": group.position,
+                        "heads": [format_head(h) for h in group.heads], **config.group_key()}
+            if plan.prompts_digest is not None:
+                settings["prompts"] = plan.prompts_digest
+            got = store.cached(f"{folder}{safe_name(name)}.json", settings, compute)
+        return got, round(time.perf_counter() - t0, 2)
+
     with frozen_weights(loaded.model):
-        for name, group in plan.groups.items():
-            t0 = time.perf_counter()
-            compute = lambda: [r.to_dict() for r in _dcm_group(  # noqa: E731
-                loaded, plan, name, group, bool(progress))]
-            if store is None:
-                got = compute()
-            else:
-                settings = {"model": loaded.name, "dtype": dtype, "group": name,
-                            "position": group.position,
-                            "heads": [format_head(h) for h in group.heads], **config.group_key()}
-                if plan.prompts_digest is not None:
-                    settings["prompts"] = plan.prompts_digest
-                got = store.cached(f"dcm/{model_tag(loaded.name)}/{safe_name(name)}.json",
-                                   settings, compute)
-            seconds[name] = round(time.perf_counter() - t0, 2)
-            rows += [DesideratumResult.from_dict(d) for d in got]
+        # under torchrun each rank trains its share of the groups; rows come back in group order
+        done = split_pieces(store, len(groups), one_group, cached_under=[folder])
+    rows = [DesideratumResult.from_dict(d) for got, _ in done for d in got]
+    seconds = {name: s for (name, _), (_, s) in zip(groups, done)}
     return DCMResult(loaded.name, circuit.to_dict(), config.cache_key(), rows, plan.empty_groups,
                      seconds, notes)
 

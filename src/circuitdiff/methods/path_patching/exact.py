@@ -10,7 +10,7 @@ import contextlib
 import hashlib
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Sequence
 
 import torch
@@ -136,6 +136,22 @@ def _capture(loaded: LoadedModel, bc: Batch, bx: Batch, position: str) -> _Clean
     z_cf = torch.stack([read_cf.out[l].flatten(0, 1) for l in range(L)])
     return _Clean(p, z, z_cf, torch.stack(resid), torch.stack(attn), logits,
                   answer_prob(logits, bc.answer_ids))
+
+
+def _shared_capture(loaded: LoadedModel, bc: Batch, bx: Batch, position: str) -> _Clean:
+    """:func:`_capture`, computed once: under ``torchrun`` rank 0 runs the two forwards and
+    hands the (small: role tokens only) capture to the other ranks, which every rank's call of
+    the same batch reaches in the same order; one process computes it."""
+    from ...core import distributed
+
+    r = distributed.ranks()
+    if r.world == 1:
+        return _capture(loaded, bc, bx, position)
+    mine = _capture(loaded, bc, bx, position) if r.main else None
+    got = distributed.decide(None if mine is None else
+                             {f.name: getattr(mine, f.name).cpu() for f in fields(_Clean)})
+    return mine if mine is not None else _Clean(**{k: v.to(loaded.device)
+                                                   for k, v in got.items()})
 
 
 def _replay_error(rep: _Replay, c: _Clean) -> float:
@@ -589,7 +605,7 @@ def _fast_batch(loaded: LoadedModel, rep: _Replay, bc: Batch, bx: Batch, req: _R
     p_role = role_positions(bc, req.position)
 
     def capture() -> tuple[_Clean, float]:
-        c = _capture(loaded, bc, bx, req.position)
+        c = _shared_capture(loaded, bc, bx, req.position)
         return c, max(_replay_error(rep, c), _logits_error(rep, c, bc.positions["last"]))
     if cache is None:
         c, err = capture()
@@ -715,11 +731,13 @@ def path_patching_scores(loaded: LoadedModel, clean: Sequence[Prompt],
     to the ranks (:func:`~circuitdiff.core.distributed.dealt`; each rank keeps the
     sort-by-layer batching inside its share), each rank scores its own, and the per-sample scores
     are gathered in a fixed order, so every rank returns the whole :class:`Scores`. The clean and
-    counterfactual captures (and pass 2's clean prefix states) are cheap next to the senders'
-    scoring and are computed on every rank, not shipped. Per-sender math is unchanged; only which
-    senders share a stacked forward differs, so the scores equal one process's up to float
-    rounding of the stacked matmuls (measured 0 on CPU float32, see
-    ``tests/methods/test_distributed_methods.py``).
+    counterfactual captures are computed on rank 0 and handed to the others (role tokens only:
+    small next to the forwards; on 2 ranks sharing 2 loaded cores, bench/workers.py's Qwen
+    shape with 2 prompts, two A/B pairs took the call from 11.9 and 12.7 s to 10.1 and 9.7 s);
+    pass 2's clean prefix states (whole prompts' caches) are computed on every rank, not
+    shipped. Per-sender math is unchanged; only which senders share a stacked forward differs,
+    so the scores equal one process's up to float rounding of the stacked matmuls (measured 0
+    on CPU float32, see ``tests/methods/test_distributed_methods.py``).
 
     A big model dispatched by accelerate (``device_map`` with layers offloaded to CPU or disk)
     runs the fast path through accelerate's own hooks (each replayed module fetches its weights
