@@ -101,6 +101,21 @@ def test_save_figure_checks_every_figure(tmp_path):
     assert (tmp_path / "w.png").exists()
 
 
+def test_only_rank_0_writes_figures(tmp_path, monkeypatch):
+    """Under torchrun every rank holds the same figure; rank 0 alone writes the run folder."""
+    import circuitdiff.report.figures as figures
+
+    plt = figures.pyplot()
+    monkeypatch.setattr(figures, "is_main", lambda: False)  # this process plays rank 1
+    fig, _ = plt.subplots(figsize=(2, 2))
+    assert figures.save_figure(fig, tmp_path / "sub" / "r1.png") == tmp_path / "sub" / "r1.png"
+    assert not (tmp_path / "sub").exists() and not plt.fignum_exists(fig.number)
+    monkeypatch.setattr(figures, "is_main", lambda: True)
+    fig, _ = plt.subplots(figsize=(2, 2))
+    figures.save_figure(fig, tmp_path / "r0.png")
+    assert (tmp_path / "r0.png").exists()
+
+
 # -- every figure function on the study's results --------------------------------------------------
 def test_circuit_graph(summary, measured, tmp_path):
     from circuitdiff.report.scan import circuit_graph

@@ -10,6 +10,7 @@ from typing import Sequence
 
 import torch
 
+from ..core.distributed import is_main
 from ..core.runs import temp_path
 from .layout import warn_layout
 from .palette import MODEL_COLORS, RANDOM_HATCH
@@ -31,8 +32,11 @@ def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
 
     Before saving, the figure's text is measured (:func:`~.layout.warn_layout`): overlapping or
     clipped labels are reported as a :class:`~.layout.FigureLayoutWarning` (the tests make it
-    an error)."""
+    an error). Under ``torchrun`` only rank 0 writes (every rank holds the same figure)."""
     path = Path(path)
+    if not is_main():
+        pyplot().close(fig)
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.set_dpi(dpi)  # measure at the resolution that is saved

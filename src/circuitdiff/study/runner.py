@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..core.circuit import Circuit
+from ..core.distributed import is_main
 from ..core.model import LoadedModel
 from ..core.pool import ModelPool
 from ..core.runs import RunFolder, atomic_write_text, environment, no_progress_bars
@@ -221,7 +222,7 @@ def _screenshot(st: StudyRun, html_path: Path) -> None:
     from ..report.browser import check_page, find_browser
 
     browser = find_browser()
-    if browser is None:
+    if browser is None or not is_main():  # rank 0 alone writes the run folder
         return
     try:
         res = check_page(html_path, st.folder.file("report.png"), browser, timeout=60)
