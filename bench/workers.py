@@ -20,7 +20,7 @@ box's label (long suffix: scoring dominates), and a random Llama with Qwen2.5-0.
 shapes (24 layers x 14 heads, 2 kv heads, hidden 896, MLP 4864; a small word-level vocabulary,
 few prompts) with q receivers at ``last`` (pass 2 is one token: the captures weigh more).
 
-    python bench/workers.py [--cases organism,qwen] [-n N] [--boxes 3] [--workers 1,2]
+    python bench/workers.py [--cases organism,qwen] [-n N] [--batch-size B] [--boxes 3] [--workers 1,2]
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def child(args) -> None:
     cf = task.corrupt(clean)
     req = request(args.case, loaded.arch)
     n_senders = len(req.resolve(loaded.arch).senders)
-    opts = FastOptions(batch_size=args.n)
+    opts = FastOptions(batch_size=args.batch_size or args.n)
     clock = time.perf_counter
 
     def timed(fn):
@@ -119,7 +119,7 @@ def launch(args, case: str, workers: int) -> dict:
     os.environ["OMP_NUM_THREADS"] = "1"
     elastic_launch(cfg, entrypoint=sys.executable)(
         os.path.abspath(__file__), "--child", "--case", case, "-n", str(args.n), "--boxes",
-        str(args.boxes), "--result", result)
+        str(args.boxes), "--batch-size", str(args.batch_size or args.n), "--result", result)
     with open(result) as f:
         out = json.load(f)
     os.unlink(result)
@@ -133,6 +133,10 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=None,
                     help="prompts (default: 48 on the organism, 6 on the Qwen shape)")
     ap.add_argument("--boxes", type=int, default=3, help="boxes per prompt (default 3)")
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="prompts per batch (default: all in one). With at least as many "
+                         "batches as ranks, each rank scores every sender on its share of the "
+                         "batches; with fewer, the senders are dealt")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--case", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--result", default=None, help=argparse.SUPPRESS)
@@ -162,7 +166,9 @@ def main() -> None:
             scoring = [(max(0.0, x["warm"] - x["gather"]), x["warm_cpu"]) for x in ranks]
             base = base or (total, res["checksum"])
             same = "yes" if res["checksum"] == base[1] else f"differs {res['checksum'] - base[1]:.1e}"
-            print(f"| {case} ({res['arch']}), {args.n} prompts | {w} | {res['senders']} | "
+            batches = -(-args.n // (args.batch_size or args.n))
+            print(f"| {case} ({res['arch']}), {args.n} prompts in {batches} batch"
+                  f"{'es' if batches > 1 else ''} | {w} | {res['senders']} | "
                   f"{total:.2f} | "
                   f"{base[0] / total:.2f}x | {capture:.2f} | "
                   f"{', '.join(f'{s:.2f} ({c:.2f})' for s, c in scoring)} | {gather:.3f} | {same} |",

@@ -80,10 +80,11 @@ def compute_all() -> dict[str, torch.Tensor]:
                 "q": PatchRequest("last", [(3, 0), (2, 1)], "q"),
                 "v_labels": PatchRequest("labels", [(3, 2), (2, 3)], "v")}
     for name, req in requests.items():
-        for impl in ("fast", "naive"):
-            s = path_patching_scores(loaded, clean, cf, req, FastOptions(impl=impl, batch_size=4,
+        # batch_size 4: two prompt batches, one per rank; 8: one batch, the senders are dealt
+        for impl, bs in (("fast", 4), ("naive", 4), ("fast", 8)):
+            s = path_patching_scores(loaded, clean, cf, req, FastOptions(impl=impl, batch_size=bs,
                                                                          max_rows=64))
-            out[f"{name}_{impl}_mean"], out[f"{name}_{impl}_se"] = s.mean, s.se
+            out[f"{name}_{impl}{bs}_mean"], out[f"{name}_{impl}{bs}_se"] = s.mean, s.se
         out[f"{name}_attribution"] = attribution_scores(loaded, clean, cf, req, batch_size=3)
     # the scan and ablation variants on the trained organism (a random model is at chance)
     from circuitdiff.core.model import load_model

@@ -727,11 +727,15 @@ def path_patching_scores(loaded: LoadedModel, clean: Sequence[Prompt],
     the fast path's clean and counterfactual runs of the same prompts across calls (the scores
     are the same either way).
 
-    Under ``torchrun`` every rank must call this with the same arguments: the senders are dealt
-    to the ranks (:func:`~circuitdiff.core.distributed.dealt`; each rank keeps the
-    sort-by-layer batching inside its share), each rank scores its own, and the per-sample scores
-    are gathered in a fixed order, so every rank returns the whole :class:`Scores`. The clean and
-    counterfactual captures are computed on rank 0 and handed to the others (role tokens only:
+    Under ``torchrun`` every rank must call this with the same arguments. With at least as many
+    prompt batches as ranks, each rank scores every sender on its contiguous share of the
+    batches (captures, prefix states and passes alone: nothing is computed twice) and the
+    per-sample scores are gathered in prompt order — each batch's numbers are one process's,
+    bit for bit. With fewer batches the senders are dealt to the ranks
+    (:func:`~circuitdiff.core.distributed.dealt`; each rank keeps the sort-by-layer batching
+    inside its share), each rank scores its own, and the per-sample scores are gathered in a
+    fixed order, so every rank returns the whole :class:`Scores`; the clean and
+    counterfactual captures are then computed on rank 0 and handed to the others (role tokens only:
     small next to the forwards; on 2 ranks sharing 2 loaded cores, bench/workers.py's Qwen
     shape with 2 prompts, two A/B pairs took the call from 11.9 and 12.7 s to 10.1 and 9.7 s);
     pass 2's clean prefix states (whole prompts' caches) are computed on every rank, not
@@ -748,9 +752,16 @@ def path_patching_scores(loaded: LoadedModel, clean: Sequence[Prompt],
     arch = loaded.arch
     req = request.resolve(arch)
     _check_sets(loaded, clean, counterfactual)
-    order = _rank_order(req)
-    mine = [order[j] for j in distributed.dealt(len(order))]
-    local = _Request(req.position, [req.senders[i] for i in mine], req.receivers, req.kind)
+    bs = options.batch_size
+    starts = list(range(0, len(clean), bs))  # the prompt batches
+    by_batch = 1 < distributed.ranks().world <= len(starts)
+    if by_batch:  # each rank: every sender on its contiguous share of the batches
+        starts = [starts[i] for i in distributed.share(len(starts))]
+        local, order = req, list(range(len(req.senders)))
+    else:  # fewer batches than ranks: the senders are dealt, every rank runs every batch
+        order = _rank_order(req)
+        mine = [order[j] for j in distributed.dealt(len(order))]
+        local = _Request(req.position, [req.senders[i] for i in mine], req.receivers, req.kind)
     rep = None
     if options.impl == "fast":
         try:
@@ -765,11 +776,11 @@ def path_patching_scores(loaded: LoadedModel, clean: Sequence[Prompt],
                           f"the naive path", stacklevel=2)
     from tqdm.auto import tqdm
 
-    bs = options.batch_size
     per_sample: list[torch.Tensor] = []  # [local senders, B] per batch
-    with tqdm(total=len(local.senders) * len(clean), desc=desc, unit="run",
-              disable=not progress) as bar:
-        for i in range(0, len(clean), bs):
+    mine_alone = distributed.alone() if by_batch else contextlib.nullcontext()
+    with mine_alone, tqdm(total=len(local.senders) * sum(len(clean[i:i + bs]) for i in starts),
+                          desc=desc, unit="run", disable=not progress) as bar:
+        for i in starts:
             bc, bx = _encode_checked(loaded, clean[i:i + bs], counterfactual[i:i + bs],
                                      req.position)
             if rep is not None:
@@ -782,10 +793,13 @@ def path_patching_scores(loaded: LoadedModel, clean: Sequence[Prompt],
                                   stacklevel=2)
                     rep = None
             per_sample.append(_naive_batch(loaded, bc, bx, local, bar))
-    dealt = distributed.gather_dealt(torch.cat(per_sample, 1), len(order))  # rows: `order`
-    samples = torch.empty_like(dealt)
-    samples[torch.tensor(order, dtype=torch.long)] = dealt
-    samples = samples.double()
+    if by_batch:  # columns: the batches in rank order, i.e. the prompts in order
+        samples = distributed.gather_cat(torch.cat(per_sample, 1), dim=1).double()
+    else:
+        dealt = distributed.gather_dealt(torch.cat(per_sample, 1), len(order))  # rows: `order`
+        samples = torch.empty_like(dealt)
+        samples[torch.tensor(order, dtype=torch.long)] = dealt
+        samples = samples.double()
     scores = torch.zeros(arch.n_layers, arch.n_heads, dtype=torch.float32)
     idx = torch.tensor(req.senders)
     scores[idx[:, 0], idx[:, 1]] = samples.mean(1).float()
