@@ -51,6 +51,11 @@ def _assert_bad(rc, err, phrase, out: Path | None = None):
         assert not out.exists() or not any(out.iterdir()), list(out.iterdir())
 
 
+def evaluate_circuit(key: str):
+    """``circuitdiff evaluate`` on the catalogue's circuit file ``key`` and the base model."""
+    return lambda c: ["evaluate", "--circuit", c[key], "--model", c["base"], "--out", c["out"]]
+
+
 CATALOGUE = [
     # (id, argv builder(ctx) -> argv, phrase)
     ("data-negative-n", lambda c: ["data", "-n", "-5", "--out", c["out"]], "at least 1"),
@@ -158,23 +163,16 @@ CATALOGUE = [
     ("evaluate-threshold-nan", lambda c: ["evaluate", "--circuit", c["good"], "--model", c["base"],
                                           "--minimality", "--threshold", "nan", "--out", c["out"]],
      "--threshold must be a finite number"),
-    ("evaluate-circuit-is-a-folder", lambda c: ["evaluate", "--circuit", c["empty_dir"], "--model",
-                                                c["base"], "--out", c["out"]], "is a folder"),
-    ("evaluate-circuit-without-heads", lambda c: ["evaluate", "--circuit", c["no_groups"],
-                                                  "--model", c["base"], "--out", c["out"]],
+    ("evaluate-circuit-is-a-folder", evaluate_circuit("empty_dir"), "is a folder"),
+    ("evaluate-circuit-without-heads", evaluate_circuit("no_groups"),
      "has no group with heads"),
-    ("evaluate-integer-heads", lambda c: ["evaluate", "--circuit", c["int_heads"], "--model",
-                                          c["base"], "--out", c["out"]], 'as strings "LAYER.HEAD"'),
-    ("evaluate-n-layers-four", lambda c: ["evaluate", "--circuit", c["four_layers"], "--model",
-                                          c["base"], "--out", c["out"]],
+    ("evaluate-integer-heads", evaluate_circuit("int_heads"), 'as strings "LAYER.HEAD"'),
+    ("evaluate-n-layers-four", evaluate_circuit("four_layers"),
      "n_layers must be a positive integer, got 'four'"),
-    ("evaluate-circuit-not-utf8", lambda c: ["evaluate", "--circuit", c["not_utf8"], "--model",
-                                             c["base"], "--out", c["out"]], "is not UTF-8"),
-    ("evaluate-head-out-of-range", lambda c: ["evaluate", "--circuit", c["out_of_range"],
-                                              "--model", c["base"], "--out", c["out"]],
+    ("evaluate-circuit-not-utf8", evaluate_circuit("not_utf8"), "is not UTF-8"),
+    ("evaluate-head-out-of-range", evaluate_circuit("out_of_range"),
      "outside its 3 layers x 4 heads"),
-    ("evaluate-wrong-head-grid", lambda c: ["evaluate", "--circuit", c["wrong_grid"], "--model",
-                                            c["base"], "--out", c["out"]], "has 3 x 4"),
+    ("evaluate-wrong-head-grid", evaluate_circuit("wrong_grid"), "has 3 x 4"),
     ("evaluate-misspelt-second-model", lambda c: ["evaluate", "--circuit", c["good"], "--model",
                                                   c["base"], "--model", c["base"] + "x",
                                                   "--out", c["out"]], "does not exist"),
