@@ -262,6 +262,21 @@ def test_random_control_runs_every_row_on_each_draw(tiny, prompts):
     assert "(empty group)" in text and "n=16" in text
 
 
+def test_group_rows_take_a_prefix_of_the_circuits_draws(tiny, prompts):
+    """``group_random_draws``: the whole circuit keeps every draw (its verdict ranks it among
+    them), the group and cumulative rows the first k — the same draws a run with k gives them."""
+    ft = finetune_layer0_qkv(tiny)
+    few = run([tiny, ft], prompts, cfg(random_draws=2)).directions[0]
+    mixed = run([tiny, ft], prompts, cfg(random_draws=4, group_random_draws=2)).directions[0]
+    for a, b in zip(few.rows, mixed.rows):
+        if b.empty:
+            continue
+        if b.kind == "circuit":
+            assert len(b.random) == 4 and b.random[:2] == a.random
+        else:
+            assert b.random == a.random and len(b.random) == 2
+
+
 # -- CLI ------------------------------------------------------------------------------------------
 def write_circuit(path, layers=3, heads=4):
     circuit(layers, heads).save(path)
