@@ -366,18 +366,18 @@ def _dcm_group(loaded: LoadedModel, plan: DCMPlan, name: str, group: CircuitGrou
             test = eval_hits(loaded, plan, group, dname, [[], heads] + randoms,
                              "test").float().mean(1).tolist()
             rnd = test[2:]
-            val = eval_hits(loaded, plan, group, dname, [[], selected] + randoms, "val")
-            if selected:
+            if selected:  # validation hits: the found gate and its calibration
+                val = eval_hits(loaded, plan, group, dname, [[], selected] + randoms, "val")
                 gate = found_gate(val, cfg, f"{name}/{dname}")
+                calibration = random_gate_calibration(val, cfg, f"{name}/{dname}")
             else:
                 gate = (False, f"{NO_FUNCTION}: no head selected", None, None)
+                calibration = (None, 0)
             out.append(DesideratumResult(
                 name, dname, group.position, [format_head(h) for h in heads], curve,
                 cfg.lambdas[pick], [format_head(h) for h in selected],
                 curve[pick]["test_accuracy"], test[0], test[1], *random_summary(rnd), rnd,
-                cfg.n_train, cfg.n_val, cfg.n_test, *gate,
-                *(random_gate_calibration(val, cfg, f"{name}/{dname}") if selected
-                  else (None, 0))))
+                cfg.n_train, cfg.n_val, cfg.n_test, *gate, *calibration))
             if progress:
                 r = out[-1]
                 print(f"  {name} / {dname}: λ={r.chosen_lambda:g} selects {len(r.selected)}/"
