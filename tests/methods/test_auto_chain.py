@@ -107,7 +107,7 @@ def test_resume_recomputes_nothing(base, fast_run, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("recomputed a cached step")
     monkeypatch.setattr(steps, "path_patching_scores", boom)
-    monkeypatch.setattr(auto, "position_scan", boom)
+    monkeypatch.setattr(auto, "scan_by_method", boom)
     monkeypatch.setattr(auto, "size_circuit", boom)
     again = discovery.run(base, None, DiscoveryConfig(**SMALL), store=out)
     assert again.circuit.to_dict() == res.circuit.to_dict()

@@ -58,8 +58,15 @@ def run(loaded: LoadedModel,
 
 def _run(loaded: LoadedModel, prompts, cfg: DiscoveryConfig, folder: RunFolder, progress: bool,
          cache: CaptureCache | None, save: bool) -> DiscoveryResult:
+    cfg, rules = cfg.resolved(loaded.arch.n_layers, loaded.arch.n_heads)
+    if progress:
+        import sys
+
+        for rule in rules:
+            print(f"[discover] {rule}", file=sys.stderr)
     ctx = Context.open(loaded, folder, cfg, prompts, progress,
                        cache if cache is not None else CaptureCache())
+    ctx.rules = rules
     result = run_auto(ctx) if cfg.chain == "auto" else run_paper(ctx)
     if save:
         result.save(folder.path)

@@ -47,7 +47,8 @@ from ...core.model import LoadedModel
 from ...core.task import PARTITION_ROLES, EntityTrackingTask, Prompt, TaskConfig, encode
 from ..ablation import cached_means, role_mask
 from ..accuracy import evaluate_accuracy
-from ..scan import ScanResult, default_scan_roles, position_scan
+from ..scan import (ScanResult, default_scan_roles, resolve_scan_method, scan_by_method,
+                    scan_method_key)
 from .config import DiscoveryError, NoCircuitError, TargetUnreachable
 from .sizing import Group, size_circuit
 from .steps import Context, DiscoveryResult, Step, score_step
@@ -167,14 +168,19 @@ def run_auto(ctx: Context) -> DiscoveryResult:
                          cfg.batch_size, progress)
 
     # 2. the position scan on the held-out prompts
-    scan_settings = {**base, **held, "n_mean": cfg.n_mean, "n_scan": cfg.n_scan, "kind": "scan"}
+    scan_settings = scan_method_key(
+        {**base, **held, "n_mean": cfg.n_mean, "n_scan": cfg.n_scan, "kind": "scan"},
+        cfg.scan_method, cfg.scan_exact, arch)
+    scan_prompts = held_out[:cfg.n_scan]
+    scan_roles = [r for r in default_scan_roles(scan_prompts, loaded.tokenizer)
+                  if r in PARTITION_ROLES]  # disjoint roles: the ones edges are traced at
+    ctx.rules.append(resolve_scan_method(cfg.scan_method, L, H, len(scan_roles),
+                                         cfg.scan_exact)[1])
 
     def run_scan() -> dict:
-        scan_prompts = held_out[:cfg.n_scan]
-        roles = [r for r in default_scan_roles(scan_prompts, loaded.tokenizer)
-                 if r in PARTITION_ROLES]  # disjoint roles: the ones edges are traced at
-        res = position_scan(loaded, scan_prompts, means, roles, cfg.batch_size, cfg.max_rows,
-                            progress, baseline=float(full_correct[:cfg.n_scan].double().mean()))
+        res = scan_by_method(loaded, scan_prompts, means, scan_roles, cfg.scan_method,
+                             cfg.scan_exact, cfg.batch_size, cfg.max_rows, progress,
+                             baseline=float(full_correct[:cfg.n_scan].double().mean()))
         res.settings = scan_settings
         return res.to_dict()
     scan = ScanResult.from_dict(folder.cached("scan.json", scan_settings, run_scan))
@@ -265,6 +271,7 @@ def run_auto(ctx: Context) -> DiscoveryResult:
     # 5. size by faithfulness on the held-out prompts (cached: the slowest step after the scan)
     size_settings = {**base, **held, "n_mean": cfg.n_mean, "target": cfg.target,
                      "size_z": cfg.size_z,
+                     **({} if cfg.sizing == "exhaustive" else {"sizing": cfg.sizing}),
                      "sizes": None if cfg.sizes is None else list(cfg.sizes),
                      "on_unreachable": cfg.on_unreachable,
                      "groups": {k: [g.role, [format_head(h) for h in g.heads], g.scores,
@@ -296,7 +303,8 @@ def run_auto(ctx: Context) -> DiscoveryResult:
          "mean_seed": seeds["mean_seed"],
          "n_mean": cfg.n_mean, "prompts": base["prompts"], "adapter": loaded.adapter,
          "z_threshold": cfg.z_threshold, "min_score": cfg.min_score,
-         "scan_min_drop": cfg.scan_min_drop,
+         "scan_min_drop": cfg.scan_min_drop, "sizing": cfg.sizing,
+         "scan_method": scan.method, "rules": list(ctx.rules),
          "candidates": {k: {format_head(h): s for h, s in zip(g.heads, g.scores)}
                         for k, g in groups.items()},
          "extra_candidates": {k: {format_head(h): s for h, s in zip(g.extra, g.extra_scores)}

@@ -10,6 +10,7 @@ from ...core.config import Config, check_finite, execution
 from ...core.stats import sub_seed
 from ...core.circuit import PAPER_GROUPS
 from ..path_patching import IMPLS, PathPatchingError
+from ..scan import AUTO_EXACT_MAX_HEADS as SCAN_AUTO_EXACT_MAX_HEADS, SCAN_METHODS
 
 #: (group, position, receiver kind for the next group) — receivers of step i are group i-1
 PAPER_CHAIN: tuple[tuple[str, str, str | None], ...] = (
@@ -21,7 +22,11 @@ PAPER_CHAIN: tuple[tuple[str, str, str | None], ...] = (
 assert tuple((g, p) for g, p, _ in PAPER_CHAIN) == PAPER_GROUPS
 #: receivers kept from each step for the next (Prakash et al., Llama-7B)
 PAPER_SIZES: tuple[int, ...] = (20, 5, 10, 5)
-METHODS = ("exact", "attribution", "hybrid")
+METHODS = ("auto", "exact", "attribution", "hybrid")
+SIZINGS = ("auto", "exhaustive", "bisect")
+#: ``auto`` scores edges exactly, scans every cell and sizes exhaustively up to this many heads
+#: (the same bound as the scan's, :data:`..scan.AUTO_EXACT_MAX_HEADS`)
+AUTO_EXACT_MAX_HEADS = SCAN_AUTO_EXACT_MAX_HEADS
 CHAINS = ("auto", "paper")
 
 
@@ -68,7 +73,10 @@ class DiscoveryConfig(Config):
     are the step's own, see :mod:`.steps`; the run is resumable from them).
 
     Fields, both chains: ``n_prompts`` clean prompts (seed ``seed``, ``n_boxes`` boxes) and
-    their counterfactuals for path patching; ``method`` exact / attribution / hybrid;
+    their counterfactuals for path patching; ``method`` exact / attribution (the gradient
+    estimate itself, with per-prompt standard errors) / hybrid (exact scores of the estimate's
+    top candidates) / auto (exact up to :data:`AUTO_EXACT_MAX_HEADS` heads, attribution above:
+    :meth:`resolved` says which and why);
     ``hybrid_k`` (default ``3 x size``) is how many attribution candidates get exact scores;
     ``compare_exact`` (paper chain) computes both exact and attribution scores and reports the
     attribution's Spearman correlation and top-k recall; ``chain`` auto or paper.
@@ -81,7 +89,12 @@ class DiscoveryConfig(Config):
     ``mean_seed``) decides the size, unless
     ``sizes`` fixes heads per group — a size counts as reaching the target when the estimate
     minus ``size_z`` paired standard errors does; the position scan uses the first ``n_scan``
-    held-out prompts; a sender is significant when its score is ``<= -z_threshold`` standard
+    held-out prompts, by ``scan_method`` (auto, exact, attribution, hybrid: see
+    :mod:`..scan`; ``scan_exact`` cells measured exactly by the hybrid); ``sizing`` exhaustive
+    (every ``GROW_STEP``-th prefix, then single-removal pruning) or bisect (prefixes of doubling
+    length, then bisection between the last miss and the first hit; no pruning: O(log n)
+    evaluations for models with hundreds of candidate heads), auto by model size;
+    a sender is significant when its score is ``<= -z_threshold`` standard
     errors and ``<= -min_score``; roles whose scan drop (below the group's layers) reaches
     ``scan_min_drop`` of the model's accuracy get their k and v traced; at most ``max_groups``
     groups; ``on_unreachable`` = ``"error"`` stops with a message when even every candidate
@@ -93,7 +106,7 @@ class DiscoveryConfig(Config):
 
     n_prompts: int = 100
     sizes: tuple[int, ...] | None = None
-    method: str = "exact"
+    method: str = "auto"
     n_boxes: int = 7
     seed: int = 0
     batch_size: int = execution(32)
@@ -112,6 +125,9 @@ class DiscoveryConfig(Config):
     scan_min_drop: float = 0.1
     max_groups: int = 16
     on_unreachable: str = "error"
+    scan_method: str = "auto"
+    scan_exact: int = 16
+    sizing: str = "auto"
     max_rows: int = execution(512)
 
     def __post_init__(self) -> None:
@@ -119,6 +135,11 @@ class DiscoveryConfig(Config):
             raise PathPatchingError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.impl not in IMPLS:
             raise PathPatchingError(f"impl must be one of {IMPLS}, got {self.impl!r}")
+        if self.scan_method not in SCAN_METHODS:
+            raise PathPatchingError(f"scan method must be one of {SCAN_METHODS}, got "
+                                    f"{self.scan_method!r}")
+        if self.sizing not in SIZINGS:
+            raise PathPatchingError(f"sizing must be one of {SIZINGS}, got {self.sizing!r}")
         if self.chain not in CHAINS:
             raise PathPatchingError(f"chain must be one of {CHAINS}, got {self.chain!r}")
         check_finite("DiscoveryConfig", target=self.target, size_z=self.size_z,
@@ -134,10 +155,38 @@ class DiscoveryConfig(Config):
             raise PathPatchingError(f"on_unreachable must be 'error' or 'keep-all', got "
                                     f"{self.on_unreachable!r}")
         self.check_at_least(("n_prompts", "n_validate", "n_scan", "n_mean", "batch_size",
-                             "max_groups", "max_rows"), error=PathPatchingError)
+                             "max_groups", "max_rows", "scan_exact"), error=PathPatchingError)
         if self.hybrid_k is not None and self.hybrid_k < 1:
             raise PathPatchingError(f"hybrid_k must be >= 1 (or None for 3 x size), got "
                                     f"{self.hybrid_k}")
+
+    def resolved(self, n_layers: int, n_heads: int) -> tuple["DiscoveryConfig", list[str]]:
+        """This config with ``method`` and ``sizing`` ``auto`` replaced by what they mean on a
+        model of ``n_layers x n_heads`` heads, and the sentences saying why (printed with the
+        progress bars and kept in the circuit's metadata). Exact path patching costs one partial
+        forward per (sender, prompt) and edge — 336 senders x 100 prompts on a 24 x 14 model —
+        while attribution scores every sender with two forward/backward passes per batch."""
+        import dataclasses
+
+        heads = n_layers * n_heads
+        small = heads <= AUTO_EXACT_MAX_HEADS
+        rules, changes = [], {}
+        if self.method == "auto":
+            changes["method"] = "exact" if small else "attribution"
+            rules.append(
+                f"method auto -> exact: {heads} heads <= {AUTO_EXACT_MAX_HEADS}, every sender "
+                f"path-patched" if small else
+                f"method auto -> attribution: {heads} heads > {AUTO_EXACT_MAX_HEADS}; exact "
+                f"path patching would cost {heads} partial forwards per prompt and edge, the "
+                f"gradient estimate two forward/backward passes per batch (its per-prompt "
+                f"standard errors feed the same significance rule)")
+        if self.sizing == "auto":
+            changes["sizing"] = "exhaustive" if small else "bisect"
+            rules.append(
+                f"sizing auto -> exhaustive: {heads} heads <= {AUTO_EXACT_MAX_HEADS}" if small else
+                f"sizing auto -> bisect: {heads} heads > {AUTO_EXACT_MAX_HEADS}, prefixes of "
+                f"doubling length then bisection, no single-removal pruning")
+        return (dataclasses.replace(self, **changes) if changes else self), rules
 
     def seed_streams(self) -> dict[str, int]:
         """The automatic chain's named prompt streams under ``seed``: ``validate_seed`` (the
@@ -149,5 +198,5 @@ class DiscoveryConfig(Config):
                 "mean_seed": sub_seed(self.seed, "means")}
 
 
-__all__ = ["CHAINS", "DiscoveryConfig", "DiscoveryError", "METHODS", "NoCircuitError",
+__all__ = ["AUTO_EXACT_MAX_HEADS", "CHAINS", "DiscoveryConfig", "SIZINGS", "DiscoveryError", "METHODS", "NoCircuitError",
            "PAPER_CHAIN", "PAPER_SIZES", "TargetUnreachable", "parse_sizes"]

@@ -100,19 +100,23 @@ def size_circuit(loaded: LoadedModel, prompts: Sequence[Prompt], means: HeadMean
     # grow coarse to fine: every GROW_STEP-th prefix (stacked, a chunk at a time, stopping at the
     # first chunk where one reaches the target), then every prefix inside the last step
     measured: dict[int, tuple[float, float, float]] = {}
-    coarse = list(range(GROW_STEP - 1, len(prefixes), GROW_STEP))
-    if not coarse or coarse[-1] != len(prefixes) - 1:
-        coarse.append(len(prefixes) - 1)
-    chunk = max(1, cfg.max_rows // max(1, min(len(prompts), cfg.batch_size)))
-    for i in range(0, len(coarse), chunk):
-        todo = coarse[i:i + chunk]
-        measured.update(zip(todo, measure([masks(prefixes[j]) for j in todo])))
-        if any(measured[j][2] >= cfg.target for j in todo):
-            break
-    first = min((j for j in measured if measured[j][2] >= cfg.target), default=None)
-    if first is not None:
-        fine = [j for j in range(max(0, first - GROW_STEP + 1), first) if j not in measured]
-        measured.update(zip(fine, measure([masks(prefixes[j]) for j in fine])))
+    if cfg.sizing == "bisect":
+        measured = _bisect_grow(len(prefixes), lambda j: measure([masks(prefixes[j])])[0],
+                                cfg.target)
+    else:
+        coarse = list(range(GROW_STEP - 1, len(prefixes), GROW_STEP))
+        if not coarse or coarse[-1] != len(prefixes) - 1:
+            coarse.append(len(prefixes) - 1)
+        chunk = max(1, cfg.max_rows // max(1, min(len(prompts), cfg.batch_size)))
+        for i in range(0, len(coarse), chunk):
+            todo = coarse[i:i + chunk]
+            measured.update(zip(todo, measure([masks(prefixes[j]) for j in todo])))
+            if any(measured[j][2] >= cfg.target for j in todo):
+                break
+        first = min((j for j in measured if measured[j][2] >= cfg.target), default=None)
+        if first is not None:
+            fine = [j for j in range(max(0, first - GROW_STEP + 1), first) if j not in measured]
+            measured.update(zip(fine, measure([masks(prefixes[j]) for j in fine])))
     order = sorted(measured)
     grown = [measured[j] for j in order]
     curve = [point(prefixes[j], "grow", added=f"{prefixes[j][-1][0]}:"
@@ -142,6 +146,11 @@ def size_circuit(loaded: LoadedModel, prompts: Sequence[Prompt], means: HeadMean
                 f"--n-validate prompts for a firmer size")
         reach = [best]
     units = prefixes[reach[0]]
+    if cfg.sizing == "bisect":  # no pruning: its single-removal screen costs a forward per unit
+        out = _summary(loaded, prompts, means, masks(units), full, units, roles, cfg, ev,
+                       measured[reach[0]][1], message=note, ceiling=ceiling_f)
+        out["lower_bound"] = measured[reach[0]][2]
+        return units, curve, out
     ok = lambda lb: lb >= min(cfg.target, measured[reach[0]][2])  # noqa: E731
     # prune: single removals that keep the criterion, then the longest run of them (least harm
     # first) that still keeps it, found by bisection over the run's length
@@ -171,6 +180,28 @@ def size_circuit(loaded: LoadedModel, prompts: Sequence[Prompt], means: HeadMean
                    message=note, ceiling=ceiling_f)
     out["lower_bound"] = final_lb
     return units, curve, out
+
+
+def _bisect_grow(n: int, measure_one, target: float) -> dict[int, tuple[float, float, float]]:
+    """Measure prefixes ``j`` (``j + 1`` units) of doubling length until one's lower bound
+    reaches ``target``, then bisect between the last miss and that hit; O(log n) measurements.
+    Returns every measured ``j`` with its (accuracy, faithfulness, lower bound)."""
+    measured: dict[int, tuple[float, float, float]] = {}
+    lo, hi, j = -1, None, 0
+    while True:
+        measured[j] = measure_one(j)
+        if measured[j][2] >= target:
+            hi = j
+            break
+        lo = j
+        if j == n - 1:
+            return measured
+        j = min(n - 1, 2 * j + 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        measured[mid] = measure_one(mid)
+        lo, hi = (lo, mid) if measured[mid][2] >= target else (mid, hi)
+    return measured
 
 
 def _summary(loaded, prompts, means, keep, full, units, roles, cfg, ev, faith_paper: float,

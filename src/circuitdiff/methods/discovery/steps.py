@@ -97,6 +97,8 @@ class Context:
     base: dict
     progress: bool = False
     cache: CaptureCache | None = None
+    #: why ``auto`` settings resolved as they did on this model (kept in the circuit's metadata)
+    rules: list[str] = field(default_factory=list)
 
     @classmethod
     def open(cls, loaded: LoadedModel, folder: RunFolder, cfg: DiscoveryConfig,
@@ -179,8 +181,8 @@ class StepScores:
 
 def score_step(ctx: Context, step: Step, compare: bool = False) -> StepScores:
     """The one scorer of both chains: ``exact`` path patching of every head; ``hybrid``
-    (and the automatic chain's ``attribution``) exact scores of the attribution's top
-    candidates only; the paper chain's ``attribution``: the estimate itself. Every piece is
+    exact scores of the attribution's top candidates only; ``attribution``: the estimate
+    itself (the automatic chain's with its per-prompt standard error). Every piece is
     cached in the run folder; ``compare`` adds the attribution-vs-exact comparison."""
     cfg, folder = ctx.cfg, ctx.folder
     options = FastOptions(impl=cfg.impl, batch_size=cfg.batch_size)
@@ -214,12 +216,32 @@ def score_step(ctx: Context, step: Step, compare: bool = False) -> StepScores:
                           ctx.loaded, ctx.clean, ctx.counterfactual, step.request(),
                           batch_size=cfg.batch_size, progress=ctx.progress)})["scores"]
 
+    def estimate_with_se() -> tuple[torch.Tensor, torch.Tensor]:
+        """The automatic chain's attribution scores: the estimate and its standard error over
+        prompts (heads at or above the last receiver layer: 0, they cannot reach it)."""
+        def compute() -> dict[str, torch.Tensor]:
+            mean, se = attribution_scores(ctx.loaded, ctx.clean, ctx.counterfactual,
+                                          step.request(), batch_size=cfg.batch_size,
+                                          progress=ctx.progress, with_se=True)
+            return {"scores": mean, "se": se}
+        t = cached("attribution_se", {**step.settings, "method": "attribution", "se": True},
+                   compute)
+        return (torch.where(step.eligible, t["scores"], 0.0),
+                torch.where(step.eligible, t["se"], 0.0))
+
     att = comparison = None
     if cfg.method == "exact":
         scores, se = exact(None)
         if compare:  # how well would the gradient estimate have done?
             att = attribution()
             comparison = compare_scores(att, step.masked(scores), step.size)
+        return StepScores(scores, se, att, comparison)
+    if cfg.method == "attribution" and not step.paper:
+        scores, se = estimate_with_se()
+        att = scores
+        if compare:
+            full, _ = exact(None, "exact")
+            comparison = compare_scores(att, step.masked(full), step.size)
         return StepScores(scores, se, att, comparison)
     att = attribution()
     if cfg.method == "attribution" and step.paper:

@@ -18,7 +18,8 @@ from .common import (PatchRequest, PathPatchingError, _check_sets, _encode_check
 
 def attribution_scores(loaded: LoadedModel, clean: Sequence[Prompt],
                        counterfactual: Sequence[Prompt], request: PatchRequest = PatchRequest(),
-                       *, batch_size: int = 32, progress: bool = False) -> torch.Tensor:
+                       *, batch_size: int = 32, progress: bool = False,
+                       with_se: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """First-order estimate of :func:`path_patching_scores` for every head at once (the
     request's senders are ignored: every head is estimated).
 
@@ -27,7 +28,9 @@ def attribution_scores(loaded: LoadedModel, clean: Sequence[Prompt],
     ``<g, receiver inputs>`` with respect to every head output at ``p`` in a forward where every
     head output at positions ``>= p`` is a constant (so the gradient leaves ``p`` only through the
     residual stream, as pass 1 does). ``d log p = dp / p`` is the linearised relative change.
-    Two forward/backward passes per batch, any architecture.
+    Two forward/backward passes per batch, any architecture. ``with_se`` also returns the
+    standard error of the mean over prompts (from the per-prompt estimates), so a significance
+    rule can use the estimate the way it uses exact scores.
 
     Under ``torchrun`` (every rank calling with the same arguments) the prompt batches are dealt
     to the ranks — every head is estimated in one backward, so the batches, not the senders,
@@ -45,7 +48,8 @@ def attribution_scores(loaded: LoadedModel, clean: Sequence[Prompt],
 
     n_batches = (len(clean) + batch_size - 1) // batch_size
     mine = distributed.dealt(n_batches)
-    parts = torch.zeros(len(mine), L, H, dtype=torch.float32)  # this rank's batches
+    # this rank's batches: sum and sum of squares of the per-prompt estimates
+    parts = torch.zeros(len(mine), 2, L, H, dtype=torch.float64)
     for j, b in enumerate(tqdm(mine, desc="attribution", disable=not progress, unit="batch")):
         i = b * batch_size
         bc, bx = _encode_checked(loaded, clean[i:i + batch_size],
@@ -100,11 +104,18 @@ def attribution_scores(loaded: LoadedModel, clean: Sequence[Prompt],
             if g is None:
                 continue
             delta = (rx.out[l] - gather_positions(rc.out[l], p)).float()
-            parts[j, l] += (delta * g.float()).sum(-1).sum((0, 1)).cpu()
-    total = torch.zeros(L, H, dtype=torch.float32)
+            per_prompt = (delta * g.float()).sum(-1).sum(1).double().cpu()     # [B, H]
+            parts[j, 0, l] += per_prompt.sum(0)
+            parts[j, 1, l] += (per_prompt ** 2).sum(0)
+    total = torch.zeros(2, L, H, dtype=torch.float64)
     for part in distributed.gather_dealt(parts, n_batches):  # batch order, as one process adds
         total += part
-    return total / len(clean)
+    n = len(clean)
+    mean = total[0] / n
+    if not with_se:
+        return mean.float()
+    var = ((total[1] - n * mean ** 2) / max(1, n - 1)).clamp(min=0)
+    return mean.float(), (var / n).sqrt().float()
 
 
 
