@@ -92,12 +92,13 @@ def run_train(args) -> dict | int:
 
 def run_finetune(args) -> dict:
     """Check the options (no model loaded yet), fine-tune, print one summary line."""
-    from ..core.specs import adapter_base_of
+    from ..core.specs import adapter_base_of, as_spec
     from ..organisms.finetune import FinetuneConfig, finetune
 
-    if adapter_base_of(args.base) is not None:
+    base_of = adapter_base_of(args.base)
+    if base_of is not None:
         raise ValueError(f"--base {args.base} is a LoRA adapter; pass the model it was trained on "
-                         f"(--base {adapter_base_of(args.base)})")
+                         f"(--base {as_spec(base_of)})")
     given = {"rank": args.rank, "lr": args.lr, "steps": args.steps, "batch_size": args.batch_size,
              "minutes": args.minutes, "seed": args.seed, "n_eval": args.n_eval,
              "threads": args.threads}
