@@ -53,6 +53,22 @@ def test_lora_saves_an_adapter_on_the_base_spec(base, tmp_path):
         assert torch.allclose(_logits(tuned), _logits(plain), atol=1e-6, rtol=0)
 
 
+def test_lora_adapter_names_its_base_by_the_spec(tmp_path):
+    """A spec that loads from another folder (an organism here; a GGUF checkpoint name in the
+    shipped recipe) is what the adapter names, so the folder loads without --model BASE."""
+    from circuitdiff.core.specs import adapter_base_of, identity
+
+    out = tmp_path / "on_organism"
+    finetune("organism:base", out, FinetuneConfig(kind="lora", steps=1, batch_size=2, n_eval=4),
+             progress=False)
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        "organism:base"
+    assert adapter_base_of(str(out)) == identity("organism:base")
+    loaded = load_model(str(out))
+    with loaded.adapter_disabled():
+        assert torch.equal(_logits(loaded), _logits(load_model("organism:base")))
+
+
 def test_attention_kind_changes_only_attention_weights(base, tmp_path):
     out = tmp_path / "attention"
     rec = finetune(base, out, FinetuneConfig(kind="attention", lr=1e-3, **SHORT), progress=False)
