@@ -25,6 +25,33 @@ def tiny_llama(vocab_size: int, seed: int = 0, layers: int = 3, heads: int = 4, 
     return model
 
 
+def tiny_qwen2(vocab_size: int, seed: int = 0, layers: int = 2):
+    """A random 2-layer Qwen2 (4 heads, 2 kv heads, biased q/k/v) for tests that need a real
+    architecture family beyond Llama."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=256, tie_word_embeddings=False, pad_token_id=0)
+    cfg._attn_implementation = "eager"
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+def save_tiny(folder, family: str = "llama", tokenizer=None):
+    """Save :func:`tiny_llama` or :func:`tiny_qwen2` (``family``) with a tokenizer (default: the
+    organisms', which knows every word of the aux corpus and the task) as a Hugging Face folder;
+    returns the folder. (A ``qwen2`` folder's tokenizer loads as transformers' Qwen2Tokenizer,
+    which splits the organisms' words: fine for logits, not for the task.)"""
+    from circuitdiff.organisms.data import build_tokenizer
+
+    tokenizer = tokenizer or build_tokenizer()
+    make = {"llama": tiny_llama, "qwen2": tiny_qwen2}[family]
+    make(len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def add_lora(model, seed: int = 1):
     from peft import LoraConfig, get_peft_model
 

@@ -56,6 +56,14 @@ def evaluate_circuit(key: str):
     return lambda c: ["evaluate", "--circuit", c[key], "--model", c["base"], "--out", c["out"]]
 
 
+def finetune(*extra: str, base: str = "base", out: str = "out"):
+    """``circuitdiff organisms finetune`` on the catalogue's model ``base`` into ``out`` (keys of
+    the context; ``missing`` names a folder that does not exist), plus ``extra`` options."""
+    return lambda c: ["organisms", "finetune", "--kind", "lora", "--base",
+                      c["base"] + "-missing" if base == "missing" else c[base],
+                      "--out", c[out], *extra]
+
+
 CATALOGUE = [
     # (id, argv builder(ctx) -> argv, phrase)
     ("data-negative-n", lambda c: ["data", "-n", "-5", "--out", c["out"]], "at least 1"),
@@ -200,6 +208,19 @@ CATALOGUE = [
     ("organisms-scale-0", lambda c: ["organisms", "train", "--scale", "0", "--out", c["out"]],
      "greater than 0"),
     ("organisms-no-subcommand", lambda c: ["organisms"], "required"),
+    ("organisms-finetune-unknown-kind", finetune("--kind", "full"), "invalid choice: 'full'"),
+    ("organisms-finetune-rank-0", finetune("--rank", "0"), "--rank must be at least 1"),
+    ("organisms-finetune-steps-0", finetune("--steps", "0"), "--steps must be at least 1"),
+    ("organisms-finetune-batch-size-0", finetune("--batch-size", "0"), "at least 1"),
+    ("organisms-finetune-n-eval-0", finetune("--n-eval", "0"), "--n-eval must be at least 1"),
+    ("organisms-finetune-lr-0", finetune("--lr", "0"), "--lr must be greater than 0"),
+    ("organisms-finetune-minutes-negative", finetune("--minutes", "-1"), "greater than 0"),
+    ("organisms-finetune-minutes-nan", finetune("--minutes", "nan"), "finite"),
+    ("organisms-finetune-out-not-empty", finetune(out="used"), "is not empty"),
+    ("organisms-finetune-no-out", lambda c: ["organisms", "finetune", "--base", c["base"],
+                                             "--kind", "lora"], "--out"),
+    ("organisms-finetune-missing-base", finetune(base="missing"), "does not exist"),
+    ("organisms-finetune-base-is-adapter", finetune(base="lora"), "is a LoRA adapter"),
     ("dcm-lambdas-nan", lambda c: ["dcm", "--circuit", c["good"], "--lambdas", "0.01,nan",
                                    "--out", c["out"]], "--lambdas"),
     ("dcm-lr-0", lambda c: ["dcm", "--circuit", c["good"], "--lr", "0", "--out", c["out"]],
@@ -316,6 +337,9 @@ def test_bad_input(case, tmp_path, capsys, catalogue_models, monkeypatch):
         (tmp_path / f"{name}.json").write_text(text)
     (tmp_path / "not_utf8.json").write_bytes(b'{"n_layers": 3, "model": "\xff\xfe"}')
     (tmp_path / "empty_dir").mkdir()
+    used = tmp_path / "used"  # a folder holding an earlier result
+    used.mkdir()
+    (used / "finetune.json").write_text("{}")
     base, lora, corrupt_folder, variants = catalogue_models
     ctx = {"out": str(tmp_path / "out"), "lora": str(lora), "base": str(base),
            **{name: str(tmp_path / f"{name}.json") for name in [*CIRCUITS, "not_utf8"]},
@@ -323,12 +347,13 @@ def test_bad_input(case, tmp_path, capsys, catalogue_models, monkeypatch):
            "empty_dir": str(tmp_path / "empty_dir"),
            "long_name": str(tmp_path / "out" / ("n" * 300)),
            "long_path": str(tmp_path / "out" / "/".join(["p" * 200] * 21)),
-           "corrupt": str(corrupt_folder), "file": str(a_file)}
+           "corrupt": str(corrupt_folder), "file": str(a_file), "used": str(used)}
     rc, err = _run(build(ctx), capsys)
     _assert_bad(rc, err, phrase, tmp_path / "out")
     assert a_file.read_text() == "not a folder"
     assert not list(work.iterdir()), list(work.iterdir())
     assert not list((tmp_path / "empty_dir").iterdir())
+    assert [f.name for f in used.iterdir()] == ["finetune.json"]
 
 
 def test_catalogue_covers_every_command():

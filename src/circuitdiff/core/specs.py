@@ -31,6 +31,11 @@ ORGANISMS_DIR = Path(__file__).resolve().parent.parent / "data" / "organisms"
 #: prefix of an organism spec
 ORGANISM_PREFIX = "organism:"
 ORGANISM_HINT = "organism:base, organism:lora, organism:full or organism:chat"
+#: shipped LoRA adapters of real checkpoints, by spec name (lower case): each folder's
+#: ``adapter_config.json`` names its base spec, and the spec loads base plus adapter, un-merged
+SHIPPED_ADAPTERS: dict[str, Path] = {
+    "qwen2.5-coder-0.5b+lora": Path(__file__).resolve().parent.parent / "data" / "qwen" / "lora",
+}
 
 
 class ModelSpecError(ValueError):
@@ -51,6 +56,20 @@ def organism_path(name: str) -> Path:
 def organism_name(spec: str) -> str | None:
     """``NAME`` of an ``organism:NAME`` spec; ``None`` for any other spec."""
     return spec[len(ORGANISM_PREFIX):] if spec.startswith(ORGANISM_PREFIX) else None
+
+
+def shipped_adapter(spec: str) -> Path | None:
+    """The folder of a shipped adapter spec (``qwen2.5-coder-0.5b+lora``, case-insensitive,
+    unless a local path of that name exists); ``None`` for any other spec; an error when the
+    name is known but its folder is not in this install."""
+    folder = SHIPPED_ADAPTERS.get(spec.lower())
+    if folder is None or Path(spec).expanduser().exists():
+        return None
+    if not is_adapter_folder(folder):
+        raise ModelSpecError(f"{spec} is not shipped in this install ({folder} holds no "
+                             f"adapter_config.json); make one with circuitdiff organisms "
+                             f"finetune --kind lora and pass its folder as the model")
+    return folder
 
 
 def split_gguf(spec: str) -> tuple[str, str | None]:
@@ -106,6 +125,8 @@ def check_resolvable(spec: str) -> None:
     would otherwise retry the hub for about a minute before saying so."""
     if Path(spec).expanduser().exists() or chunked_name(spec) is not None:
         return
+    if shipped_adapter(spec) is not None:
+        return
     if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", spec):
         raise ModelSpecError(f"model {spec!r} is not a local path, a .gguf file, an organism or a "
                              f"hub id; did you mean {ORGANISM_HINT}?")
@@ -139,14 +160,17 @@ def adapter_base(adapter_dir: Path) -> str:
 
 
 def spec_folder(spec: str) -> Path | None:
-    """The local folder a spec names (an organism's folder included), resolved; ``None`` for a
-    hub id or a GGUF file."""
+    """The local folder a spec names (an organism's or a shipped adapter's included), resolved;
+    ``None`` for a hub id or a GGUF file."""
     name = organism_name(spec)
     if name is not None:
         try:
             return organism_path(name).resolve()
         except (ValueError, FileNotFoundError) as e:
             raise ModelSpecError(str(e)) from None
+    shipped = shipped_adapter(spec)
+    if shipped is not None:
+        return shipped.resolve()
     p = Path(spec).expanduser()
     return p.resolve() if p.is_dir() else None
 
@@ -159,11 +183,14 @@ def identity(spec: str) -> str:
 
 
 def as_spec(path: str) -> str:
-    """``organism:NAME`` for a shipped organism's folder, else ``path`` unchanged (the shortest
-    spelling to show the user)."""
+    """``organism:NAME`` for a shipped organism's folder, the name of a shipped adapter's folder,
+    else ``path`` unchanged (the shortest spelling to show the user)."""
     for name in ORGANISMS:
         if path == str((ORGANISMS_DIR / name).resolve()):
             return f"{ORGANISM_PREFIX}{name}"
+    for name, folder in SHIPPED_ADAPTERS.items():
+        if path == str(folder.resolve()):
+            return name
     return path
 
 
@@ -206,4 +233,4 @@ def config_grid(spec: str) -> tuple[int, int, int, int] | None:
 __all__ = ["ModelSpecError", "ORGANISMS", "ORGANISMS_DIR", "adapter_base",
            "adapter_base_of", "as_spec", "check_local", "chunked_name", "check_resolvable",
            "config_grid", "hub_reachable", "identity", "is_adapter_folder", "organism_name",
-           "organism_path", "spec_folder", "split_gguf"]
+           "organism_path", "SHIPPED_ADAPTERS", "shipped_adapter", "spec_folder", "split_gguf"]

@@ -244,12 +244,17 @@ def _default_spec() -> str | None:
 
 
 def check_inputs(args) -> None:
-    """Every check of a parsed command line that needs no model: ``--out``, each model spec
+    """Every check of a parsed command line that needs no model: ``--out`` (empty, for a command
+    whose parser sets ``fresh_out``), each model spec
     (``--model``, ``--adapter``, ``--base``, ``--finetuned``), each ``--circuit`` against the
     first model's head grid."""
     out = getattr(args, "out", None)
     if out is not None and getattr(args, "writes_out", True):
         check_out_path(out)
+        folder = Path(out).expanduser()
+        if getattr(args, "fresh_out", False) and folder.is_dir() and any(folder.iterdir()):
+            raise InputError(f"--out {out} is not empty and this command never writes over "
+                             f"earlier results; pass a new folder")
     for name in ("target", "scale", "threshold", "tolerance", "lr", "z_threshold"):
         v = getattr(args, name, None)
         if isinstance(v, float) and not math.isfinite(v):
