@@ -1,6 +1,8 @@
 """Cache compatibility of discovery (paper and automatic chain) and the position scan: for equal
 settings, the file names and saved settings are the ones the code before the one-method-shape
-change wrote (recorded into ``cache_discovery_snapshot.json``), so an old run folder resumes."""
+change wrote (recorded into ``cache_discovery_snapshot.json``), so an old run folder resumes. One change on
+purpose: the automatic chain's ``circuit.json`` gained the metadata ``rules``, ``scan_method``
+and ``sizing`` (what ``auto`` resolved to and why); the cached pieces' settings are unchanged."""
 
 from __future__ import annotations
 
