@@ -30,9 +30,24 @@ def register(sub) -> None:
                    help="auto chain: mean-ablation prompts (seed --seed + 2)")
     p.add_argument("--z-threshold", type=float_in(above=0), default=3.0,
                    help="auto chain: a sender is significant at <= -Z standard errors (3)")
-    p.add_argument("--method", default="exact", choices=["exact", "attribution", "hybrid"],
-                   help="exact path patching (default), gradient attribution, or attribution "
-                        "then exact scores for the top candidates")
+    p.add_argument("--method", default="auto", choices=["auto", "exact", "attribution", "hybrid"],
+                   help="auto (default: exact up to 160 heads, attribution above; the rule is "
+                        "printed), exact path patching, gradient attribution with per-prompt "
+                        "standard errors, or attribution then exact scores for the top candidates")
+    p.add_argument("--n-scan", type=prompt_count, default=100,
+                   help="auto chain: held-out prompts the position scan runs on (100)")
+    p.add_argument("--scan-method", default="auto", choices=["auto", "exact", "attribution", "hybrid"],
+                   help="auto chain's position scan: auto (default: exact up to 160 heads, hybrid "
+                        "above), every cell exact, attribution only, or attribution then the "
+                        "--scan-exact most damaging cells exact")
+    p.add_argument("--scan-exact", type=positive_int, default=16,
+                   help="cells a hybrid scan measures exactly (16)")
+    p.add_argument("--sizing", default="auto", choices=["auto", "exhaustive", "bisect"],
+                   help="auto chain: size by every 4th prefix then pruning (exhaustive), or by "
+                        "doubling then bisection (bisect, O(log n) evaluations); auto by model "
+                        "size")
+    p.add_argument("--max-groups", type=positive_int, default=16,
+                   help="auto chain: groups traced at most (16)")
     p.add_argument("--hybrid-k", type=positive_int, default=None,
                    help="candidates scored exactly by --method hybrid (default 3 x group size)")
     p.add_argument("--compare-exact", action="store_true",
@@ -58,12 +73,15 @@ def run(args) -> dict:
                           hybrid_k=args.hybrid_k, compare_exact=args.compare_exact,
                           impl="naive" if args.naive else "fast", truncate=args.truncate,
                           chain=args.chain, target=args.target, n_validate=args.n_validate,
-                          n_mean=args.n_mean, z_threshold=args.z_threshold)
+                          n_mean=args.n_mean, z_threshold=args.z_threshold,
+                          n_scan=args.n_scan, scan_method=args.scan_method,
+                          scan_exact=args.scan_exact, sizing=args.sizing,
+                          max_groups=args.max_groups)
     loaded = load_from_args(args)  # bad sizes/method failed above, before loading a model
     res = discovery.run(loaded, None, cfg, store=args.out, progress=True)
     c = res.circuit
     print(f"{loaded.name} ({loaded.arch.describe()}), n={c.settings['n_prompts']}, "
-          f"chain {cfg.chain}, method {args.method}")
+          f"chain {cfg.chain}, method {c.settings.get('scoring', args.method)}")
     if cfg.chain == "paper":
         if not args.no_heatmaps:
             discovery_heatmaps(res, args.out, loaded.name)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from . import add_command
 from . import add_max_rows_option, add_model_options, add_task_options, load_from_args
-from . import prompt_count
+from . import positive_int, prompt_count
 
 
 def register(sub) -> None:
@@ -22,6 +22,12 @@ def register(sub) -> None:
                    help="role to scan (repeatable; default: every token-covering role plus "
                         "prev_query_label and correct_object); offsets allowed, e.g. "
                         "prev_query_label+1")
+    p.add_argument("--method", default="auto", choices=["auto", "exact", "attribution", "hybrid"],
+                   help="auto (default: exact up to 160 heads, hybrid above; the rule is printed), "
+                        "every cell exact, attribution only (one forward+backward per batch), or "
+                        "attribution then the --n-exact most damaging cells exact")
+    p.add_argument("--n-exact", type=positive_int, default=16,
+                   help="cells a hybrid scan measures exactly (16)")
     add_max_rows_option(p, default=512)
     p.set_defaults(func=run)
 
@@ -34,17 +40,19 @@ def run(args) -> dict:
 
     cfg = scan.ScanConfig(n_prompts=args.n_prompts, seed=args.seed, n_mean=args.n_mean,
                           n_boxes=args.n_boxes, roles=tuple(args.role) if args.role else None,
-                          batch_size=args.batch_size, max_rows=args.max_rows)
+                          batch_size=args.batch_size, max_rows=args.max_rows,
+                          method=args.method, n_exact=args.n_exact)
     loaded = load_from_args(args)
     res = scan.run(loaded, None, cfg, store=args.out, progress=True)
     png = scan_heatmap(res, Path(args.out) / "scan.png")
     width = max(len(r) for r in res.roles)
     print(f"{loaded.name}: accuracy {res.baseline:.2f} unablated, n={res.n}; accuracy with all "
-          f"heads of layer L ablated at role R:")
+          f"heads of layer L ablated at role R ({res.rule}; '  -  ' = not measured):")
     print(" " * width + " | " + " ".join(f"L{l:<4d}" for l in range(res.n_layers)))
     for j, role in enumerate(res.roles):
-        print(role.ljust(width) + " | " + " ".join(f"{res.accuracy[l][j]:.2f} "
-                                                   for l in range(res.n_layers)))
+        print(role.ljust(width) + " | " + " ".join(
+            "  -   " if res.accuracy[l][j] != res.accuracy[l][j] else f"{res.accuracy[l][j]:.2f} "
+            for l in range(res.n_layers)))
     print(f"saved {Path(args.out) / 'scan.json'} and {png}")
     return {"out": args.out, "baseline": res.baseline, "n": res.n, "roles": list(res.roles),
             "accuracy": res.accuracy}

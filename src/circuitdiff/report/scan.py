@@ -14,27 +14,48 @@ from .palette import EDGE_MEANING, EDGE_STYLE, group_colors
 
 def scan_heatmap(result, path: str | Path, title: str = "") -> Path:
     """Accuracy with all heads of layer L mean-ablated at role R: layers (rows, integer ticks)
-    × roles (columns), each cell annotated, the unablated accuracy and n in the title."""
+    × roles (columns), each measured cell annotated (unmeasured cells of a hybrid scan are grey,
+    marked "–"), the unablated accuracy and n in the title. An attribution or hybrid scan adds a
+    second panel: the estimated change of the answer's mean log-probability per cell."""
     plt = pyplot()
     import numpy as np
 
     acc = np.array(result.accuracy, dtype=float)
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(result.roles) + 2),
-                                    max(2.8, 0.45 * acc.shape[0] + 1.6)))
-    im = ax.imshow(acc, cmap="viridis", vmin=0, vmax=max(result.baseline, 1e-6), aspect="auto",
-                   interpolation="nearest", origin="lower")
+    est = None if result.estimate is None else np.array(result.estimate, dtype=float)
+    panels = 1 if est is None else 2
+    width = max(5.0, 0.9 * len(result.roles) + 2)
+    fig, axes = plt.subplots(1, panels, figsize=(width * panels, max(2.8, 0.45 * acc.shape[0] + 1.6)),
+                             squeeze=False)
+    ax = axes[0, 0]
+    cmap = plt.get_cmap("viridis").copy()
+    cmap.set_bad("#dddddd")
+    im = ax.imshow(np.ma.masked_invalid(acc), cmap=cmap, vmin=0,
+                   vmax=max(result.baseline, 1e-6), aspect="auto", interpolation="nearest",
+                   origin="lower")
     for (l, r), v in np.ndenumerate(acc):
-        ax.text(r, l, f"{v:.2f}", ha="center", va="center", fontsize=7,
-                color="white" if v < 0.5 * result.baseline else "black")
-    ax.set_xticks(range(len(result.roles)))
-    ax.set_xticklabels(result.roles, rotation=35, ha="right", fontsize=8)
-    ax.set_xlabel("role where the layer's heads are mean-ablated")
-    ax.set_ylabel("layer")
-    integer_ticks(ax.yaxis)
+        ax.text(r, l, "–" if np.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=7,
+                color="#666666" if np.isnan(v) else "white" if v < 0.5 * result.baseline
+                else "black")
+    measured = int(np.isfinite(acc).sum())
+    how = "" if measured == acc.size else f"; {measured} of {acc.size} cells measured, grey: not"
+    for a in axes[0]:
+        a.set_xticks(range(len(result.roles)))
+        a.set_xticklabels(result.roles, rotation=35, ha="right", fontsize=8)
+        a.set_xlabel("role where the layer's heads are mean-ablated")
+        a.set_ylabel("layer")
+        integer_ticks(a.yaxis)
     ax.set_title(f"{title or Path(result.model).name}: accuracy with all heads of one layer "
-                 f"ablated at one role\n(unablated {result.baseline:.2f}, n={result.n} prompts)",
-                 fontsize=9)
+                 f"ablated at one role\n(unablated {result.baseline:.2f}, n={result.n} prompts"
+                 f"{how})", fontsize=9)
     fig.colorbar(im, ax=ax, label="accuracy")
+    if est is not None:
+        bx = axes[0, 1]
+        lim = max(float(np.abs(est).max()), 1e-6)
+        im2 = bx.imshow(est, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto",
+                        interpolation="nearest", origin="lower")
+        bx.set_title(f"attribution estimate: change of mean log p(answer)\n(first order, "
+                     f"n={result.n} prompts; blue = the ablation hurts)", fontsize=9)
+        fig.colorbar(im2, ax=bx, label="Δ log p (estimate)")
     return save_figure(fig, path)
 
 
