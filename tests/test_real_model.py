@@ -10,6 +10,7 @@ builds it (minutes on a small CPU), later runs read it in seconds.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -136,3 +137,31 @@ def test_scan_method_runs_on_it(qwen, prompts, tmp_path):
     res = scan.run(qwen, prompts[0][:4], cfg, store=tmp_path)
     assert len(res.accuracy) == 24 and all(len(row) == 1 for row in res.accuracy)
     assert all(0.0 <= a <= 1.0 for row in res.accuracy for a in row)
+
+
+def test_a_study_step_runs_on_it(qwen, tmp_path):
+    """The study's accuracy and faithfulness steps on the real model with a given circuit (a few
+    value readers at `last`, layer-13 heads at the query label, the labels' heads of layers
+    0-3), 3 boxes, 8 prompts: every number finite, the report written."""
+    from circuitdiff.core.circuit import Circuit, CircuitGroup
+    from circuitdiff.methods.evaluation import EvalConfig
+    from circuitdiff.study import StudyConfig, run_study
+
+    circuit = Circuit({"readers": CircuitGroup([(20, 12), (21, 11), (23, 7)], "last"),
+                       "movers": CircuitGroup([(13, 0), (13, 5)], "query_label"),
+                       "labels": CircuitGroup([(l, h) for l in range(4) for h in range(14)],
+                                              "labels")},
+                      24, 14, NAME)
+    cfg = StudyConfig(evaluation=EvalConfig(n_prompts=8, n_mean=8, n_random=1, n_boxes=3,
+                                            batch_size=8),
+                      steps=("accuracy", "faithfulness"), screenshot=False)
+    cfg.discovery.n_boxes = cfg.dcm.n_boxes = cfg.cmap.n_boxes = 3
+    for c in (cfg.paper_discovery, cfg.own_discovery):
+        c.n_boxes = 3
+    summary = run_study([NAME], lambda spec: qwen, tmp_path / "study", cfg, progress=False,
+                        log=lambda line: None, circuit=circuit)
+    acc = summary["accuracy"][NAME]
+    assert 0.5 <= (acc["accuracy"] if isinstance(acc, dict) else acc) <= 1.0
+    text = json.dumps(summary)
+    assert "faithfulness" in text and "NaN" not in text
+    assert (tmp_path / "study" / "report.html").stat().st_size > 1000

@@ -146,3 +146,22 @@ def test_bisect_sizing_finds_the_first_prefix_over_the_target(first_hit):
 def test_bisect_sizing_without_a_hit_measures_up_to_every_candidate():
     got = _bisect_grow(10, lambda j: (0.1, 0.1, 0.1), 0.9)
     assert max(got) == 9 and all(v[2] < 0.9 for v in got.values())
+
+
+def test_attribution_with_a_capture_cache_reuses_the_reads_and_scores_the_same(setup):
+    from circuitdiff.methods.path_patching import CaptureCache
+
+    loaded, prompts, _ = setup
+    cf = EntityTrackingTask(loaded.tokenizer, TaskConfig(n_boxes=3), seed=0).corrupt(prompts)
+    cache = CaptureCache()
+    plain = attribution_scores(loaded, prompts, cf, PatchRequest("last", [], "q"), batch_size=4)
+    first = attribution_scores(loaded, prompts, cf, PatchRequest("last", [], "q"), batch_size=4,
+                               cache=cache)
+    assert (cache.hits, cache.misses) == (0, 2)
+    second = attribution_scores(loaded, prompts, cf, PatchRequest("last", [(2, 1)], "q"),
+                                batch_size=4, cache=cache)
+    assert (cache.hits, cache.misses) == (2, 2)
+    assert torch.equal(plain, first)
+    assert torch.equal(second, attribution_scores(loaded, prompts, cf,
+                                                  PatchRequest("last", [(2, 1)], "q"),
+                                                  batch_size=4))

@@ -214,7 +214,8 @@ def score_step(ctx: Context, step: Step, compare: bool = False) -> StepScores:
         return cached("attribution", {**step.settings, "method": "attribution"},
                       lambda: {"scores": attribution_scores(
                           ctx.loaded, ctx.clean, ctx.counterfactual, step.request(),
-                          batch_size=cfg.batch_size, progress=ctx.progress)})["scores"]
+                          batch_size=cfg.batch_size, progress=ctx.progress,
+                          cache=ctx.cache)})["scores"]
 
     def estimate_with_se() -> tuple[torch.Tensor, torch.Tensor]:
         """The automatic chain's attribution scores: the estimate and its standard error over
@@ -222,7 +223,7 @@ def score_step(ctx: Context, step: Step, compare: bool = False) -> StepScores:
         def compute() -> dict[str, torch.Tensor]:
             mean, se = attribution_scores(ctx.loaded, ctx.clean, ctx.counterfactual,
                                           step.request(), batch_size=cfg.batch_size,
-                                          progress=ctx.progress, with_se=True)
+                                          progress=ctx.progress, with_se=True, cache=ctx.cache)
             return {"scores": mean, "se": se}
         t = cached("attribution_se", {**step.settings, "method": "attribution", "se": True},
                    compute)

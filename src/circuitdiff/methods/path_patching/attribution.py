@@ -12,6 +12,7 @@ from ...core.interventions import Hook, Read, gather_positions, run_with_edits, 
 from ...core.metrics import answer_prob, logits_at_last
 from ...core.model import LoadedModel
 from ...core.task import Prompt
+from .exact import CaptureCache, _digest, _model_state
 from .common import (PatchRequest, PathPatchingError, _check_sets, _encode_checked,
                      role_positions)
 
@@ -19,7 +20,8 @@ from .common import (PatchRequest, PathPatchingError, _check_sets, _encode_check
 def attribution_scores(loaded: LoadedModel, clean: Sequence[Prompt],
                        counterfactual: Sequence[Prompt], request: PatchRequest = PatchRequest(),
                        *, batch_size: int = 32, progress: bool = False,
-                       with_se: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                       with_se: bool = False, cache: "CaptureCache | None" = None
+                       ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """First-order estimate of :func:`path_patching_scores` for every head at once (the
     request's senders are ignored: every head is estimated).
 
@@ -30,7 +32,9 @@ def attribution_scores(loaded: LoadedModel, clean: Sequence[Prompt],
     residual stream, as pass 1 does). ``d log p = dp / p`` is the linearised relative change.
     Two forward/backward passes per batch, any architecture. ``with_se`` also returns the
     standard error of the mean over prompts (from the per-prompt estimates), so a significance
-    rule can use the estimate the way it uses exact scores.
+    rule can use the estimate the way it uses exact scores. ``cache`` (the discovery chain's
+    :class:`~.exact.CaptureCache`) keeps each batch's clean and counterfactual head outputs, so
+    the later edges of a chain on the same prompts skip those two forwards.
 
     Under ``torchrun`` (every rank calling with the same arguments) the prompt batches are dealt
     to the ranks — every head is estimated in one backward, so the batches, not the senders,
@@ -58,10 +62,20 @@ def attribution_scores(loaded: LoadedModel, clean: Sequence[Prompt],
         p = role_positions(bc, req.position).to(dev)  # [B, P]
         last = bc.positions["last"].to(dev)
         answers = bc.answer_ids.to(dev)
-        with torch.no_grad():
-            rc, rx = Read(list(range(L)), None, "head"), Read(list(range(L)), p, "head")
-            run_with_edits(model, inputs_c, [rc], arch)
-            run_with_edits(model, inputs_x, [rx], arch)
+        def reads() -> tuple[Read, Read]:
+            with torch.no_grad():
+                rc, rx = Read(list(range(L)), None, "head"), Read(list(range(L)), p, "head")
+                run_with_edits(model, inputs_c, [rc], arch)
+                run_with_edits(model, inputs_x, [rx], arch)
+            return rc, rx
+        if cache is None:
+            rc, rx = reads()
+        else:
+            key = ("attribution reads", _model_state(model),
+                   _digest(bc.input_ids, bc.attention_mask, bx.input_ids, bx.attention_mask,
+                           p))
+            rc, rx = cache.get(key, reads, lambda v: sum(
+                t.numel() * t.element_size() for r in v for t in r.out.values()), dev)
         recv_layers = req.recv_layers()
         with torch.enable_grad():
             grads = {}
