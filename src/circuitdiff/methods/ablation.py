@@ -260,16 +260,22 @@ def stacked_runs(loaded: LoadedModel, prompts: Sequence[Prompt], means: HeadMean
     means.check(loaded)
     from tqdm.auto import tqdm
 
-    for i, batch in enumerate(tqdm(batches(prompts, loaded.tokenizer, batch_size), desc=f"{desc} {loaded.name}",
-                                   disable=not progress, unit="batch")):
-        if bool((batch.answer_ids < 0).any()):
-            raise AblationError("circuit evaluation needs prompts whose query names a box")
-        _check_layout(batch, "evaluation prompts", means.seq_len)
-        lo, hi = (only.start, only.stop) if only is not None else (0, n_variants)
-        for s, k, big in variant_chunks(batch, hi, max_rows, lo):
-            logits = last_logits(loaded, big, where_edits(means, where_for(big, s, k),
-                                                           loaded.device))
-            yield i, s, k, big, logits
+    chunks = batches(prompts, loaded.tokenizer, batch_size)
+    lo, hi = (only.start, only.stop) if only is not None else (0, n_variants)
+    # the bar counts stacked forwards (with their ETA), not prompt batches: on a big model one
+    # batch of many variants is minutes of work
+    n_forwards = sum(len(range(lo, hi, max(1, max_rows // len(b)))) for b in chunks)
+    with tqdm(total=n_forwards, desc=f"{desc} {loaded.name}", disable=not progress,
+              unit="forward") as bar:
+        for i, batch in enumerate(chunks):
+            if bool((batch.answer_ids < 0).any()):
+                raise AblationError("circuit evaluation needs prompts whose query names a box")
+            _check_layout(batch, "evaluation prompts", means.seq_len)
+            for s, k, big in variant_chunks(batch, hi, max_rows, lo):
+                logits = last_logits(loaded, big, where_edits(means, where_for(big, s, k),
+                                                               loaded.device))
+                bar.update(1)
+                yield i, s, k, big, logits
 
 
 def _keep_variant_runs(loaded: LoadedModel, prompts: Sequence[Prompt], means: HeadMeans,
