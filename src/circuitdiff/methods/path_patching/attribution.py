@@ -8,7 +8,8 @@ from typing import Sequence
 
 import torch
 
-from ...core.interventions import Hook, Read, gather_positions, run_with_edits, scatter_positions
+from ...core.interventions import (Hook, Read, StopAfter, gather_positions, run_with_edits,
+                                   scatter_positions)
 from ...core.metrics import answer_prob, logits_at_last
 from ...core.model import LoadedModel
 from ...core.task import Prompt
@@ -106,15 +107,17 @@ def attribution_scores(loaded: LoadedModel, clean: Sequence[Prompt],
                     return scatter_positions(frozen, p, zleaves[l])
                 return fn
             edits = [Hook(l, freeze_hook(l), "head") for l in range(L)]
-            if recv_layers:
+            if recv_layers:  # nothing above the last receiver layer matters: stop there
                 read = Read(recv_layers, p, req.kind, detach=False)
-                run_with_edits(model, inputs_c, edits + [read], arch)
+                run_with_edits(model, inputs_c, edits + [read, StopAfter(max(recv_layers))],
+                               arch)
                 obj = sum((read.out[lr].float() * grads[lr].float()).sum() for lr in recv_layers)
             else:
                 logits = logits_at_last(model, inputs_c, last, edits, arch)
                 obj = answer_prob(logits, answers).log().sum()
-            gz = torch.autograd.grad(obj, [zleaves[l] for l in range(L)], allow_unused=True)
-        for l, g in enumerate(gz):
+            reached = sorted(zleaves)  # layers above a stop have no leaf (their score is 0)
+            gz = torch.autograd.grad(obj, [zleaves[l] for l in reached], allow_unused=True)
+        for l, g in zip(reached, gz):
             if g is None:
                 continue
             delta = (rx.out[l] - gather_positions(rc.out[l], p)).float()
