@@ -48,6 +48,9 @@ def register(sub) -> None:
                         "size")
     p.add_argument("--max-groups", type=positive_int, default=16,
                    help="auto chain: groups traced at most (16)")
+    p.add_argument("--scan-min-drop", type=float_in(), default=0.1,
+                   help="auto chain: a role's k and v are traced when ablating one layer there "
+                        "costs this share of the model's accuracy (0.1)")
     p.add_argument("--hybrid-k", type=positive_int, default=None,
                    help="candidates scored exactly by --method hybrid (default 3 x group size)")
     p.add_argument("--compare-exact", action="store_true",
@@ -76,7 +79,7 @@ def run(args) -> dict:
                           n_mean=args.n_mean, z_threshold=args.z_threshold,
                           n_scan=args.n_scan, scan_method=args.scan_method,
                           scan_exact=args.scan_exact, sizing=args.sizing,
-                          max_groups=args.max_groups)
+                          max_groups=args.max_groups, scan_min_drop=args.scan_min_drop)
     loaded = load_from_args(args)  # bad sizes/method failed above, before loading a model
     res = discovery.run(loaded, None, cfg, store=args.out, progress=True)
     c = res.circuit
