@@ -165,3 +165,18 @@ def test_a_study_step_runs_on_it(qwen, tmp_path):
     text = json.dumps(summary)
     assert "faithfulness" in text and "NaN" not in text
     assert (tmp_path / "study" / "report.html").stat().st_size > 1000
+
+
+def test_the_shipped_lora_loads_on_it_and_tracks_better(qwen):
+    """``qwen2.5-coder-0.5b+lora``: base plus the shipped adapter, un-merged; on 16 7-box
+    prompts it beats the base (recorded: 0.44 -> 0.99 on 100)."""
+    from circuitdiff.core.model import load_model
+    from circuitdiff.methods.accuracy import evaluate_accuracy
+
+    tuned = load_model(NAME + "+lora")
+    assert tuned.name == NAME + "+lora"
+    prompts = EntityTrackingTask(tuned.tokenizer, TaskConfig(n_boxes=7), seed=0).sample(16)
+    acc = evaluate_accuracy(tuned, prompts, 16).accuracy
+    with tuned.adapter_disabled():
+        base = evaluate_accuracy(tuned, prompts, 16).accuracy
+    assert acc >= 0.8 and acc > base

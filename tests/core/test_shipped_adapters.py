@@ -108,3 +108,20 @@ def test_models_list_names_shipped_adapters(registered, tmp_path, monkeypatch, c
     out = capsys.readouterr().out
     assert f"{NAME}: LoRA adapter on {base}, shipped in {lora}" in out
     assert "gone+lora: LoRA adapter, not shipped in this install" in out
+
+
+def test_the_shipped_qwen_lora_is_what_its_record_says():
+    """The shipped adapter's weights match the checksum its record and README give, and it
+    names the chunked checkpoint as its base (so it loads offline with the six packages)."""
+    import hashlib
+    import json
+
+    from circuitdiff.core.specs import SHIPPED_ADAPTERS
+
+    folder = SHIPPED_ADAPTERS["qwen2.5-coder-0.5b+lora"]
+    digest = hashlib.sha256((folder / "adapter_model.safetensors").read_bytes()).hexdigest()
+    record = json.loads((folder / "finetune.json").read_text())
+    assert record["sha256"] == digest and digest in (folder / "README.md").read_text()
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == "qwen2.5-coder-0.5b" and cfg["r"] == 8
+    assert (folder / "adapter_model.safetensors").stat().st_size < 8 << 20
