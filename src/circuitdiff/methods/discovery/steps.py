@@ -223,7 +223,8 @@ def score_step(ctx: Context, step: Step, compare: bool = False) -> StepScores:
         def compute() -> dict[str, torch.Tensor]:
             mean, se = attribution_scores(ctx.loaded, ctx.clean, ctx.counterfactual,
                                           step.request(), batch_size=cfg.batch_size,
-                                          progress=ctx.progress, with_se=True, cache=ctx.cache)
+                                          progress=ctx.progress, with_se=True, cache=ctx.cache,
+                                          desc=f"attribution {desc}")
             return {"scores": mean, "se": se}
         t = cached("attribution_se", {**step.settings, "method": "attribution", "se": True},
                    compute)

@@ -21,7 +21,8 @@ from .common import (PatchRequest, PathPatchingError, _check_sets, _encode_check
 def attribution_scores(loaded: LoadedModel, clean: Sequence[Prompt],
                        counterfactual: Sequence[Prompt], request: PatchRequest = PatchRequest(),
                        *, batch_size: int = 32, progress: bool = False,
-                       with_se: bool = False, cache: "CaptureCache | None" = None
+                       with_se: bool = False, cache: "CaptureCache | None" = None,
+                       desc: str = "attribution"
                        ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """First-order estimate of :func:`path_patching_scores` for every head at once (the
     request's senders are ignored: every head is estimated).
@@ -55,7 +56,7 @@ def attribution_scores(loaded: LoadedModel, clean: Sequence[Prompt],
     mine = distributed.dealt(n_batches)
     # this rank's batches: sum and sum of squares of the per-prompt estimates
     parts = torch.zeros(len(mine), 2, L, H, dtype=torch.float64)
-    for j, b in enumerate(tqdm(mine, desc="attribution", disable=not progress, unit="batch")):
+    for j, b in enumerate(tqdm(mine, desc=desc, disable=not progress, unit="batch")):
         i = b * batch_size
         bc, bx = _encode_checked(loaded, clean[i:i + batch_size],
                                  counterfactual[i:i + batch_size], req.position)
