@@ -121,4 +121,7 @@ def print_auto(res) -> str:
                  f"{len(s['roles'])} roles x {c.n_layers * c.n_heads} heads")
     if s.get("message"):
         lines.append(s["message"])
+    if res.timings:
+        lines.append("wall time per phase (s, this run; 0 = loaded from the run folder): " +
+                     ", ".join(f"{k} {v:.0f}" for k, v in res.timings.items()))
     return "\n".join(lines)

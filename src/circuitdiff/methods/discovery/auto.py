@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import time
 from typing import Iterator, Sequence
 
 import torch
@@ -141,6 +142,15 @@ def run_auto(ctx: Context) -> DiscoveryResult:
     ``sizing.json`` and every edge's scores to the run folder."""
     loaded, cfg, folder, base = ctx.loaded, ctx.cfg, ctx.folder, ctx.base
     clean, progress = ctx.clean, ctx.progress
+    timings: dict[str, float] = {}  # wall seconds per phase in this call (cache hits: ~0)
+
+    @contextlib.contextmanager
+    def phase(name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - start, 2)
     arch = loaded.arch
     L, H = arch.n_layers, arch.n_heads
     n_boxes = clean[0].n_boxes
@@ -154,7 +164,8 @@ def run_auto(ctx: Context) -> DiscoveryResult:
     def validate() -> dict:
         res = evaluate_accuracy(loaded, held_out, cfg.batch_size)
         return {**res.to_dict(), "correct": res.correct}
-    checked = folder.cached("validate_accuracy.json", {**base, **held}, validate)
+    with phase("validate"):
+        checked = folder.cached("validate_accuracy.json", {**base, **held}, validate)
     full, full_correct = checked["accuracy"], torch.tensor(checked["correct"])
     chance = 1.0 / n_boxes
     if full <= chance:
@@ -162,10 +173,11 @@ def run_auto(ctx: Context) -> DiscoveryResult:
             f"{loaded.name} answers {full:.2f} of {cfg.n_validate} held-out prompts, no better "
             f"than guessing one of the {n_boxes} objects ({chance:.2f}): the model does not do "
             f"the task, so there is no circuit to find")
-    means = cached_means(folder, loaded, task.sample(cfg.n_mean, seed=seeds["mean_seed"]),
-                         {"n_mean": cfg.n_mean, "mean_seed": seeds["mean_seed"],
-                          "n_boxes": n_boxes},
-                         cfg.batch_size, progress)
+    with phase("means"):
+        means = cached_means(folder, loaded, task.sample(cfg.n_mean, seed=seeds["mean_seed"]),
+                             {"n_mean": cfg.n_mean, "mean_seed": seeds["mean_seed"],
+                              "n_boxes": n_boxes},
+                             cfg.batch_size, progress)
 
     # 2. the position scan on the held-out prompts
     scan_settings = scan_method_key(
@@ -183,7 +195,8 @@ def run_auto(ctx: Context) -> DiscoveryResult:
                              baseline=float(full_correct[:cfg.n_scan].double().mean()))
         res.settings = scan_settings
         return res.to_dict()
-    scan = ScanResult.from_dict(folder.cached("scan.json", scan_settings, run_scan))
+    with phase("scan"):
+        scan = ScanResult.from_dict(folder.cached("scan.json", scan_settings, run_scan))
     partition = [r for r in PARTITION_ROLES if r in scan.roles]
 
     # 3. trace back from the logits
@@ -212,7 +225,8 @@ def run_auto(ctx: Context) -> DiscoveryResult:
                     desc=f"edge {n_edge + 1}: {role} --{kind}--> {receiver or 'logits'} "
                          f"{loaded.name}", paper=False)
         n_edge += 1
-        scored = score_step(ctx, step)
+        with phase("edges"):
+            scored = score_step(ctx, step)
         scores, se = scored.scores, scored.se
         result.scores[name] = scores
         chosen = significant_senders(scores, se, eligible, cfg.z_threshold, cfg.min_score)
@@ -255,8 +269,9 @@ def run_auto(ctx: Context) -> DiscoveryResult:
     taken: set[str] = set()
     renamed: dict[str, str] = {}
     for g in groups.values():
-        mass = attention_sources(loaded, held_out[:min(32, len(held_out))], g.role, g.heads,
-                                 partition)
+        with phase("naming"):
+            mass = attention_sources(loaded, held_out[:min(32, len(held_out))], g.role, g.heads,
+                                     partition)
         g.function = _name(g, g.key in writes, mass, partition)
         renamed[g.key] = _key(g.function, taken)
     groups = {renamed[k]: Group(renamed[k], g.role, g.heads, g.scores, g.function, g.extra,
@@ -280,10 +295,11 @@ def run_auto(ctx: Context) -> DiscoveryResult:
 
     def run_size() -> dict:
         units, curve, summary = size_circuit(loaded, held_out, means, groups, cfg,
-                                             full_correct, all_roles)
+                                             full_correct, all_roles, progress)
         return {"units": [[g, format_head(h)] for g, h in units], "curve": curve,
                 "summary": summary}
-    sized = folder.cached("sizing.json", size_settings, run_size)
+    with phase("sizing"):
+        sized = folder.cached("sizing.json", size_settings, run_size)
     if sized["summary"].get("unreachable"):
         raise TargetUnreachable(sized["summary"]["message"])
     chosen_units = [(g, parse_head(h)) for g, h in sized["units"]]
@@ -312,6 +328,7 @@ def run_auto(ctx: Context) -> DiscoveryResult:
          "validation": sizing},
         final_edges)
     result.scan = scan
+    result.timings = timings
     return result
 
 

@@ -43,8 +43,8 @@ def _masks(units: Sequence[tuple[str, Head]], roles: dict[str, str], n_layers: i
 
 
 def size_circuit(loaded: LoadedModel, prompts: Sequence[Prompt], means: HeadMeans,
-          groups: dict[str, Group], cfg, full_correct: torch.Tensor, all_roles: list[str]
-          ) -> tuple[list[tuple[str, Head]], list[dict], dict]:
+          groups: dict[str, Group], cfg, full_correct: torch.Tensor, all_roles: list[str],
+          progress: bool = False) -> tuple[list[tuple[str, Head]], list[dict], dict]:
     """Choose the circuit's (group, head) units: fixed ``cfg.sizes`` per group, or the smallest
     score-ordered prefix whose faithfulness *lower bound* (``cfg.size_z`` paired standard errors
     below the estimate: a circuit chosen on noise would not hold on other prompts) reaches
@@ -63,7 +63,8 @@ def size_circuit(loaded: LoadedModel, prompts: Sequence[Prompt], means: HeadMean
         """(accuracy, faithfulness, its lower bound) of each variant (on the first ``n``
         prompts)."""
         n = len(prompts) if n is None else n
-        c = variant_correct(loaded, prompts[:n], means, variants, **ev).double()  # [V, n]
+        c = variant_correct(loaded, prompts[:n], means, variants, progress=progress,
+                            **ev).double()  # [V, n]
         base = full_c[:n]
         acc = c.mean(1)
         ref = float(base.mean())

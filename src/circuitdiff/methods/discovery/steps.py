@@ -42,6 +42,9 @@ class DiscoveryResult(Result):
     curve: list[dict] = field(default_factory=list)
     sizing: dict = field(default_factory=dict)
     edges_scored: list[dict] = field(default_factory=list)
+    #: wall seconds per phase of the call that made this result (validate, means, scan, edges,
+    #: naming, sizing; a phase loaded from the run folder takes ~0)
+    timings: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """The JSON part (``discovery.json``): circuit, comparisons, scan, curve, sizing,
@@ -49,7 +52,8 @@ class DiscoveryResult(Result):
         return {"circuit": self.circuit.to_dict(),
                 "comparisons": {g: c.to_dict() for g, c in self.comparisons.items()},
                 "scan": None if self.scan is None else self.scan.to_dict(),
-                "curve": self.curve, "sizing": self.sizing, "edges_scored": self.edges_scored}
+                "curve": self.curve, "sizing": self.sizing, "edges_scored": self.edges_scored,
+                "timings": self.timings}
 
     def save(self, out: str | Path) -> None:
         """``circuit.json`` (and ``comparison.json`` when scores were compared; ``curve.json``
