@@ -48,6 +48,10 @@ def register(sub) -> None:
                         "size")
     p.add_argument("--max-groups", type=positive_int, default=16,
                    help="auto chain: groups traced at most (16)")
+    p.add_argument("--keep-all", action="store_true",
+                   help="auto chain: when even every candidate head misses --target, keep them "
+                        "all (and say so) instead of stopping with the size-vs-faithfulness "
+                        "numbers")
     p.add_argument("--scan-min-drop", type=float_in(), default=0.1,
                    help="auto chain: a role's k and v are traced when ablating one layer there "
                         "costs this share of the model's accuracy (0.1)")
@@ -79,7 +83,8 @@ def run(args) -> dict:
                           n_mean=args.n_mean, z_threshold=args.z_threshold,
                           n_scan=args.n_scan, scan_method=args.scan_method,
                           scan_exact=args.scan_exact, sizing=args.sizing,
-                          max_groups=args.max_groups, scan_min_drop=args.scan_min_drop)
+                          max_groups=args.max_groups, scan_min_drop=args.scan_min_drop,
+                          on_unreachable="keep-all" if args.keep_all else "error")
     loaded = load_from_args(args)  # bad sizes/method failed above, before loading a model
     res = discovery.run(loaded, None, cfg, store=args.out, progress=True)
     c = res.circuit
