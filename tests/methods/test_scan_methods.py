@@ -93,7 +93,10 @@ def test_hybrid_scan_measures_the_top_cells_exactly_and_leaves_the_rest_unmeasur
     assert hybrid.baseline == exact.baseline and hybrid.method == "hybrid"
     # an unmeasured cell never counts as relevant, a measured one as the exact scan says
     measured_roles = {ROLES[i % len(ROLES)] for i in top}
-    assert set(hybrid.relevant_roles(3, 0.0)) <= measured_roles
+    import dataclasses
+
+    single = dataclasses.replace(hybrid, cumulative=None)  # the single-layer rule alone
+    assert set(single.relevant_roles(3, 0.0)) <= measured_roles
     only = scan_by_method(loaded, prompts, means, ROLES, "attribution", batch_size=4)
     assert all(math.isnan(a) for row in only.accuracy for a in row)
     assert only.relevant_roles(3, 0.0) == [] and only.estimate == hybrid.estimate
@@ -165,3 +168,31 @@ def test_attribution_with_a_capture_cache_reuses_the_reads_and_scores_the_same(s
     assert torch.equal(second, attribution_scores(loaded, prompts, cf,
                                                   PatchRequest("last", [(2, 1)], "q"),
                                                   batch_size=4))
+
+
+def test_hybrid_cumulative_rows_ablate_a_role_at_every_layer(setup):
+    import dataclasses
+
+    """Oracle: every layer's head outputs at the role replaced by their means with plain hooks;
+    a role relevant only together (no single measured layer) counts as relevant."""
+    from circuitdiff.core.metrics import correct
+
+    loaded, prompts, means = setup
+    hybrid = scan_by_method(loaded, prompts, means, ROLES, "hybrid", n_exact=1, batch_size=4)
+    assert len(hybrid.cumulative) == len(ROLES)
+    batch = encode(prompts, loaded.tokenizer)
+    for j, role in enumerate(ROLES):
+        at = role_mask(batch, role)[:, :, None, None]
+        edits = [Hook(l, lambda x4, l=l: torch.where(at, means.means[l][None].to(x4.dtype), x4))
+                 for l in range(3)]
+        with torch.no_grad():
+            acc = float(correct(last_logits(loaded, batch, edits), batch).double().mean())
+        assert hybrid.cumulative[j] == pytest.approx(acc)
+    from circuitdiff.methods.scan import ScanResult
+
+    nan = float("nan")
+    res = ScanResult("m", ["labels", "last"], [[0.95, nan], [nan, 0.5]], 1.0, 10,
+                     cumulative=[0.6, 0.5])
+    assert res.relevant_roles(2, 0.3) == ["last", "labels"]  # labels: only together
+    assert res.relevant_roles(1, 0.3) == ["last", "labels"]  # cumulative spans every layer
+    assert dataclasses.replace(res, cumulative=None).relevant_roles(2, 0.3) == ["last"]

@@ -53,6 +53,9 @@ def run(args) -> dict:
         print(role.ljust(width) + " | " + " ".join(
             "  -   " if res.accuracy[l][j] != res.accuracy[l][j] else f"{res.accuracy[l][j]:.2f} "
             for l in range(res.n_layers)))
+    if res.cumulative is not None:
+        print("every layer at once: " + ", ".join(f"{r} {a:.2f}"
+                                                  for r, a in zip(res.roles, res.cumulative)))
     print(f"saved {Path(args.out) / 'scan.json'} and {png}")
     return {"out": args.out, "baseline": res.baseline, "n": res.n, "roles": list(res.roles),
             "accuracy": res.accuracy}

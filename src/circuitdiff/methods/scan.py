@@ -20,7 +20,10 @@ That is cheap on a 4-layer model and hours on a real one (24 layers x 7 roles x 
   replaced by their means, ``sum_t (mean_t - z_t) . d log p / d z_t`` (:func:`attribution_scan`);
   no accuracy is measured;
 * ``hybrid`` — attribution for every cell, then the ``n_exact`` cells it ranks most damaging
-  measured exactly (the others stay unmeasured, NaN, and never count as relevant).
+  measured exactly (the others stay unmeasured, NaN, and never count as relevant), and each
+  role ablated at every layer at once (``cumulative``: on a 24-layer model a role's work is
+  spread over layers, so one layer's ablation hardly shows it; measured on Qwen-0.5B, no single
+  layer at the labels cost more than 0.06 of 0.59).
 
 ``auto`` picks ``exact`` when the model has at most :data:`AUTO_EXACT_MAX_HEADS` heads and
 ``hybrid`` above (:func:`resolve_scan_method` says which and why).
@@ -124,6 +127,9 @@ class ScanResult(Result):
     estimate: list[list[float]] | None = None
     method: str = "exact"
     rule: str = ""
+    #: hybrid scans: accuracy with every layer's heads ablated at each role (on a big model a
+    #: role's work is spread over many layers, so no single layer's ablation shows it)
+    cumulative: list[float] | None = None
 
     @property
     def n_layers(self) -> int:
@@ -139,6 +145,9 @@ class ScanResult(Result):
         if below_layer <= 0:
             return []
         d = self.drop()[:below_layer].nan_to_num(nan=float("-inf")).max(0).values
+        if self.cumulative is not None:  # a role whose layers matter together counts too
+            together = self.baseline - torch.tensor(self.cumulative, dtype=torch.float64)
+            d = torch.maximum(d, together.nan_to_num(nan=float("-inf")))
         order = torch.argsort(d, descending=True, stable=True).tolist()
         return [self.roles[i] for i in order if float(d[i]) >= min_drop]
 
@@ -222,7 +231,8 @@ def position_scan(loaded: LoadedModel, prompts: Sequence[Prompt], means: HeadMea
                   progress: bool = False, baseline: float | None = None,
                   cells: Sequence[tuple[int, int]] | None = None) -> ScanResult:
     """Accuracy with all heads of layer ``L`` mean-ablated at role ``R``, for every ``(L, R)``
-    (or only the ``(layer, role index)`` ``cells`` given; the others are NaN).
+    (or only the ``(layer, role index)`` ``cells`` given; the others are NaN; a cell of layer
+    ``-1`` ablates the role at every layer and lands in the result's ``cumulative``).
 
     Variants are stacked along the batch dimension, role-major (by default variant ``v`` is role
     ``v // n_layers``, layer ``v % n_layers``); ``baseline`` may pass an already measured
@@ -248,7 +258,7 @@ def position_scan(loaded: LoadedModel, prompts: Sequence[Prompt], means: HeadMea
         row_role = variant_role[s:s + k].repeat_interleave(B)          # [kB]
         row_layer = variant_layer[s:s + k].repeat_interleave(B)        # [kB]
         at_row = at[row_role, torch.arange(len(big))]                  # [kB, T]
-        hit = layers[:, None] == row_layer[None, :]                    # [L, kB]
+        hit = (layers[:, None] == row_layer[None, :]) | (row_layer[None, :] < 0)  # [L, kB]
         return (hit[:, :, None] & at_row[None])[..., None].expand(L, len(big), at_row.shape[1], H)
 
     hits = torch.zeros(V, len(prompts), dtype=torch.bool)
@@ -258,12 +268,19 @@ def position_scan(loaded: LoadedModel, prompts: Sequence[Prompt], means: HeadMea
         B = len(big) // k
         hits[s:s + k, i * batch_size:i * batch_size + B] = correct(logits, big).cpu().view(k, B)
     hits = distributed.gather_shares(hits)
+    per_cell = hits.double().mean(1)
     acc = torch.full((L, len(roles)), float("nan"), dtype=torch.float64)
-    acc[variant_layer, variant_role] = hits.double().mean(1)
+    single = variant_layer >= 0
+    acc[variant_layer[single], variant_role[single]] = per_cell[single]
     acc = acc.tolist()
+    cumulative = None
+    if bool((~single).any()):
+        cum = torch.full((len(roles),), float("nan"), dtype=torch.float64)
+        cum[variant_role[~single]] = per_cell[~single]
+        cumulative = cum.tolist()
     if baseline is None:
         baseline = evaluate_accuracy(loaded, prompts, batch_size).accuracy
-    return ScanResult(loaded.name, roles, acc, baseline, len(prompts))
+    return ScanResult(loaded.name, roles, acc, baseline, len(prompts), cumulative=cumulative)
 
 
 def scan_method_key(key: dict, method: str, n_exact: int, arch) -> dict:
@@ -300,6 +317,8 @@ def scan_by_method(loaded: LoadedModel, prompts: Sequence[Prompt], means: HeadMe
         estimate = est.tolist()
         order = torch.argsort(est.flatten(), stable=True)[:n_exact if method == "hybrid" else 0]
         cells = [(int(i) // len(roles), int(i) % len(roles)) for i in order]
+        if method == "hybrid":  # and every role at all layers at once
+            cells += [(-1, r) for r in range(len(roles))]
     if cells == []:
         if baseline is None:
             baseline = evaluate_accuracy(loaded, prompts, batch_size).accuracy
