@@ -293,6 +293,7 @@ def scan_method_key(key: dict, method: str, n_exact: int, arch) -> dict:
         key["method"] = resolved
     if resolved == "hybrid":
         key["n_exact"] = n_exact
+        key["cumulative"] = True  # hybrid scans also ablate each role at every layer
     return key
 
 
