@@ -86,7 +86,12 @@ def run(args) -> dict:
                           max_groups=args.max_groups, scan_min_drop=args.scan_min_drop,
                           on_unreachable="keep-all" if args.keep_all else "error")
     loaded = load_from_args(args)  # bad sizes/method failed above, before loading a model
-    res = discovery.run(loaded, None, cfg, store=args.out, progress=True)
+    try:
+        res = discovery.run(loaded, None, cfg, store=args.out, progress=True)
+    except discovery.TargetUnreachable as e:  # the curve says why: draw it, then stop
+        _unreachable_curve(args.out, loaded.name, cfg.target)
+        raise discovery.TargetUnreachable(f"{e} (size-vs-faithfulness curve: "
+                                          f"{args.out}/curve.png)") from None
     c = res.circuit
     print(f"{loaded.name} ({loaded.arch.describe()}), n={c.settings['n_prompts']}, "
           f"chain {cfg.chain}, method {c.settings.get('scoring', args.method)}")
@@ -108,6 +113,21 @@ def run(args) -> dict:
           f"traced edge (safetensors)" + ("" if args.no_heatmaps else
                                           ", scan.png, circuit_graph.png, curve.png"))
     return {"out": args.out, "circuit": res.circuit.to_dict()}
+
+
+def _unreachable_curve(out: str, model_name: str, target: float) -> None:
+    """``curve.png`` of a sizing that missed the target, with its ceiling, from sizing.json."""
+    import json
+    from pathlib import Path
+
+    from ..report.scan import plot_size_curve
+
+    saved = Path(out) / "sizing.json"
+    if saved.exists():
+        sized = json.loads(saved.read_text())["result"]
+        summary = sized["summary"]
+        plot_size_curve(sized["curve"], Path(out) / "curve.png", target, Path(model_name).name,
+                        summary.get("n_validate"), summary.get("ceiling_faithfulness"))
 
 
 def print_auto(res) -> str:

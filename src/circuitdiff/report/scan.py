@@ -140,9 +140,10 @@ def circuit_graph(circuit: Circuit, path: str | Path, title: str = "") -> Path:
 
 
 def plot_size_curve(curve: Sequence[dict], path: str | Path, target: float,
-                    title: str = "", n: int | None = None) -> Path:
+                    title: str = "", n: int | None = None, ceiling: float | None = None) -> Path:
     """Faithfulness on held-out prompts against circuit size ((head, role) units) while heads
-    are added in score order, pruning steps marked, the target as a dashed line."""
+    are added in score order, pruning steps marked, the target as a dashed line and, when
+    measured, the ceiling (every head kept at the circuit's roles) as a dotted one."""
     plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 3.8))
@@ -154,6 +155,9 @@ def plot_size_curve(curve: Sequence[dict], path: str | Path, target: float,
         ax.scatter([c["units"] for c in prune], [c["faithfulness"] for c in prune], marker="x",
                    color="tab:red", label="pruning trials")
     ax.axhline(target, color="k", ls="--", lw=0.8, label=f"target {target:.2f}")
+    if ceiling is not None:
+        ax.axhline(ceiling, color="tab:red", ls=":", lw=1.0,
+                   label=f"ceiling {ceiling:.2f}: every head at the circuit's roles")
     ax.set_xlabel("circuit size ((head, role) units)")
     ax.set_ylabel("faithfulness (paper protocol)")
     integer_ticks(ax.xaxis)
