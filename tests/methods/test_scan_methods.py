@@ -168,6 +168,10 @@ def test_attribution_with_a_capture_cache_reuses_the_reads_and_scores_the_same(s
     assert torch.equal(second, attribution_scores(loaded, prompts, cf,
                                                   PatchRequest("last", [(2, 1)], "q"),
                                                   batch_size=4))
+    labels = PatchRequest("labels", [(2, 1)], "k")  # another role: the same captures serve it
+    third = attribution_scores(loaded, prompts, cf, labels, batch_size=4, cache=cache)
+    assert (cache.hits, cache.misses) == (4, 2)
+    assert torch.equal(third, attribution_scores(loaded, prompts, cf, labels, batch_size=4))
 
 
 def test_hybrid_cumulative_rows_ablate_a_role_at_every_layer(setup):

@@ -35,8 +35,9 @@ def attribution_scores(loaded: LoadedModel, clean: Sequence[Prompt],
     Two forward/backward passes per batch, any architecture. ``with_se`` also returns the
     standard error of the mean over prompts (from the per-prompt estimates), so a significance
     rule can use the estimate the way it uses exact scores. ``cache`` (the discovery chain's
-    :class:`~.exact.CaptureCache`) keeps each batch's clean and counterfactual head outputs, so
-    the later edges of a chain on the same prompts skip those two forwards.
+    :class:`~.exact.CaptureCache`) keeps each batch's clean and counterfactual head outputs at
+    every position, so the later edges of a chain on the same prompts, at any role, skip those
+    two forwards.
 
     Under ``torchrun`` (every rank calling with the same arguments) the prompt batches are dealt
     to the ranks — every head is estimated in one backward, so the batches, not the senders,
@@ -66,7 +67,8 @@ def attribution_scores(loaded: LoadedModel, clean: Sequence[Prompt],
         answers = bc.answer_ids.to(dev)
         def reads() -> tuple[Read, Read]:
             with torch.no_grad():
-                rc, rx = Read(list(range(L)), None, "head"), Read(list(range(L)), p, "head")
+                # every position of both runs: one capture serves the edges at every role
+                rc, rx = Read(list(range(L)), None, "head"), Read(list(range(L)), None, "head")
                 run_with_edits(model, inputs_c, [rc], arch)
                 run_with_edits(model, inputs_x, [rx], arch)
             return rc, rx
@@ -74,8 +76,7 @@ def attribution_scores(loaded: LoadedModel, clean: Sequence[Prompt],
             rc, rx = reads()
         else:
             key = ("attribution reads", _model_state(model),
-                   _digest(bc.input_ids, bc.attention_mask, bx.input_ids, bx.attention_mask,
-                           p))
+                   _digest(bc.input_ids, bc.attention_mask, bx.input_ids, bx.attention_mask))
             rc, rx = cache.get(key, reads, lambda v: sum(
                 t.numel() * t.element_size() for r in v for t in r.out.values()), dev)
         recv_layers = req.recv_layers()
@@ -121,7 +122,7 @@ def attribution_scores(loaded: LoadedModel, clean: Sequence[Prompt],
         for l, g in zip(reached, gz):
             if g is None:
                 continue
-            delta = (rx.out[l] - gather_positions(rc.out[l], p)).float()
+            delta = (gather_positions(rx.out[l], p) - gather_positions(rc.out[l], p)).float()
             per_prompt = (delta * g.float()).sum(-1).sum(1).double().cpu()     # [B, H]
             parts[j, 0, l] += per_prompt.sum(0)
             parts[j, 1, l] += (per_prompt ** 2).sum(0)
