@@ -11,6 +11,7 @@ builds it (minutes on a small CPU), later runs read it in seconds.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import math
 import os
 import shutil
@@ -133,10 +134,17 @@ def test_exact_path_patching_equals_the_naive_oracle_on_it(qwen, prompts):
 def test_scan_method_runs_on_it(qwen, prompts, tmp_path):
     from circuitdiff.methods import scan
 
-    cfg = scan.ScanConfig(n_prompts=4, n_mean=4, n_boxes=3, roles=("last",), max_rows=32)
+    # The default on 336 heads: hybrid, attribution for every cell, the 4 worst measured exactly,
+    # the rest NaN, plus the role ablated at every layer at once.
+    cfg = scan.ScanConfig(n_prompts=4, n_mean=4, n_boxes=3, roles=("last",), max_rows=32,
+                          n_exact=4)
     res = scan.run(qwen, prompts[0][:4], cfg, store=tmp_path)
+    assert res.method == "hybrid" and "336 heads" in res.rule
     assert len(res.accuracy) == 24 and all(len(row) == 1 for row in res.accuracy)
-    assert all(0.0 <= a <= 1.0 for row in res.accuracy for a in row)
+    measured = [a for row in res.accuracy for a in row if a == a]
+    assert len(measured) == 4 and all(0.0 <= a <= 1.0 for a in measured)
+    assert all(e == e for row in res.estimate for e in row)
+    assert res.cumulative is not None and 0.0 <= res.cumulative[0] <= 1.0
 
 
 def test_a_study_step_runs_on_it(qwen, tmp_path):
@@ -146,18 +154,22 @@ def test_a_study_step_runs_on_it(qwen, tmp_path):
     from circuitdiff.core.circuit import Circuit, CircuitGroup
     from circuitdiff.methods.evaluation import EvalConfig
     from circuitdiff.study import StudyConfig, run_study
+    from circuitdiff.study.config import (default_cmap, default_dcm, default_discovery,
+                                          default_paper_discovery)
 
     circuit = Circuit({"readers": CircuitGroup([(20, 12), (21, 11), (23, 7)], "last"),
                        "movers": CircuitGroup([(13, 0), (13, 5)], "query_label"),
                        "labels": CircuitGroup([(l, h) for l in range(4) for h in range(14)],
                                               "labels")},
                       24, 14, NAME)
-    cfg = StudyConfig(evaluation=EvalConfig(n_prompts=8, n_mean=8, n_random=1, n_boxes=3,
-                                            batch_size=8),
+    three = dict(n_boxes=3)
+    cfg = StudyConfig(evaluation=EvalConfig(n_prompts=8, n_mean=8, n_random=1, batch_size=8,
+                                            **three),
+                      discovery=replace(default_discovery(), **three),
+                      paper_discovery=replace(default_paper_discovery(), **three),
+                      own_discovery=None, dcm=replace(default_dcm(), **three),
+                      cmap=replace(default_cmap(), **three),
                       steps=("accuracy", "faithfulness"), screenshot=False)
-    cfg.discovery.n_boxes = cfg.dcm.n_boxes = cfg.cmap.n_boxes = 3
-    for c in (cfg.paper_discovery, cfg.own_discovery):
-        c.n_boxes = 3
     summary = run_study([NAME], lambda spec: qwen, tmp_path / "study", cfg, progress=False,
                         log=lambda line: None, circuit=circuit)
     acc = summary["accuracy"][NAME]
