@@ -132,6 +132,29 @@ def test_circuit_graph_paper_chain(summary, measured, tmp_path):
     _clean(measured)
 
 
+def test_circuit_graph_of_a_real_model_sized_circuit_lists_the_top_heads(measured, tmp_path,
+                                                                          monkeypatch):
+    """Groups of a real model's circuit hold hundreds of heads (Qwen-0.5B: 24 x 14): each box
+    shows its first 16 and counts the rest, and the figure still lays out cleanly."""
+    from matplotlib.axes import Axes
+
+    from circuitdiff.core.circuit import CircuitGroup
+    from circuitdiff.report.scan import circuit_graph
+
+    heads = [(l, h) for l in range(24) for h in range(14)]
+    c = Circuit({"big": CircuitGroup(heads[:200], "last", function="value fetcher"),
+                 "small": CircuitGroup(heads[:3], "query_label")}, 24, 14, "qwen")
+    texts = []
+    real = Axes.text
+    monkeypatch.setattr(Axes, "text", lambda ax, x, y, t, *a, **k: (texts.append(t),
+                                                                    real(ax, x, y, t, *a, **k))[1])
+    circuit_graph(c, tmp_path / "big.png", "qwen")
+    big = next(t for t in texts if "value" in t)
+    assert "+184 more (200 heads)" in big and big.count(".") == 16
+    assert next(t for t in texts if "0.2" in t and "more" not in t)
+    _clean(measured)
+
+
 def test_circuit_graph_integer_layers_and_edge_colours(summary, tmp_path, monkeypatch):
     """Layer ticks are the model's layers (0..n_layers-1), and each edge kind has the flow
     diagram's colour and line style."""
@@ -311,3 +334,23 @@ def test_score_heatmap_and_completeness(measured, tmp_path):
            P("half:0", 0.6, 0.5), P("half:1", 0.7, 0.8)]
     plot_completeness(pts, tmp_path / "c.png", "completeness (n=100 prompts)")
     _clean(measured, 2)
+
+
+def test_discovery_figures_draw_the_ceiling_of_an_unreachable_target(tmp_path, monkeypatch):
+    """A discovery that kept every candidate (``--keep-all``) draws its curve with the ceiling
+    the sizing measured, as the unreachable-target path does."""
+    from types import SimpleNamespace
+
+    from circuitdiff.core.circuit import CircuitGroup
+    from circuitdiff.report import scan as scan_figs
+
+    seen = {}
+    monkeypatch.setattr(scan_figs, "plot_size_curve",
+                        lambda curve, path, target, title="", n=None, ceiling=None:
+                        seen.update(target=target, n=n, ceiling=ceiling))
+    c = Circuit({"g": CircuitGroup([(1, 2)], "last")}, 4, 8, "m")
+    res = SimpleNamespace(circuit=c, scan=None, curve=[{"units": 1, "faithfulness": 0.3}],
+                          sizing={"target": 0.8, "n_validate": 100,
+                                  "ceiling_faithfulness": 0.76})
+    scan_figs.auto_discovery_figures(res, tmp_path, "m")
+    assert seen == {"target": 0.8, "n": 100, "ceiling": 0.76}

@@ -64,9 +64,14 @@ def _short_function(name: str, function: str) -> str:
     return (function or name).split(" @ ")[0].split("@")[0].replace("_", " ")
 
 
-def _wrap_heads(heads, per_line: int = 4) -> str:
+def _wrap_heads(heads, per_line: int = 4, most: int = 16) -> str:
+    """The group's heads, ``per_line`` to a line; past ``most`` (a real model's big groups) the
+    first ``most`` in the group's order and a count of the rest, so boxes stay readable."""
     names = [format_head(h) for h in heads]
-    return "\n".join(" ".join(names[i:i + per_line]) for i in range(0, len(names), per_line))
+    rest = len(names) - most if len(names) > most else 0
+    names = names[:most] if rest else names
+    lines = [" ".join(names[i:i + per_line]) for i in range(0, len(names), per_line)]
+    return "\n".join(lines + ([f"+{rest} more ({len(heads)} heads)"] if rest else []))
 
 
 def circuit_graph(circuit: Circuit, path: str | Path, title: str = "") -> Path:
@@ -158,7 +163,7 @@ def plot_size_curve(curve: Sequence[dict], path: str | Path, target: float,
     if ceiling is not None:
         ax.axhline(ceiling, color="tab:red", ls=":", lw=1.0,
                    label=f"ceiling {ceiling:.2f}: every head at the circuit's roles")
-    ax.set_xlabel("circuit size ((head, role) units)")
+    ax.set_xlabel("circuit size: (head, role) units")
     ax.set_ylabel("faithfulness (paper protocol)")
     integer_ticks(ax.xaxis)
     ax.set_title(with_n(title or "size vs faithfulness", n, "held-out prompts"), fontsize=9)
@@ -176,7 +181,8 @@ def auto_discovery_figures(result, out: str | Path, model_name: str) -> list[Pat
     if result.curve:
         paths.append(plot_size_curve(result.curve, out / "curve.png",
                                      result.sizing.get("target", 0.9), name,
-                                     result.sizing.get("n_validate")))
+                                     result.sizing.get("n_validate"),
+                                     result.sizing.get("ceiling_faithfulness")))
     return paths
 
 
