@@ -183,23 +183,43 @@ def test_random_baseline_summary():
     assert mean == 0.5 and sd == pytest.approx(math.sqrt(0.5))
 
 
-def test_random_circuits_never_repeat_a_head_and_are_seeded():
+def test_random_circuits_keep_the_circuits_shape_and_are_seeded():
+    """A circuit with no repeated head: each draw is ``sum(sizes)`` distinct heads from the
+    grid dealt to the groups in order (the plain draw, its oracle below). A circuit that repeats
+    heads (two groups at one role sharing a head, one head at two roles): the draw repeats its
+    replacements alike, so group sizes, roles and (head, role) unit counts are the circuit's."""
+    from circuitdiff.core.stats import draw_rng
+
+    plain = make_circuit({"vf": ("last", [(0, 0), (0, 1), (1, 1), (2, 2)]),
+                          "pd": ("query_label", [(2, 3), (1, 0)])})
+    grid = all_heads()
+    for i, d in enumerate(random_circuits(plain, 5, seed=3)):
+        heads = draw_rng(3, i).sample(grid, 6)
+        assert [d.groups["vf"].heads, d.groups["pd"].heads] == [heads[:4], heads[4:]]
+
     c = make_circuit({"vf": ("last", [(0, 0), (0, 1), (1, 1), (2, 2)]), "pt": ("last", [(0, 0), (1, 2)]),
                       "pd": ("query_label", [(2, 3), (1, 0), (1, 1)])})
     draws = random_circuits(c, 20, seed=3)
+
+    def units(circ):
+        return {(g.position, h) for g in circ.groups.values() for h in g.heads}
+
     for d in draws:
-        heads = [h for g in d.groups.values() for h in g.heads]
-        assert len(heads) == len(set(heads)) == 9
         assert [len(g.heads) for g in d.groups.values()] == [4, 2, 3]
         assert [g.position for g in d.groups.values()] == ["last", "last", "query_label"]
+        assert len(units(d)) == len(units(c)) == 8
+        assert len({h for g in d.groups.values() for h in g.heads}) == 7
+        assert d.groups["vf"].heads[0] == d.groups["pt"].heads[0]       # the shared (0, 0)
+        assert d.groups["vf"].heads[2] == d.groups["pd"].heads[2]       # (1, 1) at two roles
     assert [d.to_dict()["groups"] for d in draws] == \
         [d.to_dict()["groups"] for d in random_circuits(c, 20, seed=3)]
     assert [d.to_dict()["groups"] for d in draws] != \
         [d.to_dict()["groups"] for d in random_circuits(c, 20, seed=4)]
     assert len({json.dumps(d.to_dict()["groups"]) for d in draws}) > 15
+    # every head at one role (a real model's keep-all circuit): still drawable, the same units
     big = make_circuit({"a": ("last", all_heads()), "b": ("query_label", [(0, 0)])})
-    with pytest.raises(ValueError, match="without replacement"):
-        random_circuits(big, 1)
+    (d,) = random_circuits(big, 1)
+    assert len(units(d)) == len(units(big)) and set(d.groups["a"].heads) == set(all_heads())
     assert random_circuits(big, 0) == []
 
 

@@ -2,7 +2,7 @@
 
 For one circuit and one model: full-model accuracy, circuit accuracy (everything else
 mean-ablated, :mod:`circuitdiff.methods.ablation`), accuracy of random circuits with the same per-group
-sizes (heads drawn *without replacement* from all heads, seeded — the original code drew with
+sizes (heads drawn *without replacement* from all heads, a head the circuit repeats repeated alike, seeded — the original code drew with
 replacement and unseeded), and faithfulness = circuit / full ("undefined", ``None``, when the full
 model scores 0). The circuit and all random draws run as variants of one batched evaluation.
 
@@ -43,28 +43,27 @@ def faithfulness(full: float, circuit: float) -> float | None:
 
 
 def random_circuits(circuit: Circuit, n_draws: int = 10, seed: int = 0) -> list[Circuit]:
-    """``n_draws`` circuits with ``circuit``'s group sizes and positions, heads drawn at random.
+    """``n_draws`` circuits of ``circuit``'s shape and positions, heads drawn at random.
 
-    Each draw samples ``sum(group sizes)`` distinct heads from the whole ``n_layers x n_heads``
-    grid without replacement (no head repeats within or across groups) and deals them to the
-    groups in order. Draw ``i`` uses :func:`~circuitdiff.core.stats.draw_rng` ``(seed, i)``:
-    reproducible and independent of how many draws are asked for.
+    Each draw relabels the circuit's distinct heads: it samples as many distinct heads from the
+    whole ``n_layers x n_heads`` grid, without replacement, and gives the k-th distinct head of
+    the circuit (in group order, first appearance) the k-th sampled one. Group sizes, roles and
+    the circuit's own overlaps (a real model's automatic chain can put one head in two groups at
+    the same role, e.g. ``heads@last`` and ``heads@last_2``) are kept, so a draw keeps as many
+    (head, role) units as the circuit. For a circuit with no repeated head this is the plain
+    draw of ``sum(group sizes)`` distinct heads dealt to the groups in order. Draw ``i`` uses
+    :func:`~circuitdiff.core.stats.draw_rng` ``(seed, i)``: reproducible and independent of how
+    many draws are asked for.
     """
     if n_draws < 0:
         raise ValueError(f"n_draws must be >= 0, got {n_draws}")
-    sizes = [len(g.heads) for g in circuit.groups.values()]
+    distinct = list(dict.fromkeys(h for g in circuit.groups.values() for h in g.heads))
     grid = [(l, h) for l in range(circuit.n_layers) for h in range(circuit.n_heads)]
-    if n_draws and sum(sizes) > len(grid):
-        raise ValueError(f"the circuit's groups hold {sum(sizes)} heads in all but the model has only "
-                         f"{len(grid)}: random circuits of that size cannot be drawn without "
-                         f"replacement (use --random-draws 0 to skip the random baseline)")
     out = []
     for i in range(n_draws):
-        heads = draw_rng(seed, i).sample(grid, sum(sizes))
-        groups, k = {}, 0
-        for (name, g), n in zip(circuit.groups.items(), sizes):
-            groups[name] = CircuitGroup(heads[k:k + n], g.position, g.function)
-            k += n
+        relabel = dict(zip(distinct, draw_rng(seed, i).sample(grid, len(distinct))))
+        groups = {name: CircuitGroup([relabel[h] for h in g.heads], g.position, g.function)
+                  for name, g in circuit.groups.items()}
         out.append(Circuit(groups, circuit.n_layers, circuit.n_heads, circuit.model,
                            {"random_draw": i, "seed": seed}, list(circuit.edges)))
     return out
