@@ -29,6 +29,9 @@ SKIP = {
     # the torchrun / --workers examples: 8 ranks on CUDA GPUs and 7B hub models; the same code
     # under 2 gloo ranks is tests/methods/test_distributed_methods.py
     "--device cuda": "needs CUDA GPUs and 7B models from the hub",
+    # the real Qwen2.5-Coder-0.5B (six chunk packages, minutes to an hour per command on a CPU):
+    # every method on it is the real_model tier's tests/test_real_model.py
+    "qwen2.5-coder-0.5b": "the real Qwen GGUF, minutes per command; the real_model tier",
     # a 70B hub id spread over GPUs by accelerate; offloading is tested on a tiny model in
     # tests/methods/test_distributed_methods.py
     "meta-llama/": "a 70B model from the hub, over several GPUs",

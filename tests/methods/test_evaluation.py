@@ -477,3 +477,15 @@ def test_accuracy_run_caches_under_its_settings(tiny, tmp_path, monkeypatch):
     assert accuracy.run(tiny, own[:3], replace(cfg, batch_size=1), store=tmp_path) == given
     with pytest.raises(ValueError, match="n_prompts must be >= 1"):
         AccuracyConfig(n_prompts=0)
+
+
+def test_a_circuit_that_repeats_a_head_keys_its_random_draws_by_the_sampler():
+    """Results with random circuits of a circuit that repeats a head were drawn differently
+    before the relabelling sampler: their key names its version, so they recompute; a circuit
+    with no repeat keeps its key (its draws did not change)."""
+    from circuitdiff.methods.faithfulness import REPEATED_HEAD_DRAW, random_draw_key
+
+    plain = make_circuit({"vf": ("last", [(0, 0), (0, 1)]), "pd": ("query_label", [(1, 0)])})
+    shared = make_circuit({"vf": ("last", [(0, 0), (0, 1)]), "pt": ("last", [(0, 0)])})
+    assert random_draw_key(plain) == {}
+    assert random_draw_key(shared) == {"random_draw": REPEATED_HEAD_DRAW}

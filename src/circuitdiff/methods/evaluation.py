@@ -30,7 +30,7 @@ from .ablation import HeadMeans, cached_means
 from .accuracy import evaluate_accuracy, prompts_key
 from .base import Result, as_store
 from .completeness import CompletenessPoint, completeness
-from .faithfulness import FaithfulnessRow, check_circuit, evaluate_faithfulness
+from .faithfulness import FaithfulnessRow, check_circuit, evaluate_faithfulness, random_draw_key
 from .minimality import batched_evaluator, minimality
 
 
@@ -252,7 +252,7 @@ def run(model_or_pool: "LoadedModel | ModelPool", prompts: Sequence[Prompt] | No
         m = model_state(spec, store)
         loaded, ps, get_means, slug = m["loaded"], m["ps"], m["get_means"], m["slug"]
         circuit = circuits[name]
-        per_circuit = {**m["base"], "circuit": circuit.to_dict()}
+        per_circuit = {**m["base"], "circuit": circuit.to_dict(), **random_draw_key(circuit)}
         out = {"model": loaded.name, "tokenizer": m["tokenizer"]}
         out["row"] = _cached(store, f"evaluate/{slug}/{safe_name(name)}.json",
                              {**per_circuit, "row_version": FaithfulnessRow.VERSION},

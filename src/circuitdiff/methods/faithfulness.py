@@ -69,6 +69,19 @@ def random_circuits(circuit: Circuit, n_draws: int = 10, seed: int = 0) -> list[
     return out
 
 
+#: the random-circuit sampler's version for circuits that repeat a head (1: distinct heads drawn
+#: for every group entry; 2: the circuit's distinct heads relabelled, its repeats kept)
+REPEATED_HEAD_DRAW = 2
+
+
+def random_draw_key(circuit: Circuit) -> dict:
+    """What a cached result with random circuits of ``circuit`` adds to its key: nothing for a
+    circuit with no repeated head (its draws never changed, old results stay valid), the
+    sampler's version for one that repeats a head (results drawn the old way recompute)."""
+    entries = [h for g in circuit.groups.values() for h in g.heads]
+    return {} if len(entries) == len(set(entries)) else {"random_draw": REPEATED_HEAD_DRAW}
+
+
 def random_baseline(accuracies: Sequence[float]) -> tuple[float | None, float | None]:
     """``(mean, sd)`` of random-circuit accuracies: ``(None, None)`` with no draw, sd 0.0 with
     one (the sample sd needs two). The one summary of every random baseline (faithfulness, DCM,

@@ -20,7 +20,7 @@ from ..core.task import EntityTrackingTask, TaskConfig
 from ..methods import accuracy, dcm, discovery, evaluation, knockout
 from ..methods.dcm import DCMResult, FunctionalConfig
 from ..methods.discovery import DiscoveryConfig, DiscoveryError
-from ..methods.faithfulness import random_circuits
+from ..methods.faithfulness import random_circuits, random_draw_key
 from ..methods.verdicts import unit_overlap
 
 if TYPE_CHECKING:  # the runner's context; not imported (the runner imports this module)
@@ -238,7 +238,8 @@ def _step_faithfulness(st: "StudyRun") -> None:
         return [r.to_dict() for r in rows]
 
     st.step("faithfulness", {"models": st.models, "evaluation": ev.cache_key() | {
-        "circuits": {k: c.to_dict() for k, c in circuits.items()}},
+        "circuits": {k: c.to_dict() for k, c in circuits.items()}} | {
+        k: v for c in circuits.values() for k, v in random_draw_key(c).items()},
         "row": evaluation.FaithfulnessRow.VERSION}, compute)
 
 

@@ -49,7 +49,7 @@ from ...core.pool import check_pair
 from ...core.stats import excess_interval
 from ...core.task import Batch, Prompt, batches
 from ..base import as_store
-from ..faithfulness import random_circuits
+from ..faithfulness import random_circuits, random_draw_key
 from .config import (ALL_POSITIONS, COMPONENTS, FORWARD, REVERSE, CMAPConfig, CMAPError,
                      cmap_prompts)
 from .engine import _patch, _record, cmap_pool, grid, input_edits, output_edits, patched_logits
@@ -274,7 +274,7 @@ def run(model_or_pool: "ModelPool | LoadedModel | Sequence[ModelRef]",
     circuit_dict = key.pop("circuit")
     settings = {"cmap": key, "circuit": circuit_dict,
                 "prompts": settings_digest([p.to_dict() for p in prompts]),
-                "dtype": str(next(ft_loaded.model.parameters()).dtype)}
+                "dtype": str(next(ft_loaded.model.parameters()).dtype), **random_draw_key(circuit)}
     del ft_loaded
 
     pairs = [(ft_ep, base_ep, FORWARD)] + ([(base_ep, ft_ep, REVERSE)] if cfg.reverse else [])
