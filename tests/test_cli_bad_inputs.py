@@ -485,3 +485,13 @@ def test_version_and_common_options(capsys):
         for action in p._actions:
             if action.option_strings and action.dest != "help":
                 assert action.help, f"{name} {action.option_strings} has no help text"
+
+
+def test_the_cli_method_choices_are_the_methods_own():
+    """The CLI spells the scoring methods without importing a method; they must stay the
+    scan's and discovery's."""
+    from circuitdiff.cli import METHOD_CHOICES
+    from circuitdiff.methods.discovery.config import METHODS
+    from circuitdiff.methods.scan import SCAN_METHODS
+
+    assert METHOD_CHOICES == SCAN_METHODS == METHODS

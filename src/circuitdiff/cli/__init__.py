@@ -178,6 +178,23 @@ def add_max_rows_option(p: argparse.ArgumentParser, variants: str = "variants",
                    help=f"rows per forward when {variants} are stacked (default {default})")
 
 
+#: the scoring methods of the scan and of discovery (``methods.scan.SCAN_METHODS``,
+#: ``methods.discovery.config.METHODS``; spelled here so parsing imports no method)
+METHOD_CHOICES = ("auto", "exact", "attribution", "hybrid")
+
+
+def add_scan_method_options(p: argparse.ArgumentParser, method_flag: str, exact_flag: str,
+                            what: str = "") -> None:
+    """The position scan's method and how many cells a hybrid scan measures exactly, as
+    ``scan --method/--n-exact`` and ``discover --scan-method/--scan-exact`` take them."""
+    p.add_argument(method_flag, default="auto", choices=METHOD_CHOICES,
+                   help=f"{what}auto (default: exact up to 160 heads, hybrid above; the rule is "
+                        f"printed), every cell exact, attribution only (one forward+backward per "
+                        f"batch), or attribution then the {exact_flag} most damaging cells exact")
+    p.add_argument(exact_flag, type=positive_int, default=16,
+                   help="cells a hybrid scan measures exactly (16)")
+
+
 def add_discovery_options(p: argparse.ArgumentParser, chain: str, sizes: str,
                           sizes_default: str | None = None) -> None:
     """--chain/--target/--sizes: which discovery chain finds the circuit and how it is sized

@@ -8,7 +8,7 @@ paper's fixed four-group chain (VF → PT → PD → SR) with fixed ``--sizes``.
 from __future__ import annotations
 
 from . import add_discovery_options, add_model_options, add_task_options, float_in, load_from_args
-from . import positive_int, prompt_count
+from . import METHOD_CHOICES, add_scan_method_options, positive_int, prompt_count
 
 
 def register(sub) -> None:
@@ -30,18 +30,13 @@ def register(sub) -> None:
                    help="auto chain: mean-ablation prompts (seed --seed + 2)")
     p.add_argument("--z-threshold", type=float_in(above=0), default=3.0,
                    help="auto chain: a sender is significant at <= -Z standard errors (3)")
-    p.add_argument("--method", default="auto", choices=["auto", "exact", "attribution", "hybrid"],
+    p.add_argument("--method", default="auto", choices=METHOD_CHOICES,
                    help="auto (default: exact up to 160 heads, attribution above; the rule is "
                         "printed), exact path patching, gradient attribution with per-prompt "
                         "standard errors, or attribution then exact scores for the top candidates")
     p.add_argument("--n-scan", type=prompt_count, default=100,
                    help="auto chain: held-out prompts the position scan runs on (100)")
-    p.add_argument("--scan-method", default="auto", choices=["auto", "exact", "attribution", "hybrid"],
-                   help="auto chain's position scan: auto (default: exact up to 160 heads, hybrid "
-                        "above), every cell exact, attribution only, or attribution then the "
-                        "--scan-exact most damaging cells exact")
-    p.add_argument("--scan-exact", type=positive_int, default=16,
-                   help="cells a hybrid scan measures exactly (16)")
+    add_scan_method_options(p, "--scan-method", "--scan-exact", "auto chain's position scan: ")
     p.add_argument("--sizing", default="auto", choices=["auto", "exhaustive", "bisect"],
                    help="auto chain: size by every 4th prefix then pruning (exhaustive), or by "
                         "doubling then bisection (bisect, O(log n) evaluations); auto by model "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from . import add_command
 from . import add_max_rows_option, add_model_options, add_task_options, load_from_args
-from . import positive_int, prompt_count
+from . import add_scan_method_options, positive_int, prompt_count
 
 
 def register(sub) -> None:
@@ -22,12 +22,7 @@ def register(sub) -> None:
                    help="role to scan (repeatable; default: every token-covering role plus "
                         "prev_query_label and correct_object); offsets allowed, e.g. "
                         "prev_query_label+1")
-    p.add_argument("--method", default="auto", choices=["auto", "exact", "attribution", "hybrid"],
-                   help="auto (default: exact up to 160 heads, hybrid above; the rule is printed), "
-                        "every cell exact, attribution only (one forward+backward per batch), or "
-                        "attribution then the --n-exact most damaging cells exact")
-    p.add_argument("--n-exact", type=positive_int, default=16,
-                   help="cells a hybrid scan measures exactly (16)")
+    add_scan_method_options(p, "--method", "--n-exact")
     add_max_rows_option(p, default=512)
     p.set_defaults(func=run)
 
